@@ -1,0 +1,46 @@
+# fedmef: the two commands are `make run` (set up + run the default experiment) and `make test`.
+VENV        ?= .venv
+PYTHON      ?= python3
+BIN         := $(abspath $(VENV))/bin
+FMNIST_DIR  := /usr/share/datasets/fashion-mnist
+export PATH := $(BIN):$(PATH)
+# Prefect and MLflow stay on this machine and quiet.
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+export DVC_NO_ANALYTICS ?= 1
+
+.PHONY: setup dataset run test lint bench-clean clean
+
+setup: $(VENV)/.installed dataset
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+# Fashion-MNIST, the embedded default: Debian's package where apt-get is available, otherwise
+# torchvision downloads it into data/raw on first use.
+dataset:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "dataset: Fashion-MNIST found in $(FMNIST_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "dataset: installing Debian package dataset-fashion-mnist"; \
+	  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null; } || \
+	  echo "dataset: apt-get failed; torchvision will download Fashion-MNIST into data/raw"; \
+	else \
+	  echo "dataset: no $(FMNIST_DIR); torchvision will download Fashion-MNIST into data/raw"; \
+	fi
+
+run: setup
+	dvc repro
+	python -m flows.summary
+
+test: setup
+	python -m pytest -q
+
+lint: setup
+	ruff check fedmef_core tasks flows tests
+
+clean:
+	rm -rf data/partitions checkpoints metrics plots mlflow.db mlartifacts

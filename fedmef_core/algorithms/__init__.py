@@ -1,0 +1,23 @@
+"""Federated methods, one module each, chosen by `pruning.method`."""
+
+from __future__ import annotations
+
+from fedmef_core.algorithms.base import ClientResult, FederatedAlgorithm
+from fedmef_core.config import ExperimentConfig
+
+REGISTRY: dict[str, type[FederatedAlgorithm]] = {
+    "fedavg": FederatedAlgorithm,
+}
+
+
+def build_algorithm(config: ExperimentConfig) -> FederatedAlgorithm:
+    try:
+        cls = REGISTRY[config.pruning.method]
+    except KeyError:
+        raise ValueError(
+            f"unknown pruning.method {config.pruning.method!r}; available: {sorted(REGISTRY)}"
+        ) from None
+    return cls(config)
+
+
+__all__ = ["REGISTRY", "ClientResult", "FederatedAlgorithm", "build_algorithm"]

@@ -1,0 +1,92 @@
+"""The hooks every federated method plugs into.
+
+The shared loop (`fedmef_core.client.local_train` on the clients, `fedmef_core.engine` on the
+server) calls these hooks; a method overrides only what it changes. The base class *is* dense
+FedAvg: no mask, plain cross-entropy, sample-weighted averaging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedmef_core.aggregation import weighted_average
+from fedmef_core.config import ExperimentConfig
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class ClientResult:
+    """What a client sends back after local training (tensors on CPU)."""
+
+    client_id: int
+    num_samples: int
+    state: dict[str, torch.Tensor]
+    train_loss: float
+    steps: int
+    upload: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "client_id": self.client_id,
+            "num_samples": self.num_samples,
+            "state": self.state,
+            "train_loss": self.train_loss,
+            "steps": self.steps,
+            "upload": self.upload,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClientResult:
+        return cls(**d)
+
+
+class FederatedAlgorithm:
+    """Dense FedAvg, and the hook points that pruning methods override."""
+
+    name = "fedavg"
+
+    def __init__(self, config: ExperimentConfig):
+        self.config = config
+
+    # ---- server side -------------------------------------------------------------------------
+    def init_server_state(self, model: nn.Module, generator: torch.Generator) -> dict[str, Any]:
+        """State the server keeps between rounds (e.g. masks); saved in every checkpoint."""
+        return {}
+
+    def round_payload(self, rnd: int, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+        """Extra data broadcast to the round's clients with the global weights."""
+        return {}
+
+    def aggregate(
+        self, rnd: int, model: nn.Module, results: list[ClientResult], state: dict[str, Any]
+    ) -> dict[str, float]:
+        """Fold the client results into the global `model` (in place); return metrics to log."""
+        averaged = weighted_average([r.state for r in results], [r.num_samples for r in results])
+        model.load_state_dict(averaged)
+        return {}
+
+    # ---- client side -------------------------------------------------------------------------
+    def on_client_start(self, model: nn.Module, payload: dict[str, Any]) -> None:
+        """Called once after the client loaded the global weights (e.g. apply the mask)."""
+
+    def extra_loss(self, model: nn.Module, payload: dict[str, Any]) -> torch.Tensor | None:
+        """A term added to the task loss at every local step (e.g. BaE's extrusion loss)."""
+        return None
+
+    def step_lr(self, base_lr: float, step: int, total_steps: int, model: nn.Module,
+                payload: dict[str, Any]) -> float:
+        """The learning rate of local step `step` of `total_steps` (e.g. BaE's budget-aware lr)."""
+        return base_lr
+
+    def on_after_step(self, model: nn.Module, payload: dict[str, Any]) -> None:
+        """Called after every optimizer step (e.g. re-zero masked weights)."""
+
+    def client_upload(self, model: nn.Module, payload: dict[str, Any], batches: Batches) -> dict[str, Any]:
+        """Extra data the client sends back (e.g. top-k gradients of inactive weights)."""
+        return {}

@@ -1,0 +1,124 @@
+"""Local training on one client: the shared loop every method runs, varied only through hooks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmef_core.algorithms import ClientResult, FederatedAlgorithm, build_algorithm
+from fedmef_core.config import ExperimentConfig
+from fedmef_core.data import ImageData, iterate_batches
+from fedmef_core.device import seed_from
+from fedmef_core.models import build_model
+
+
+class NonFiniteLossError(RuntimeError):
+    """Local training produced a NaN or infinite loss."""
+
+
+@dataclass
+class Broadcast:
+    """What the server sends to every client of a round."""
+
+    round: int
+    lr: float
+    state: dict[str, torch.Tensor]
+    payload: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "lr": self.lr, "state": self.state, "payload": self.payload}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Broadcast:
+        return cls(**d)
+
+
+def local_train(
+    model: nn.Module,
+    data: ImageData,
+    indices: Sequence[int] | torch.Tensor,
+    *,
+    config: ExperimentConfig,
+    algorithm: FederatedAlgorithm,
+    payload: dict[str, Any],
+    lr: float,
+    generator: torch.Generator,
+    device: torch.device,
+    client_id: int = -1,
+) -> ClientResult:
+    """Train `model` in place for `local_epochs` on the client's samples and return its update."""
+    fed = config.federation
+    model.to(device).train()
+    algorithm.on_client_start(model, payload)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=fed.momentum, weight_decay=fed.weight_decay
+    )
+    total_steps = fed.local_epochs * math.ceil(len(indices) / fed.batch_size)
+    step, loss_sum, seen = 0, 0.0, 0
+    for _ in range(fed.local_epochs):
+        batches = iterate_batches(
+            data, indices, fed.batch_size, generator=generator, shuffle=True,
+            augment=config.data.augment, device=device,
+        )
+        for x, y in batches:
+            for group in optimizer.param_groups:
+                group["lr"] = algorithm.step_lr(lr, step, total_steps, model, payload)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            extra = algorithm.extra_loss(model, payload)
+            objective = loss if extra is None else loss + extra
+            if not torch.isfinite(objective):
+                raise NonFiniteLossError(
+                    f"client {client_id}: loss became {objective.item()} at local step {step}; "
+                    "lower federation.lr or check the data"
+                )
+            objective.backward()
+            optimizer.step()
+            algorithm.on_after_step(model, payload)
+            loss_sum += loss.item() * len(y)
+            seen += len(y)
+            step += 1
+    upload_batches = iterate_batches(
+        data, indices, fed.batch_size, generator=generator, shuffle=True, device=device
+    )
+    upload = algorithm.client_upload(model, payload, upload_batches)
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return ClientResult(
+        client_id=client_id,
+        num_samples=len(indices),
+        state=state,
+        train_loss=loss_sum / max(seen, 1),
+        steps=step,
+        upload=upload,
+    )
+
+
+def run_client(
+    config: ExperimentConfig,
+    broadcast: Broadcast,
+    client_id: int,
+    data: ImageData,
+    indices: Sequence[int] | torch.Tensor,
+    device: torch.device,
+) -> ClientResult:
+    """One client's whole update, from the broadcast alone: what a task or a remote worker runs.
+
+    Its randomness comes only from (seed, round, client), so the result does not depend on which
+    worker runs it or in which order.
+    """
+    model = build_model(config.model, data.images.shape[1], data.num_classes, data.images.shape[-1])
+    model.load_state_dict(broadcast.state)
+    generator = torch.Generator().manual_seed(
+        seed_from(config.federation.seed, broadcast.round, client_id)
+    )
+    return local_train(
+        model, data, indices, config=config, algorithm=build_algorithm(config),
+        payload=broadcast.payload, lr=broadcast.lr, generator=generator, device=device,
+        client_id=client_id,
+    )

@@ -1,0 +1,181 @@
+"""The experiment configuration: one pydantic model, validated once at the edge.
+
+`params.yaml` is exactly the YAML form of :class:`ExperimentConfig`. Everything inside the
+library receives these frozen, typed objects — never raw dicts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedmef_core.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+DatasetName = Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "cinic10", "tinyimagenet"]
+
+
+class DataConfig(_Section):
+    name: DatasetName = Field("fashion_mnist", description="Dataset to train on.")
+    root: str = Field(
+        "data/raw",
+        description="Folder for torchvision downloads and user-supplied datasets (cinic10, tinyimagenet).",
+    )
+    cifar_shape: bool = Field(
+        False, description="Pad 28x28 images to 32x32 and repeat to 3 channels, so CIFAR models run unchanged."
+    )
+    augment: bool = Field(False, description="Random crop (pad 4) and horizontal flip during local training.")
+    train_limit: int | None = Field(
+        None, ge=1, description="Use only the first N training samples (quick runs and tests)."
+    )
+    test_limit: int | None = Field(None, ge=1, description="Use only the first N test samples.")
+
+
+class PartitionConfig(_Section):
+    scheme: Literal["iid", "dirichlet", "shards"] = Field(
+        "dirichlet", description="How the training set is split among clients."
+    )
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: smaller means more label skew.")
+    classes_per_client: int = Field(2, ge=1, description="Classes per client for the `shards` scheme.")
+    min_samples: int = Field(10, ge=1, description="Every client holds at least this many samples.")
+    seed: int = Field(0, description="Seed of the split.")
+
+
+class ModelConfig(_Section):
+    arch: Literal["cnn", "resnet18", "mobilenetv2"] = Field("cnn", description="Network architecture.")
+    norm: Literal["batch"] = Field("batch", description="Normalisation layers.")
+
+
+class FederationConfig(_Section):
+    num_clients: int = Field(100, ge=1, description="N: clients holding disjoint shards.")
+    clients_per_round: int = Field(10, ge=1, description="K: clients sampled each round.")
+    rounds: int = Field(40, ge=1, description="R: communication rounds.")
+    local_epochs: int = Field(2, ge=1, description="E: local epochs per round.")
+    batch_size: int = Field(32, ge=1, description="B: local mini-batch size.")
+    optimizer: Literal["sgd"] = Field("sgd", description="Local optimizer.")
+    lr: float = Field(0.05, gt=0, description="Learning rate in the first round.")
+    lr_final: float = Field(0.01, gt=0, description="Learning rate in the last round (exponential decay).")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (the paper uses none).")
+    weight_decay: float = Field(0.0, ge=0, description="SGD weight decay.")
+    seed: int = Field(0, description="Seed for initialisation, client sampling and local shuffling.")
+
+    @model_validator(mode="after")
+    def _k_at_most_n(self) -> FederationConfig:
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) cannot exceed num_clients ({self.num_clients})"
+            )
+        return self
+
+
+class PruningConfig(_Section):
+    method: Literal["fedavg"] = Field("fedavg", description="Federated (pruning) method.")
+    density: float = Field(1.0, gt=0, le=1, description="d: fraction of prunable weights kept.")
+    adjust_interval: int = Field(10, ge=1, description="Delta R: rounds between mask adjustments.")
+    adjust_until: int = Field(300, ge=0, description="R_end: no adjustment after this round.")
+    adjust_alpha: float = Field(0.2, ge=0, le=1, description="alpha: initial fraction of weights moved.")
+
+
+class TrackingConfig(_Section):
+    enabled: bool = Field(True, description="Log the run to MLflow.")
+    mlflow_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    experiment: str = Field("fedmef", min_length=1, description="MLflow experiment name.")
+
+
+class RuntimeConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where clients train.")
+    workers: int = Field(1, ge=1, description="Client updates run concurrently by the task runner.")
+    checkpoint_every: int = Field(5, ge=1, description="Write a checkpoint every N rounds (and at the end).")
+    eval_every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and at the end).")
+    partitions_dir: str = Field("data/partitions", description="Where the partition is written.")
+    checkpoints_dir: str = Field("checkpoints", description="Where checkpoints are written.")
+    metrics_dir: str = Field("metrics", description="Where metrics JSON/CSV are written.")
+    plots_dir: str = Field("plots", description="Where PNG plots are written.")
+
+
+class ExperimentConfig(_Section):
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    model: ModelConfig = ModelConfig()
+    federation: FederationConfig = FederationConfig()
+    pruning: PruningConfig = PruningConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, for MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class ConfigError(UserError, ValueError):
+    """A user mistake in the configuration. Its message is the whole story: no traceback needed."""
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"- {loc}: unknown key (check the spelling; allowed keys are listed in params.yaml's defaults)"
+    got = err.get("input")
+    allowed = ""
+    ctx = err.get("ctx") or {}
+    if "expected" in ctx:
+        allowed = f"; allowed: {ctx['expected']}"
+    msg = err["msg"]
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    return f"- {loc}: {msg} (got {got!r}){allowed}"
+
+
+def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
+    """Validate a raw mapping. Raises :class:`ConfigError` naming every bad key and value."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate `params.yaml`; `overrides` maps `section.key` to a value."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file. Run from the repository root or pass --params PATH.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(f"override {dotted!r}: use section.key=value, e.g. federation.rounds=5")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+        raw[section][key] = value
+    return parse_config(raw, source=str(path))

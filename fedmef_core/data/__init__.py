@@ -1,0 +1,16 @@
+"""Datasets in memory, mini-batches from them, and client partitions."""
+
+from fedmef_core.data.batches import iterate_batches
+from fedmef_core.data.datasets import DatasetUnavailable, ImageData, load_dataset
+from fedmef_core.data.partition import load_partition, partition_indices, partition_stats, save_partition
+
+__all__ = [
+    "DatasetUnavailable",
+    "ImageData",
+    "iterate_batches",
+    "load_dataset",
+    "load_partition",
+    "partition_indices",
+    "partition_stats",
+    "save_partition",
+]

@@ -1,0 +1,340 @@
+"""Load an image dataset once per process into uint8 tensors: `load_dataset(cfg) -> (train, test)`.
+
+Sources, by dataset:
+
+- ``fashion_mnist``: the Debian package ``dataset-fashion-mnist`` (gzipped IDX files in
+  ``/usr/share/datasets/fashion-mnist/``, or ``$FEDMEF_FASHION_MNIST_DIR``), else torchvision under
+  ``cfg.root`` (first without, then with download).
+- ``mnist``, ``cifar10``, ``cifar100``: torchvision under ``cfg.root`` (first without, then with download).
+- ``cinic10``, ``tinyimagenet``: a folder the user places under ``cfg.root`` (layouts in `_LAYOUTS`).
+
+Every failure to find the data raises :class:`DatasetUnavailable` naming each way to get it.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as F
+
+from fedmef_core.config import DataConfig
+
+FASHION_MNIST_ENV = "FEDMEF_FASHION_MNIST_DIR"
+FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+
+# Per-channel statistics of the full training sets, in [0, 1] units.
+_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+_LAYOUTS = {
+    "cinic10": "<root>/cinic10/train/<class>/*.png and <root>/cinic10/test/<class>/*.png "
+    "(the CINIC-10 archive from https://datashare.ed.ac.uk/handle/10283/3192, extracted into <root>/cinic10)",
+    "tinyimagenet": "<root>/tiny-imagenet-200/train/<wnid>/images/*.JPEG, <root>/tiny-imagenet-200/val/images/*.JPEG "
+    "and <root>/tiny-imagenet-200/val/val_annotations.txt "
+    "(http://cs231n.stanford.edu/tiny-imagenet-200.zip, extracted into <root>)",
+}
+
+
+class DatasetUnavailable(RuntimeError):
+    """The dataset is not on disk and could not be fetched; the message lists every way to get it."""
+
+
+@dataclass(frozen=True, eq=False)
+class ImageData:
+    """A whole split in memory. Treat the tensors as read-only: they are shared through the cache."""
+
+    images: torch.Tensor  # uint8, N x C x H x W, contiguous
+    labels: torch.Tensor  # int64, N
+    num_classes: int
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]  # per channel, [0, 1] units
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or not self.images.is_contiguous():
+            raise ValueError("images must be a contiguous uint8 tensor N x C x H x W")
+        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+            raise ValueError("labels must be an int64 tensor with one label per image")
+        channels = self.images.shape[1]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"mean and std need {channels} values (one per channel)")
+        if len(self.class_names) != self.num_classes:
+            raise ValueError("class_names must have num_classes entries")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def load_dataset(cfg: DataConfig) -> tuple[ImageData, ImageData]:
+    """(train, test) for `cfg`, decoded once per process and cached."""
+    root = str(Path(cfg.root).expanduser().resolve())
+    fmnist_dir = os.environ.get(FASHION_MNIST_ENV, FASHION_MNIST_DEBIAN_DIR)
+    with _LOCK:  # concurrent first calls decode once
+        return _prepared(cfg.name, root, fmnist_dir, cfg.cifar_shape, cfg.train_limit, cfg.test_limit)
+
+
+_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=8)
+def _prepared(name, root, fmnist_dir, cifar_shape, train_limit, test_limit) -> tuple[ImageData, ImageData]:
+    train, test = _decoded(name, root, fmnist_dir)
+    train, test = _first(train, train_limit), _first(test, test_limit)
+    if cifar_shape:
+        train, test = _to_cifar_shape(train), _to_cifar_shape(test)
+    return train, test
+
+
+@functools.lru_cache(maxsize=4)
+def _decoded(name: str, root: str, fmnist_dir: str) -> tuple[ImageData, ImageData]:
+    if name == "fashion_mnist":
+        return _fashion_mnist(root, Path(fmnist_dir))
+    if name in ("mnist", "cifar10", "cifar100"):
+        return _from_torchvision(name, root)
+    if name == "cinic10":
+        return _from_folder(name, *_cinic10_files(Path(root)))
+    if name == "tinyimagenet":
+        return _from_folder(name, *_tinyimagenet_files(Path(root)))
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+def _first(data: ImageData, limit: int | None) -> ImageData:
+    if limit is None or limit >= len(data):
+        return data
+    return _replace(data, data.images[:limit].clone(), data.labels[:limit].clone())
+
+
+def _to_cifar_shape(data: ImageData) -> ImageData:
+    """Pad 28x28 to 32x32 (2 px of zeros each side) and repeat one channel to three; else unchanged."""
+    if data.images.shape[1:] != (1, 28, 28):
+        return data
+    images = F.pad(data.images, [2], fill=0).repeat(1, 3, 1, 1).contiguous()
+    return ImageData(images, data.labels, data.num_classes, data.class_names, data.mean * 3, data.std * 3)
+
+
+def _replace(data: ImageData, images: torch.Tensor, labels: torch.Tensor) -> ImageData:
+    return ImageData(images, labels, data.num_classes, data.class_names, data.mean, data.std)
+
+
+# --- Fashion-MNIST: Debian IDX files, then torchvision ----------------------------------------------
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def _fashion_mnist(root: str, debian_dir: Path) -> tuple[ImageData, ImageData]:
+    if all((debian_dir / f).is_file() for pair in _IDX_FILES.values() for f in pair):
+        splits = [_read_idx_split(debian_dir, *_IDX_FILES[s]) for s in ("train", "test")]
+        mean, std = _STATS["fashion_mnist"]
+        return tuple(ImageData(x, y, 10, FASHION_MNIST_CLASSES, mean, std) for x, y in splits)  # type: ignore[return-value]
+    try:
+        return _from_torchvision("fashion_mnist", root)
+    except DatasetUnavailable as exc:
+        raise DatasetUnavailable(
+            f"Fashion-MNIST not found. Tried {debian_dir} (no IDX files) and torchvision under {root}. "
+            "Get it in one of these ways:\n"
+            "  1. sudo apt-get install dataset-fashion-mnist  (offline, Debian/Ubuntu; files land in "
+            f"{FASHION_MNIST_DEBIAN_DIR}, or point ${FASHION_MNIST_ENV} at a folder holding "
+            f"{', '.join(f for pair in _IDX_FILES.values() for f in pair)})\n"
+            f"  2. place the raw files under {root}/FashionMNIST/raw/ (torchvision's layout)\n"
+            "  3. run once with network access so torchvision can download them into data.root\n"
+            f"(torchvision: {exc})"
+        ) from exc
+
+
+def _read_idx_split(folder: Path, images_file: str, labels_file: str) -> tuple[torch.Tensor, torch.Tensor]:
+    images = read_idx(folder / images_file, expect_ndim=3)
+    labels = read_idx(folder / labels_file, expect_ndim=1)
+    if images.shape[0] != labels.shape[0]:
+        raise DatasetUnavailable(
+            f"{folder}: {images_file} has {images.shape[0]} images but {labels_file} has {labels.shape[0]} labels"
+        )
+    if labels.size and labels.max() >= 10:
+        raise DatasetUnavailable(f"{folder / labels_file}: label {labels.max()} out of range 0..9")
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def read_idx(path: Path, expect_ndim: int) -> np.ndarray:
+    """Parse a (gzipped) unsigned-byte IDX file, checking its magic number and size."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    header = 4 + 4 * expect_ndim
+    if len(raw) < header or raw[:2] != b"\0\0" or raw[2] != 0x08 or raw[3] != expect_ndim:
+        magic = raw[:4].hex() if len(raw) >= 4 else "nothing"
+        raise DatasetUnavailable(
+            f"{path}: not an unsigned-byte IDX file with {expect_ndim} dims "
+            f"(magic 0x{magic}, expected 0x000008{expect_ndim:02x}); the file is corrupt"
+        )
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=expect_ndim, offset=4))
+    if len(raw) - header != int(np.prod(dims)):
+        raise DatasetUnavailable(
+            f"{path}: header says {dims} ({np.prod(dims)} bytes), found {len(raw) - header}"
+        )
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+# --- torchvision datasets -----------------------------------------------------------------------------
+
+
+def _from_torchvision(name: str, root: str) -> tuple[ImageData, ImageData]:
+    from torchvision import datasets as tvd
+
+    cls = {
+        "fashion_mnist": tvd.FashionMNIST,
+        "mnist": tvd.MNIST,
+        "cifar10": tvd.CIFAR10,
+        "cifar100": tvd.CIFAR100,
+    }[name]
+    mean, std = _STATS[name]
+    out = []
+    for train in (True, False):
+        ds = _open_torchvision(cls, root, train)
+        images = torch.as_tensor(np.asarray(ds.data), dtype=torch.uint8)
+        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # to N x C x H x W
+        labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+        classes = tuple(str(c) for c in ds.classes)
+        out.append(ImageData(images.contiguous(), labels, len(classes), classes, mean, std))
+    return out[0], out[1]
+
+
+def _open_torchvision(cls, root: str, train: bool):
+    try:
+        return cls(root, train=train, download=False)
+    except RuntimeError:
+        pass
+    try:
+        return cls(root, train=train, download=True)
+    except Exception as exc:
+        raise DatasetUnavailable(
+            f"{cls.__name__} is not under {root} and could not be downloaded ({type(exc).__name__}: {exc}). "
+            f"Run once with network access (torchvision downloads it into data.root = {root}), or copy "
+            f"torchvision's on-disk layout of {cls.__name__} there from a machine that has it."
+        ) from exc
+
+
+# --- user folders: CINIC-10, Tiny ImageNet ---------------------------------------------------------------
+
+Files = list[tuple[Path, int]]
+
+
+def _unavailable(name: str, root: Path, problem: str) -> DatasetUnavailable:
+    layout = _LAYOUTS[name].replace("<root>", str(root))
+    return DatasetUnavailable(f"{name}: {problem}. Expected layout: {layout}")
+
+
+def _class_dirs(name: str, root: Path, split_dir: Path) -> list[str]:
+    if not split_dir.is_dir():
+        raise _unavailable(name, root, f"missing folder {split_dir}")
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise _unavailable(name, root, f"no class folders in {split_dir}")
+    return classes
+
+
+def _cinic10_files(root: Path) -> tuple[tuple[str, ...], Files, Files]:
+    base = root / "cinic10"
+    classes = _class_dirs("cinic10", root, base / "train")
+    splits = []
+    for split in ("train", "test"):
+        if _class_dirs("cinic10", root, base / split) != classes:
+            raise _unavailable(
+                "cinic10", root, f"{base / split} and {base / 'train'} have different class folders"
+            )
+        files = [(p, i) for i, c in enumerate(classes) for p in sorted((base / split / c).glob("*.png"))]
+        if not files:
+            raise _unavailable("cinic10", root, f"no .png files under {base / split}")
+        splits.append(files)
+    return tuple(classes), splits[0], splits[1]
+
+
+def _tinyimagenet_files(root: Path) -> tuple[tuple[str, ...], Files, Files]:
+    base = root / "tiny-imagenet-200"
+    classes = _class_dirs("tinyimagenet", root, base / "train")
+    index = {wnid: i for i, wnid in enumerate(classes)}
+    train = [
+        (p, i) for i, c in enumerate(classes) for p in sorted((base / "train" / c / "images").glob("*.JPEG"))
+    ]
+    if not train:
+        raise _unavailable("tinyimagenet", root, f"no .JPEG files under {base / 'train'}/<wnid>/images")
+    notes = base / "val" / "val_annotations.txt"
+    if not notes.is_file():
+        raise _unavailable("tinyimagenet", root, f"missing {notes}")
+    test = []
+    for n, line in enumerate(notes.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in index:
+            raise _unavailable(
+                "tinyimagenet", root, f"{notes}:{n}: expected '<file>\\t<wnid>\\t...' with a known wnid"
+            )
+        path = base / "val" / "images" / fields[0]
+        if not path.is_file():
+            raise _unavailable("tinyimagenet", root, f"{notes}:{n} names {path}, which does not exist")
+        test.append((path, index[fields[1]]))
+    if not test:
+        raise _unavailable("tinyimagenet", root, f"{notes} lists no images")
+    return tuple(classes), train, test
+
+
+def _from_folder(
+    name: str, classes: tuple[str, ...], train: Files, test: Files
+) -> tuple[ImageData, ImageData]:
+    tensors = [_decode_images(name, files) for files in (train, test)]
+    if tensors[0][0].shape[1:] != tensors[1][0].shape[1:]:
+        raise DatasetUnavailable(f"{name}: train and test images differ in size")
+    mean, std = channel_stats(tensors[0][0])
+    return tuple(ImageData(x, y, len(classes), classes, mean, std) for x, y in tensors)  # type: ignore[return-value]
+
+
+def _decode_images(name: str, files: Files) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    def decode(path: Path) -> np.ndarray:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        arrays = list(pool.map(decode, (p for p, _ in files)))
+    shape = arrays[0].shape
+    for (path, _), arr in zip(files, arrays):
+        if arr.shape != shape:
+            raise DatasetUnavailable(
+                f"{name}: {path} is {arr.shape[1]}x{arr.shape[0]}, expected {shape[1]}x{shape[0]}"
+            )
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor([label for _, label in files], dtype=torch.int64)
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 N x C x H x W images, in [0, 1] units (chunked, float64)."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for start in range(0, images.shape[0], chunk):
+        x = images[start : start + chunk].to(torch.float64).div_(255)
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())

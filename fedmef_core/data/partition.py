@@ -1,0 +1,159 @@
+"""Split the training set among clients (iid, Dirichlet label skew, or label shards), and persist the split.
+
+Every partition is a list of disjoint, sorted int64 index arrays whose union is every sample, and depends
+only on the labels, the number of clients and `PartitionConfig` (its `seed` drives a numpy Generator).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fedmef_core.config import PartitionConfig
+from fedmef_core.io import read_json, write_json
+
+DIRICHLET_TRIES = 1000
+SHARD_SWAPS_PER_SHARD = 20
+
+
+def partition_indices(labels: np.ndarray, num_clients: int, cfg: PartitionConfig) -> list[np.ndarray]:
+    """Indices of each client's samples. Raises ValueError (naming the knob to change) when impossible."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be one-dimensional, got shape {labels.shape}")
+    if num_clients < 1:
+        raise ValueError(f"federation.num_clients must be >= 1, got {num_clients}")
+    n = labels.shape[0]
+    if num_clients * cfg.min_samples > n:
+        raise ValueError(
+            f"{num_clients} clients x partition.min_samples={cfg.min_samples} needs "
+            f"{num_clients * cfg.min_samples} samples but the training set has {n}: lower "
+            "partition.min_samples or federation.num_clients (or raise data.train_limit)"
+        )
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.scheme == "iid":
+        parts = np.array_split(rng.permutation(n), num_clients)
+    elif cfg.scheme == "dirichlet":
+        parts = _dirichlet(labels, num_clients, cfg, rng)
+    elif cfg.scheme == "shards":
+        parts = _shards(labels, num_clients, cfg, rng)
+    else:
+        raise ValueError(f"unknown partition.scheme {cfg.scheme!r}")
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def _dirichlet(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, rng: np.random.Generator):
+    """Per class, client shares ~ Dirichlet(alpha); redrawn until every client has >= min_samples."""
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    for _ in range(DIRICHLET_TRIES):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for idx in by_class:
+            shares = rng.dirichlet(np.full(num_clients, cfg.alpha))
+            cuts = np.round(np.cumsum(shares)[:-1] * idx.size).astype(np.int64)
+            for client, chunk in enumerate(np.split(idx, cuts)):
+                parts[client].append(chunk)
+        merged = [np.concatenate(p) for p in parts]
+        if min(p.size for p in merged) >= cfg.min_samples:
+            return merged
+    raise ValueError(
+        f"Dirichlet split with partition.alpha={cfg.alpha} left some client below partition.min_samples="
+        f"{cfg.min_samples} in all {DIRICHLET_TRIES} draws: raise partition.alpha, lower "
+        "partition.min_samples, or lower federation.num_clients"
+    )
+
+
+def _shards(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, rng: np.random.Generator):
+    """Sort by label, cut into num_clients * classes_per_client shards, give each client classes_per_client.
+
+    Shards are dealt round-robin in label order (so no client holds two shards of one class whenever no
+    class spans more than num_clients shards), then mixed by random swaps that keep that property.
+    """
+    k = cfg.classes_per_client
+    num_classes = np.unique(labels).size
+    if k > num_classes:
+        raise ValueError(
+            f"partition.classes_per_client={k} exceeds the {num_classes} classes in the training set: lower it"
+        )
+    num_shards = num_clients * k
+    if num_shards > labels.size:
+        raise ValueError(
+            f"{num_shards} shards (federation.num_clients x partition.classes_per_client) exceed the "
+            f"{labels.size} samples: lower one of them"
+        )
+    order = rng.permutation(labels.size)
+    order = order[np.argsort(labels[order], kind="stable")]  # label-sorted, random within a class
+    shards = np.array_split(order, num_shards)
+    shard_class = np.array([np.bincount(labels[s]).argmax() for s in shards])
+    owner = np.arange(num_shards) % num_clients
+    held = [list(np.flatnonzero(owner == c)) for c in range(num_clients)]  # shard ids per client
+    if num_clients > 1:
+        _swap_shards(held, shard_class, rng, SHARD_SWAPS_PER_SHARD * num_shards)
+    parts = [np.concatenate([shards[s] for s in ids]) for ids in held]
+    smallest = min(p.size for p in parts)
+    if smallest < cfg.min_samples:
+        raise ValueError(
+            f"shards give some client only {smallest} samples < partition.min_samples={cfg.min_samples}: lower "
+            "partition.min_samples, partition.classes_per_client or federation.num_clients"
+        )
+    return parts
+
+
+def _swap_shards(
+    held: list[list[int]], shard_class: np.ndarray, rng: np.random.Generator, steps: int
+) -> None:
+    """Random shard swaps between two clients, skipped when either would receive a class it already has."""
+    k = len(held[0])
+    a, b = rng.integers(0, len(held), size=(2, steps))
+    slot_a, slot_b = rng.integers(0, k, size=(2, steps))
+    for i in range(steps):
+        ca, cb = held[a[i]], held[b[i]]
+        sa, sb = ca[slot_a[i]], cb[slot_b[i]]
+        class_a, class_b = shard_class[sa], shard_class[sb]
+        if a[i] == b[i] or class_a == class_b:
+            continue
+        if any(shard_class[s] == class_b for s in ca) or any(shard_class[s] == class_a for s in cb):
+            continue
+        ca[slot_a[i]], cb[slot_b[i]] = sb, sa
+
+
+def partition_stats(parts: list[np.ndarray], labels: np.ndarray, num_classes: int) -> dict:
+    """Sizes, per-client class histogram and the mean label entropy in bits (lower = more skew)."""
+    labels = np.asarray(labels)
+    histogram = np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
+    sizes = histogram.sum(axis=1)
+    probs = histogram / np.maximum(sizes, 1)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(probs > 0, probs * np.log2(probs), 0.0).sum(axis=1)
+    return {
+        "num_clients": len(parts),
+        "sizes": [int(s) for s in sizes],
+        "histogram": histogram.astype(int).tolist(),
+        "mean_label_entropy": float(entropy.mean()),
+    }
+
+
+def save_partition(parts: list[np.ndarray], stats: dict, out_dir: str | Path) -> None:
+    """Write out_dir/clients.json ({"num_clients", "clients": [[idx, ...], ...]}) and out_dir/stats.json."""
+    out_dir = Path(out_dir)
+    clients = [np.asarray(p, dtype=np.int64).tolist() for p in parts]
+    write_json(out_dir / "clients.json", {"num_clients": len(clients), "clients": clients})
+    write_json(out_dir / "stats.json", stats)
+
+
+def load_partition(out_dir: str | Path) -> list[np.ndarray]:
+    """Read out_dir/clients.json back into sorted int64 arrays."""
+    path = Path(out_dir) / "clients.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: run the partition stage first (`dvc repro partition`)"
+        )
+    raw = read_json(path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("clients"), list):
+        raise ValueError(  # noqa: TRY004 - a malformed file is a bad value, not a caller's type error
+            f"{path}: expected {{'num_clients': N, 'clients': [[...], ...]}}; rerun the partition stage"
+        )
+    parts = [np.asarray(c, dtype=np.int64) for c in raw["clients"]]
+    if raw.get("num_clients") != len(parts):
+        raise ValueError(f"{path}: num_clients={raw.get('num_clients')} but {len(parts)} client lists")
+    return parts

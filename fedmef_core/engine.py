@@ -1,0 +1,153 @@
+"""The server side of federated training and the round loop every method shares.
+
+`run_rounds` is the whole story: sample clients, broadcast, let an executor run the client
+updates (in-process here; Prefect tasks or Ray workers in the pipeline), aggregate, evaluate,
+checkpoint. Methods vary it only through the hooks of `FederatedAlgorithm`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmef_core.algorithms import ClientResult, build_algorithm
+from fedmef_core.checkpoint import FINAL_NAME, round_checkpoint_path, save_checkpoint
+from fedmef_core.client import Broadcast, run_client
+from fedmef_core.config import ExperimentConfig
+from fedmef_core.data import ImageData
+from fedmef_core.evaluation import EvalResult, evaluate
+from fedmef_core.models import build_model
+
+ClientExecutor = Callable[[Broadcast, list[int]], list[ClientResult]]
+RoundCallback = Callable[[int, dict[str, float]], None]
+
+
+class Server:
+    """The global model, the method's server state and the round history."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        train: ImageData,
+        test: ImageData,
+        parts: Sequence[np.ndarray],
+        device: torch.device,
+    ):
+        fed = config.federation
+        if len(parts) != fed.num_clients:
+            raise ValueError(
+                f"the partition has {len(parts)} clients but federation.num_clients is {fed.num_clients}; "
+                "re-run the partition stage (`dvc repro partition`)"
+            )
+        self.config, self.train, self.test, self.parts, self.device = config, train, test, parts, device
+        torch.manual_seed(fed.seed)
+        self.model = build_model(config.model, train.images.shape[1], train.num_classes, train.images.shape[-1])
+        self.algorithm = build_algorithm(config)
+        self.state: dict[str, Any] = self.algorithm.init_server_state(
+            self.model, torch.Generator().manual_seed(fed.seed)
+        )
+        self.round = 0  # rounds completed
+        self.history: list[dict[str, float]] = []
+        self.last_eval: EvalResult | None = None
+
+    # ---- one round ---------------------------------------------------------------------------
+    def sample_clients(self, rnd: int) -> list[int]:
+        fed = self.config.federation
+        rng = np.random.default_rng([fed.seed, rnd])
+        return sorted(int(c) for c in rng.choice(fed.num_clients, fed.clients_per_round, replace=False))
+
+    def lr_for_round(self, rnd: int) -> float:
+        """Exponential decay from `lr` in round 1 to `lr_final` in the last round."""
+        fed = self.config.federation
+        frac = (rnd - 1) / max(fed.rounds - 1, 1)
+        return fed.lr * (fed.lr_final / fed.lr) ** frac
+
+    def broadcast(self, rnd: int) -> Broadcast:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        payload = self.algorithm.round_payload(rnd, self.model, self.state)
+        return Broadcast(round=rnd, lr=self.lr_for_round(rnd), state=state, payload=payload)
+
+    def finish_round(self, rnd: int, results: list[ClientResult], seconds: float) -> dict[str, float]:
+        results = sorted(results, key=lambda r: r.client_id)  # aggregation order never depends on timing
+        method_metrics = self.algorithm.aggregate(rnd, self.model, results, self.state)
+        n = sum(r.num_samples for r in results)
+        metrics: dict[str, float] = {
+            "round": rnd,
+            "lr": self.lr_for_round(rnd),
+            "train_loss": sum(r.train_loss * r.num_samples for r in results) / n,
+            "clients": len(results),
+            "round_seconds": seconds,
+            **method_metrics,
+        }
+        run = self.config.runtime
+        if rnd % run.eval_every == 0 or rnd == self.config.federation.rounds:
+            self.last_eval = evaluate(self.model, self.test, self.device)
+            metrics["accuracy"] = self.last_eval.accuracy
+            metrics["loss"] = self.last_eval.loss
+        self.round = rnd
+        self.history.append(metrics)
+        return metrics
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def checkpoint(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "round": self.round,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "server_state": self.state,
+            "history": self.history,
+            "torch_rng": torch.get_rng_state(),
+            "config": self.config.model_dump(mode="json"),
+            "extra": extra or {},
+        }
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.state = ckpt["server_state"]
+        self.history = list(ckpt["history"])
+        self.round = int(ckpt["round"])
+        torch.set_rng_state(ckpt["torch_rng"])
+
+
+def local_executor(server: Server) -> ClientExecutor:
+    """Run the round's clients one after another in this process."""
+
+    def execute(broadcast: Broadcast, clients: list[int]) -> list[ClientResult]:
+        return [
+            run_client(server.config, broadcast, c, server.train, server.parts[c], server.device)
+            for c in clients
+        ]
+
+    return execute
+
+
+def run_rounds(
+    server: Server,
+    executor: ClientExecutor | None = None,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    on_round: RoundCallback | None = None,
+    checkpoint_extra: Callable[[], dict[str, Any]] | None = None,
+) -> list[dict[str, float]]:
+    """Run the remaining rounds; write round checkpoints every `checkpoint_every` and `final.pt`."""
+    executor = executor or local_executor(server)
+    cfg = server.config
+    extra = checkpoint_extra or dict
+    for rnd in range(server.round + 1, cfg.federation.rounds + 1):
+        start = time.perf_counter()
+        results = executor(server.broadcast(rnd), server.sample_clients(rnd))
+        metrics = server.finish_round(rnd, results, time.perf_counter() - start)
+        if checkpoint_dir is not None and (
+            rnd % cfg.runtime.checkpoint_every == 0 or rnd == cfg.federation.rounds
+        ):
+            save_checkpoint(round_checkpoint_path(checkpoint_dir, rnd), server.checkpoint(extra()))
+        if on_round is not None:
+            on_round(rnd, metrics)
+    if checkpoint_dir is not None:
+        save_checkpoint(Path(checkpoint_dir) / FINAL_NAME, server.checkpoint(extra()))
+    return server.history

@@ -1,0 +1,40 @@
+"""Test-set evaluation: accuracy, loss, per-class accuracy and the confusion matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmef_core.data import ImageData, iterate_batches
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    accuracy: float
+    loss: float
+    per_class_accuracy: list[float]
+    confusion: list[list[int]]  # rows: true class, columns: predicted class
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageData, device: torch.device, batch_size: int = 1000) -> EvalResult:
+    model.to(device).eval()
+    k = data.num_classes
+    confusion = torch.zeros(k, k, dtype=torch.int64)
+    loss_sum = 0.0
+    for x, y in iterate_batches(data, torch.arange(len(data.labels)), batch_size, device=device):
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        pred = logits.argmax(dim=1)
+        confusion += torch.bincount((y * k + pred).cpu(), minlength=k * k).view(k, k)
+    n = int(confusion.sum())
+    per_class = confusion.diag().double() / confusion.sum(dim=1).clamp(min=1).double()
+    return EvalResult(
+        accuracy=float(confusion.diag().sum()) / max(n, 1),
+        loss=loss_sum / max(n, 1),
+        per_class_accuracy=per_class.tolist(),
+        confusion=confusion.tolist(),
+    )

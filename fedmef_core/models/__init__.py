@@ -1,0 +1,57 @@
+"""Model builders (CNN, CIFAR ResNet18, CIFAR MobileNetV2) and the prunable-weight view of a model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from fedmef_core.config import ModelConfig
+from fedmef_core.models.cnn import SmallCNN, cnn
+from fedmef_core.models.layers import NormFactory, is_prunable, norm_layer
+from fedmef_core.models.mobilenet import mobilenetv2
+from fedmef_core.models.resnet import resnet18
+
+__all__ = [
+    "ARCHITECTURES",
+    "NormFactory",
+    "SmallCNN",
+    "build_model",
+    "count_parameters",
+    "is_prunable",
+    "norm_layer",
+    "prunable_weights",
+]
+
+Builder = Callable[[int, int, int, NormFactory], nn.Module]
+
+ARCHITECTURES: dict[str, Builder] = {
+    "cnn": cnn,
+    "resnet18": resnet18,
+    "mobilenetv2": mobilenetv2,
+}
+
+
+def build_model(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """A freshly initialised model. Weights come from the global torch RNG only (the caller seeds it)."""
+    try:
+        builder = ARCHITECTURES[cfg.arch]
+    except KeyError:
+        raise ValueError(f"unknown arch {cfg.arch!r}; choose one of {sorted(ARCHITECTURES)}") from None
+    return builder(in_channels, num_classes, image_size, norm_layer(cfg))
+
+
+def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The ``weight`` of every Conv2d and Linear layer, keyed by its name in ``model.named_parameters()``.
+
+    Ordered as ``named_parameters()`` orders them; biases and norm parameters are excluded.
+    """
+    wanted = {id(m.weight) for m in model.modules() if is_prunable(m) and m.weight is not None}
+    return {name: p for name, p in model.named_parameters() if id(p) in wanted}
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """``{"total": all parameters, "prunable": those in prunable_weights}`` (element counts)."""
+    total = sum(p.numel() for p in model.parameters())
+    prunable = sum(p.numel() for p in prunable_weights(model).values())
+    return {"total": total, "prunable": prunable}

@@ -1,0 +1,1 @@
+"""Prefect flows: partition, train, evaluate and the whole pipeline."""

@@ -1,0 +1,49 @@
+"""Command-line entry shared by every flow: `python -m flows.<name> [--params FILE] [--set k=v ...]`.
+
+User mistakes (bad config, missing dataset, missing partition or checkpoint) print one message and
+exit with status 2 — no traceback, nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from fedmef_core.config import ConfigError, ExperimentConfig, load_config
+from fedmef_core.errors import UserError
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set federation.rounds=5")
+    return key.strip(), yaml.safe_load(value)
+
+
+def config_from_args(argv: list[str] | None, description: str) -> ExperimentConfig:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="experiment config (default: params.yaml)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one value of the config, e.g. --set federation.rounds=5 (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    overrides = dict(_parse_override(s) for s in args.set)
+    return load_config(args.params, overrides)
+
+
+def main(flow: Callable[[ExperimentConfig], Any], description: str, argv: list[str] | None = None) -> Any:
+    """Validate the config, run `flow`, and turn user errors into one clear line."""
+    try:
+        config = config_from_args(argv, description)
+        return flow(config)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is kept", file=sys.stderr)
+        sys.exit(130)

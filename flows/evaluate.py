@@ -1,0 +1,21 @@
+"""Evaluate flow: test the trained global model."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from fedmef_core.config import ExperimentConfig
+from flows.cli import main
+from tasks.evaluation import evaluate_model
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
+    """Test accuracy and loss, per-class accuracy and a confusion matrix of the final model."""
+    result = evaluate_model(config)
+    print(f"test accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}")
+    return result
+
+
+if __name__ == "__main__":
+    main(evaluate_flow, evaluate_flow.description or "")

@@ -1,0 +1,24 @@
+"""Pipeline flow: partition -> train -> evaluate, as one flow run with three subflows."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from fedmef_core.config import ExperimentConfig
+from flows.cli import main
+from flows.evaluate import evaluate_flow
+from flows.partition import partition_flow
+from flows.train import train_flow
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
+    """The whole experiment: partition the data, train federated, evaluate the final model."""
+    partition = partition_flow(config)
+    train = train_flow(config)
+    evaluation = evaluate_flow(config)
+    return {"partition": partition, "train": train, "evaluate": evaluation}
+
+
+if __name__ == "__main__":
+    main(pipeline_flow, pipeline_flow.description or "")

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that call fedmef_core, persist outputs and log to MLflow."""

@@ -1,0 +1,43 @@
+"""The evaluate stage: test accuracy and loss, per-class accuracy, a confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from fedmef_core.config import ExperimentConfig
+from fedmef_core.data import load_dataset
+from fedmef_core.device import resolve_device
+from fedmef_core.evaluation import evaluate
+from fedmef_core.io import write_json
+from fedmef_core.plots import plot_confusion
+from tasks.tracking import Tracker
+from tasks.training import load_final_model
+
+
+@task(name="evaluate-model")
+def evaluate_model(config: ExperimentConfig) -> dict:
+    model, ckpt = load_final_model(config)
+    _, test = load_dataset(config.data)
+    result = evaluate(model, test, resolve_device(config.runtime.device))
+    per_class = dict(zip(test.class_names, result.per_class_accuracy))
+    report = {
+        "accuracy": result.accuracy,
+        "loss": result.loss,
+        "per_class_accuracy": per_class,
+        "round": int(ckpt["round"]),
+        "test_samples": len(test.labels),
+    }
+    metrics_path = Path(config.runtime.metrics_dir) / "eval.json"
+    plot_path = Path(config.runtime.plots_dir) / "confusion.png"
+    write_json(metrics_path, report)
+    plot_confusion(result.confusion, test.class_names, plot_path, title=f"accuracy {result.accuracy:.4f}")
+    run_id = ckpt.get("extra", {}).get("mlflow_run_id", "")
+    tracker = Tracker(config.tracking, run_id=run_id or None)
+    metrics = {"test_accuracy": result.accuracy, "test_loss": result.loss}
+    metrics.update({f"test_accuracy_class_{i}": a for i, a in enumerate(result.per_class_accuracy)})
+    tracker.log_metrics(metrics, step=int(ckpt["round"]))
+    tracker.log_artifact(metrics_path, "eval")
+    tracker.log_artifact(plot_path, "plots")
+    return {"accuracy": result.accuracy, "loss": result.loss, "mlflow_run_id": run_id}

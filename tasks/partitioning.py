@@ -1,0 +1,35 @@
+"""The partition stage: split the training set among clients, save indices, stats and a heat map."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from fedmef_core.config import ExperimentConfig
+from fedmef_core.data import load_dataset, partition_indices, partition_stats, save_partition
+from fedmef_core.plots import plot_partition_heatmap
+
+
+def partition_plot_path(config: ExperimentConfig) -> Path:
+    return Path(config.runtime.plots_dir) / "partition.png"
+
+
+@task(name="partition-dataset")
+def partition_dataset(config: ExperimentConfig) -> dict:
+    """Write `clients.json`, `stats.json` and the heat map; return a small summary."""
+    train, _ = load_dataset(config.data)
+    parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
+    stats = partition_stats(parts, train.labels.numpy(), train.num_classes)
+    save_partition(parts, stats, config.runtime.partitions_dir)
+    plot_partition_heatmap(stats["histogram"], partition_plot_path(config), class_names=train.class_names)
+    sizes = stats["sizes"]
+    return {
+        "dataset": config.data.name,
+        "scheme": config.partition.scheme,
+        "num_clients": len(parts),
+        "min_size": min(sizes),
+        "max_size": max(sizes),
+        "mean_label_entropy": stats["mean_label_entropy"],
+        "partitions_dir": config.runtime.partitions_dir,
+    }

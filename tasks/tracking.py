@@ -1,0 +1,121 @@
+"""MLflow tracking: one run per training, addressed by id (no global "active run")."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from fedmef_core.config import ExperimentConfig, TrackingConfig
+from fedmef_core.errors import UserError
+
+
+class TrackingUnavailable(UserError):
+    """The MLflow tracking store cannot be reached."""
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a local sqlite store live beside the database, in `mlartifacts/`."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return (db.resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def prefect_flow_run_id() -> str:
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id or "")
+    except Exception:  # outside a flow run
+        return ""
+
+
+class Tracker:
+    """Logs to one MLflow run; a disabled tracker accepts every call and does nothing."""
+
+    def __init__(self, cfg: TrackingConfig, run_id: str | None = None):
+        self.cfg = cfg
+        self.run_id = run_id
+        self._client = None
+        if cfg.enabled:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=cfg.mlflow_uri)
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    def check_reachable(self) -> None:
+        if self._client is None:
+            return
+        try:
+            self._client.search_experiments(max_results=1)
+        except Exception as exc:
+            raise TrackingUnavailable(
+                f"MLflow tracking store {self.cfg.mlflow_uri!r} is unreachable ({type(exc).__name__}: {exc}); "
+                "fix tracking.mlflow_uri or set tracking.enabled: false"
+            ) from None
+
+    def start(self, config: ExperimentConfig, run_name: str, tags: dict[str, str] | None = None) -> str:
+        """Create the run, log the flattened config as params, and return its id."""
+        if self._client is None:
+            return ""
+        from mlflow.entities import Param
+
+        self.check_reachable()
+        exp = self._client.get_experiment_by_name(self.cfg.experiment)
+        exp_id = (
+            exp.experiment_id
+            if exp is not None
+            else self._client.create_experiment(self.cfg.experiment, artifact_location=artifact_root(self.cfg.mlflow_uri))
+        )
+        all_tags = {
+            "git_commit": git_commit(),
+            "prefect_flow_run_id": prefect_flow_run_id(),
+            "dvc_stage": os.environ.get("DVC_STAGE", ""),
+            "method": config.pruning.method,
+            **(tags or {}),
+        }
+        run = self._client.create_run(exp_id, run_name=run_name, tags=all_tags)
+        self.run_id = run.info.run_id
+        params = [Param(k, str(v)) for k, v in config.flat().items()]
+        for i in range(0, len(params), 100):
+            self._client.log_batch(self.run_id, params=params[i : i + 100])
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self._client is None or not self.run_id:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self._client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self._client is None or not self.run_id:
+            return
+        for k, v in tags.items():
+            self._client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self._client is None or not self.run_id:
+            return
+        self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self._client is None or not self.run_id:
+            return
+        self._client.set_terminated(self.run_id, status=status)

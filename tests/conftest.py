@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny but real experiment (real Fashion-MNIST, a few clients, a few rounds)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fedmef_core.config import parse_config
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_raw(tmp_path=None) -> dict:
+    """A config small enough to train in a second or two on CPU."""
+    raw = {
+        "data": {"name": "fashion_mnist", "train_limit": 1200, "test_limit": 500},
+        "partition": {"scheme": "dirichlet", "alpha": 0.5, "min_samples": 20, "seed": 1},
+        "federation": {
+            "num_clients": 6, "clients_per_round": 3, "rounds": 3, "local_epochs": 1,
+            "batch_size": 32, "lr": 0.05, "lr_final": 0.02, "seed": 3,
+        },
+        "tracking": {"enabled": False},
+        "runtime": {"device": "cpu", "checkpoint_every": 1},
+    }
+    if tmp_path is not None:
+        raw["runtime"].update(
+            partitions_dir=str(tmp_path / "partitions"),
+            checkpoints_dir=str(tmp_path / "checkpoints"),
+            metrics_dir=str(tmp_path / "metrics"),
+            plots_dir=str(tmp_path / "plots"),
+        )
+        raw["data"]["root"] = str(tmp_path / "raw")
+    return raw
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    return parse_config(tiny_raw(tmp_path))

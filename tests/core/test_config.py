@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedmef_core.config import ConfigError, ExperimentConfig, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def test_params_yaml_is_the_config_models_yaml():
+    config = load_config(ROOT / "params.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert config.model_dump(mode="json") == raw  # every key spelled out, nothing extra
+
+
+def test_unknown_key_names_the_key():
+    with pytest.raises(ConfigError) as err:
+        load_config(FIXTURES / "invalid_unknown_key.yaml")
+    assert "federation.roundz: unknown key" in str(err.value)
+
+
+def test_bad_values_name_key_value_and_what_is_allowed():
+    with pytest.raises(ConfigError) as err:
+        load_config(FIXTURES / "invalid_values.yaml")
+    msg = str(err.value)
+    assert "partition.scheme" in msg and "'zipf'" in msg and "'dirichlet'" in msg
+    assert "partition.alpha" in msg and "-1" in msg
+    assert "clients_per_round (10) cannot exceed num_clients (5)" in msg
+    assert "Traceback" not in msg
+
+
+def test_config_is_frozen_and_flattens():
+    config = ExperimentConfig()
+    with pytest.raises(Exception):
+        config.federation.rounds = 3  # type: ignore[misc]
+    flat = config.flat()
+    assert flat["federation.rounds"] == config.federation.rounds
+    assert flat["tracking.mlflow_uri"] == "sqlite:///mlflow.db"
+
+
+def test_overrides_are_validated(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("federation:\n  rounds: 2\n")
+    assert load_config(p, {"federation.rounds": 7}).federation.rounds == 7
+    with pytest.raises(ConfigError, match="federation.rounds"):
+        load_config(p, {"federation.rounds": 0})
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(p, {"rounds": 3})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("federation: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        parse_config([1, 2])

@@ -1,0 +1,164 @@
+"""Partitioners: exact cover, min_samples, determinism, skew; persistence and the heat map."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmef_core.config import DataConfig, PartitionConfig
+from fedmef_core.data import load_partition, partition_indices, partition_stats, save_partition
+from fedmef_core.data.datasets import FASHION_MNIST_DEBIAN_DIR
+from fedmef_core.plots import plot_partition_heatmap
+
+SCHEMES = ["iid", "dirichlet", "shards"]
+
+
+@pytest.fixture(scope="module")
+def fmnist_labels() -> np.ndarray:
+    if not Path(FASHION_MNIST_DEBIAN_DIR, "train-labels-idx1-ubyte.gz").is_file():
+        pytest.skip("apt-get install dataset-fashion-mnist")
+    from fedmef_core.data import load_dataset
+
+    return load_dataset(DataConfig())[0].labels.numpy()
+
+
+def balanced_labels(per_class: int = 100, num_classes: int = 10, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(np.repeat(np.arange(num_classes), per_class))
+
+
+def assert_exact_cover(parts: list[np.ndarray], n: int) -> None:
+    for p in parts:
+        assert p.dtype == np.int64 and p.ndim == 1
+        assert np.all(np.diff(p) > 0)  # sorted, no repeats
+    merged = np.concatenate(parts)
+    assert merged.size == n  # nothing assigned twice ...
+    assert np.array_equal(np.sort(merged), np.arange(n))  # ... and nothing left out
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("num_clients", [1, 7, 20])
+def test_parts_are_disjoint_and_cover_every_index(scheme, num_clients):
+    labels = balanced_labels()
+    cfg = PartitionConfig(scheme=scheme, min_samples=5)
+    parts = partition_indices(labels, num_clients, cfg)
+    assert len(parts) == num_clients
+    assert_exact_cover(parts, labels.size)
+    assert min(p.size for p in parts) >= cfg.min_samples
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_real_labels_100_clients(fmnist_labels, scheme):
+    cfg = PartitionConfig(scheme=scheme, alpha=0.1, min_samples=20)
+    parts = partition_indices(fmnist_labels, 100, cfg)
+    assert_exact_cover(parts, fmnist_labels.size)
+    assert min(p.size for p in parts) >= 20
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_same_seed_same_split_other_seed_other_split(scheme):
+    labels = balanced_labels()
+    first = partition_indices(labels, 10, PartitionConfig(scheme=scheme, seed=3))
+    again = partition_indices(labels, 10, PartitionConfig(scheme=scheme, seed=3))
+    other = partition_indices(labels, 10, PartitionConfig(scheme=scheme, seed=4))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+
+
+def test_iid_sizes_are_even():
+    parts = partition_indices(np.zeros(103, dtype=np.int64), 10, PartitionConfig(scheme="iid"))
+    assert sorted(p.size for p in parts) == [10] * 7 + [11] * 3
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks(fmnist_labels):
+    entropy = {}
+    for alpha in (0.1, 1.0, 100.0):
+        parts = partition_indices(fmnist_labels, 20, PartitionConfig(alpha=alpha))
+        entropy[alpha] = partition_stats(parts, fmnist_labels, 10)["mean_label_entropy"]
+    assert entropy[0.1] < entropy[1.0] < entropy[100.0] <= np.log2(10)
+    assert entropy[100.0] > 3.2  # nearly uniform: log2(10) = 3.32
+
+
+def test_dirichlet_enforces_min_samples():
+    labels = balanced_labels(per_class=50)
+    parts = partition_indices(labels, 10, PartitionConfig(alpha=0.2, min_samples=30))
+    assert min(p.size for p in parts) >= 30
+    with pytest.raises(ValueError, match="partition.alpha.*partition.min_samples"):
+        partition_indices(labels, 10, PartitionConfig(alpha=0.01, min_samples=50))  # needs an exact split
+
+
+@pytest.mark.parametrize("num_clients,k", [(100, 2), (10, 3), (20, 1), (5, 10)])
+def test_shards_give_exactly_k_classes(fmnist_labels, num_clients, k):
+    parts = partition_indices(
+        fmnist_labels, num_clients, PartitionConfig(scheme="shards", classes_per_client=k)
+    )
+    assert_exact_cover(parts, fmnist_labels.size)
+    for p in parts:
+        assert np.unique(fmnist_labels[p]).size == k
+    stats = partition_stats(parts, fmnist_labels, 10)
+    assert len(set(stats["sizes"])) == 1  # 60000 splits evenly in all these cases
+
+
+def test_shards_class_pairs_are_mixed(fmnist_labels):
+    parts = partition_indices(fmnist_labels, 100, PartitionConfig(scheme="shards", classes_per_client=2))
+    pairs = {tuple(np.unique(fmnist_labels[p])) for p in parts}
+    assert len(pairs) > 20  # not the same few combinations over and over
+
+
+def test_impossible_requests_name_the_knob():
+    labels = balanced_labels(per_class=10)
+    with pytest.raises(ValueError, match="partition.min_samples"):
+        partition_indices(labels, 20, PartitionConfig(scheme="iid", min_samples=6))
+    with pytest.raises(ValueError, match="partition.classes_per_client"):
+        partition_indices(labels, 5, PartitionConfig(scheme="shards", classes_per_client=11, min_samples=1))
+    with pytest.raises(ValueError, match="partition.min_samples"):
+        partition_indices(labels, 20, PartitionConfig(scheme="shards", classes_per_client=3, min_samples=5))
+
+
+def test_stats():
+    labels = np.array([0, 0, 1, 1, 2, 2, 2, 2])
+    parts = [np.array([0, 2]), np.array([4, 5, 6, 7]), np.array([1, 3])]
+    stats = partition_stats(parts, labels, 4)
+    assert stats["num_clients"] == 3 and stats["sizes"] == [2, 4, 2]
+    assert stats["histogram"] == [[1, 1, 0, 0], [0, 0, 4, 0], [1, 1, 0, 0]]
+    assert stats["mean_label_entropy"] == pytest.approx((1 + 0 + 1) / 3)  # bits
+    json.dumps(stats)  # plain JSON types
+
+
+def test_save_load_roundtrip(tmp_path):
+    labels = balanced_labels()
+    parts = partition_indices(labels, 8, PartitionConfig())
+    stats = partition_stats(parts, labels, 10)
+    save_partition(parts, stats, tmp_path / "parts")
+    loaded = load_partition(tmp_path / "parts")
+    assert len(loaded) == 8 and all(
+        np.array_equal(a, b) and b.dtype == np.int64 for a, b in zip(parts, loaded)
+    )
+    raw = json.loads((tmp_path / "parts" / "clients.json").read_text())
+    assert raw["num_clients"] == 8
+    assert json.loads((tmp_path / "parts" / "stats.json").read_text()) == stats
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["clients.json", "stats.json"]
+
+
+def test_load_missing_partition_says_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dvc repro partition"):
+        load_partition(tmp_path)
+    (tmp_path / "clients.json").write_text('{"num_clients": 3, "clients": [[0], [1]]}')
+    with pytest.raises(ValueError, match="num_clients"):
+        load_partition(tmp_path)
+
+
+@pytest.mark.parametrize("num_clients", [8, 120])
+def test_heatmap_png(tmp_path, num_clients):
+    labels = balanced_labels(per_class=200)
+    parts = partition_indices(labels, num_clients, PartitionConfig(min_samples=1))
+    histogram = partition_stats(parts, labels, 10)["histogram"]
+    path = tmp_path / "plots" / "partition.png"
+    plot_partition_heatmap(histogram, path, class_names=[f"c{i}" for i in range(10)])
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+    assert [p.name for p in path.parent.iterdir()] == ["partition.png"]  # no temp file left behind
+    with pytest.raises(ValueError, match="class names"):
+        plot_partition_heatmap(histogram, path, class_names=["only one"])
