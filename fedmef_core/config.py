@@ -56,7 +56,7 @@ class ModelConfig(_Section):
 class FederationConfig(_Section):
     num_clients: int = Field(100, ge=1, description="N: clients holding disjoint shards.")
     clients_per_round: int = Field(10, ge=1, description="K: clients sampled each round.")
-    rounds: int = Field(40, ge=1, description="R: communication rounds.")
+    rounds: int = Field(20, ge=1, description="R: communication rounds.")
     local_epochs: int = Field(2, ge=1, description="E: local epochs per round.")
     batch_size: int = Field(32, ge=1, description="B: local mini-batch size.")
     optimizer: Literal["sgd"] = Field("sgd", description="Local optimizer.")

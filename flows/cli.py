@@ -36,10 +36,15 @@ def config_from_args(argv: list[str] | None, description: str) -> ExperimentConf
     return load_config(args.params, overrides)
 
 
-def main(flow: Callable[[ExperimentConfig], Any], description: str, argv: list[str] | None = None) -> Any:
-    """Validate the config, run `flow`, and turn user errors into one clear line."""
+def main(
+    flow: Callable[[ExperimentConfig], Any],
+    preflight: Callable[[ExperimentConfig], None],
+    argv: list[str] | None = None,
+) -> Any:
+    """Validate the config, check the flow's inputs, run `flow`; user errors become one clear line."""
     try:
-        config = config_from_args(argv, description)
+        config = config_from_args(argv, getattr(flow, "description", None) or "")
+        preflight(config)
         return flow(config)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

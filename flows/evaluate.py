@@ -6,6 +6,7 @@ from prefect import flow
 
 from fedmef_core.config import ExperimentConfig
 from flows.cli import main
+from tasks import preflight
 from tasks.evaluation import evaluate_model
 
 
@@ -18,4 +19,4 @@ def evaluate_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
 
 
 if __name__ == "__main__":
-    main(evaluate_flow, evaluate_flow.description or "")
+    main(evaluate_flow, preflight.for_evaluate)

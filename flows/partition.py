@@ -6,6 +6,7 @@ from prefect import flow
 
 from fedmef_core.config import ExperimentConfig
 from flows.cli import main
+from tasks import preflight
 from tasks.partitioning import partition_dataset
 
 
@@ -22,4 +23,4 @@ def partition_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
 
 
 if __name__ == "__main__":
-    main(partition_flow, partition_flow.description or "")
+    main(partition_flow, preflight.for_partition)

@@ -9,6 +9,7 @@ from flows.cli import main
 from flows.evaluate import evaluate_flow
 from flows.partition import partition_flow
 from flows.train import train_flow
+from tasks import preflight
 
 
 @flow(name="pipeline", log_prints=True)
@@ -21,4 +22,4 @@ def pipeline_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
 
 
 if __name__ == "__main__":
-    main(pipeline_flow, pipeline_flow.description or "")
+    main(pipeline_flow, preflight.for_pipeline)

@@ -6,6 +6,7 @@ from prefect import flow
 
 from fedmef_core.config import ExperimentConfig
 from flows.cli import main
+from tasks import preflight
 from tasks.training import run_training
 
 
@@ -21,4 +22,4 @@ def train_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
 
 
 if __name__ == "__main__":
-    main(train_flow, train_flow.description or "")
+    main(train_flow, preflight.for_train)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -57,14 +58,18 @@ class Tracker:
     def enabled(self) -> bool:
         return self._client is not None
 
-    def check_reachable(self) -> None:
+    def check_reachable(self, timeout: float = 5.0) -> None:
+        """Fail fast, naming the URI, instead of MLflow's long retry loop on a dead server."""
         if self._client is None:
             return
+        uri = self.cfg.mlflow_uri
         try:
+            if uri.startswith(("http://", "https://")):
+                urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
             self._client.search_experiments(max_results=1)
         except Exception as exc:
             raise TrackingUnavailable(
-                f"MLflow tracking store {self.cfg.mlflow_uri!r} is unreachable ({type(exc).__name__}: {exc}); "
+                f"MLflow tracking store {uri!r} is unreachable ({type(exc).__name__}: {exc}); "
                 "fix tracking.mlflow_uri or set tracking.enabled: false"
             ) from None
 
@@ -79,7 +84,9 @@ class Tracker:
         exp_id = (
             exp.experiment_id
             if exp is not None
-            else self._client.create_experiment(self.cfg.experiment, artifact_location=artifact_root(self.cfg.mlflow_uri))
+            else self._client.create_experiment(
+                self.cfg.experiment, artifact_location=artifact_root(self.cfg.mlflow_uri)
+            )
         )
         all_tags = {
             "git_commit": git_commit(),

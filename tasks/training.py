@@ -114,8 +114,8 @@ def run_training(config: ExperimentConfig, run_name: str = "train") -> dict:
             flush=True,
         )
 
-    try:
-        with tempfile.TemporaryDirectory(prefix="fedmef-exchange-") as exchange:
+    with tempfile.TemporaryDirectory(prefix="fedmef-exchange-") as exchange:
+        try:
             history = run_rounds(
                 server,
                 prefect_executor(config, Path(exchange)),
@@ -123,34 +123,36 @@ def run_training(config: ExperimentConfig, run_name: str = "train") -> dict:
                 on_round=on_round,
                 checkpoint_extra=lambda: {"mlflow_run_id": tracker.run_id or ""},
             )
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    seconds = time.perf_counter() - started
-    final = history[-1]
-    summary = {
-        "accuracy": final["accuracy"],
-        "loss": final["loss"],
-        "rounds": total,
-        "seconds": round(seconds, 2),
-        "seconds_per_round": round(seconds / total, 3),
-        "method": config.pruning.method,
-        "mlflow_run_id": tracker.run_id or "",
-    }
-    write_json(metrics_dir / "train.json", summary)
-    plot_round_curves(server.history, plots_dir / "accuracy.png", title=f"{config.pruning.method} on {config.data.name}")
-    tracker.log_metrics({"final_accuracy": final["accuracy"], "train_seconds": seconds}, step=total)
-    config_file = metrics_dir / "config.yaml"
-    write_text(config_file, config.to_yaml())
-    for path, where in [
-        (config_file, None),
-        (partition_plot_path(config), "plots"),
-        (plots_dir / "accuracy.png", "plots"),
-        (metrics_dir / "rounds.csv", None),
-        (Path(rt.checkpoints_dir) / FINAL_NAME, "checkpoints"),
-    ]:
-        if path.exists():
-            tracker.log_artifact(path, where)
+        except BaseException:
+            tracker.end("FAILED")
+            raise
+        seconds = time.perf_counter() - started
+        final = history[-1]
+        summary = {
+            "accuracy": final["accuracy"],
+            "loss": final["loss"],
+            "rounds": total,
+            "seconds": round(seconds, 2),
+            "seconds_per_round": round(seconds / total, 3),
+            "method": config.pruning.method,
+            "mlflow_run_id": tracker.run_id or "",
+        }
+        write_json(metrics_dir / "train.json", summary)
+        plot_round_curves(
+            server.history, plots_dir / "accuracy.png", title=f"{config.pruning.method} on {config.data.name}"
+        )
+        tracker.log_metrics({"final_accuracy": final["accuracy"], "train_seconds": seconds}, step=total)
+        config_file = Path(exchange) / "config.yaml"
+        config_file.write_text(config.to_yaml())
+        for path, where in [
+            (config_file, None),
+            (partition_plot_path(config), "plots"),
+            (plots_dir / "accuracy.png", "plots"),
+            (metrics_dir / "rounds.csv", None),
+            (Path(rt.checkpoints_dir) / FINAL_NAME, "checkpoints"),
+        ]:
+            if path.exists():
+                tracker.log_artifact(path, where)
     tracker.end()
     return summary
 

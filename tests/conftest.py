@@ -40,3 +40,12 @@ def tiny_raw(tmp_path=None) -> dict:
 @pytest.fixture
 def tiny_config(tmp_path):
     return parse_config(tiny_raw(tmp_path))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for the whole session (starting one costs seconds)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -2,11 +2,18 @@
 
 from fedmef_core.data.batches import iterate_batches
 from fedmef_core.data.datasets import DatasetUnavailable, ImageData, load_dataset
-from fedmef_core.data.partition import load_partition, partition_indices, partition_stats, save_partition
+from fedmef_core.data.partition import (
+    PartitionError,
+    load_partition,
+    partition_indices,
+    partition_stats,
+    save_partition,
+)
 
 __all__ = [
     "DatasetUnavailable",
     "ImageData",
+    "PartitionError",
     "iterate_batches",
     "load_dataset",
     "load_partition",

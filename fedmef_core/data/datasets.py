@@ -26,6 +26,7 @@ import torch
 from torchvision.transforms.v2 import functional as F
 
 from fedmef_core.config import DataConfig
+from fedmef_core.errors import UserError
 
 FASHION_MNIST_ENV = "FEDMEF_FASHION_MNIST_DIR"
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -51,7 +52,7 @@ _LAYOUTS = {
 }
 
 
-class DatasetUnavailable(RuntimeError):
+class DatasetUnavailable(UserError, RuntimeError):
     """The dataset is not on disk and could not be fetched; the message lists every way to get it."""
 
 

@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from fedmef_core.config import PartitionConfig
+from fedmef_core.errors import UserError
 from fedmef_core.io import read_json, write_json
+
+
+class PartitionError(UserError, ValueError):
+    """The requested split is impossible or a saved partition is malformed; the message names the knob."""
+
 
 DIRICHLET_TRIES = 1000
 SHARD_SWAPS_PER_SHARD = 20
@@ -21,12 +27,12 @@ def partition_indices(labels: np.ndarray, num_clients: int, cfg: PartitionConfig
     """Indices of each client's samples. Raises ValueError (naming the knob to change) when impossible."""
     labels = np.asarray(labels)
     if labels.ndim != 1:
-        raise ValueError(f"labels must be one-dimensional, got shape {labels.shape}")
+        raise PartitionError(f"labels must be one-dimensional, got shape {labels.shape}")
     if num_clients < 1:
-        raise ValueError(f"federation.num_clients must be >= 1, got {num_clients}")
+        raise PartitionError(f"federation.num_clients must be >= 1, got {num_clients}")
     n = labels.shape[0]
     if num_clients * cfg.min_samples > n:
-        raise ValueError(
+        raise PartitionError(
             f"{num_clients} clients x partition.min_samples={cfg.min_samples} needs "
             f"{num_clients * cfg.min_samples} samples but the training set has {n}: lower "
             "partition.min_samples or federation.num_clients (or raise data.train_limit)"
@@ -39,7 +45,7 @@ def partition_indices(labels: np.ndarray, num_clients: int, cfg: PartitionConfig
     elif cfg.scheme == "shards":
         parts = _shards(labels, num_clients, cfg, rng)
     else:
-        raise ValueError(f"unknown partition.scheme {cfg.scheme!r}")
+        raise PartitionError(f"unknown partition.scheme {cfg.scheme!r}")
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
@@ -56,7 +62,7 @@ def _dirichlet(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, rng: 
         merged = [np.concatenate(p) for p in parts]
         if min(p.size for p in merged) >= cfg.min_samples:
             return merged
-    raise ValueError(
+    raise PartitionError(
         f"Dirichlet split with partition.alpha={cfg.alpha} left some client below partition.min_samples="
         f"{cfg.min_samples} in all {DIRICHLET_TRIES} draws: raise partition.alpha, lower "
         "partition.min_samples, or lower federation.num_clients"
@@ -72,12 +78,12 @@ def _shards(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, rng: np.
     k = cfg.classes_per_client
     num_classes = np.unique(labels).size
     if k > num_classes:
-        raise ValueError(
+        raise PartitionError(
             f"partition.classes_per_client={k} exceeds the {num_classes} classes in the training set: lower it"
         )
     num_shards = num_clients * k
     if num_shards > labels.size:
-        raise ValueError(
+        raise PartitionError(
             f"{num_shards} shards (federation.num_clients x partition.classes_per_client) exceed the "
             f"{labels.size} samples: lower one of them"
         )
@@ -92,7 +98,7 @@ def _shards(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, rng: np.
     parts = [np.concatenate([shards[s] for s in ids]) for ids in held]
     smallest = min(p.size for p in parts)
     if smallest < cfg.min_samples:
-        raise ValueError(
+        raise PartitionError(
             f"shards give some client only {smallest} samples < partition.min_samples={cfg.min_samples}: lower "
             "partition.min_samples, partition.classes_per_client or federation.num_clients"
         )
@@ -150,10 +156,10 @@ def load_partition(out_dir: str | Path) -> list[np.ndarray]:
         )
     raw = read_json(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("clients"), list):
-        raise ValueError(  # noqa: TRY004 - a malformed file is a bad value, not a caller's type error
+        raise PartitionError(
             f"{path}: expected {{'num_clients': N, 'clients': [[...], ...]}}; rerun the partition stage"
         )
     parts = [np.asarray(c, dtype=np.int64) for c in raw["clients"]]
     if raw.get("num_clients") != len(parts):
-        raise ValueError(f"{path}: num_clients={raw.get('num_clients')} but {len(parts)} client lists")
+        raise PartitionError(f"{path}: num_clients={raw.get('num_clients')} but {len(parts)} client lists")
     return parts

@@ -16,7 +16,10 @@ def test_weighted_average_is_the_exact_weighted_mean():
 
 
 def test_equal_weights_give_the_plain_mean_and_integer_buffers_take_the_max():
-    states = [{"x": torch.tensor([1.0, 3.0]), "n": torch.tensor(4)}, {"x": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)}]
+    states = [
+        {"x": torch.tensor([1.0, 3.0]), "n": torch.tensor(4)},
+        {"x": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)},
+    ]
     out = weighted_average(states, [1, 1])
     assert out["x"].tolist() == [2.0, 4.0]
     assert int(out["n"]) == 9

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from fedmef_core.config import ConfigError, ExperimentConfig, load_config, parse_config
 
@@ -33,7 +34,7 @@ def test_bad_values_name_key_value_and_what_is_allowed():
 
 def test_config_is_frozen_and_flattens():
     config = ExperimentConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         config.federation.rounds = 3  # type: ignore[misc]
     flat = config.flat()
     assert flat["federation.rounds"] == config.federation.rounds

@@ -1,0 +1,46 @@
+"""User mistakes end with one clear message, exit status 2, no traceback and nothing written."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(args, cwd):
+    home = cwd.parent / f"{cwd.name}-home"  # import-time caches (matplotlib, Prefect) go here, not in cwd
+    home.mkdir(exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(home)},
+    )
+
+
+@pytest.mark.parametrize("flow", ["flows.partition", "flows.train", "flows.evaluate", "flows.pipeline"])
+def test_bad_params_give_one_message_and_write_nothing(tmp_path, flow):
+    tmp_path = tmp_path / "work"
+    tmp_path.mkdir()
+    (tmp_path / "params.yaml").write_text("federation:\n  rounds: -3\n  roundz: 2\n")
+    proc = _run([flow], tmp_path)
+    assert proc.returncode == 2
+    assert "federation.rounds" in proc.stderr and "-3" in proc.stderr
+    assert "federation.roundz: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_bad_override_is_reported(tmp_path):
+    (tmp_path / "params.yaml").write_text("{}\n")
+    proc = _run(["flows.train", "--set", "pruning.method=magic"], tmp_path)
+    assert proc.returncode == 2 and "pruning.method" in proc.stderr and "magic" in proc.stderr
+
+
+def test_evaluate_without_a_checkpoint_says_what_to_run(tmp_path):
+    (tmp_path / "params.yaml").write_text(
+        "tracking:\n  enabled: false\ndata:\n  test_limit: 10\n  train_limit: 10\n"
+    )
+    proc = _run(["flows.evaluate"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "dvc repro train" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,56 @@
+"""The pipeline flow, run for real under Prefect's test harness, tracked in a real sqlite MLflow store."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fedmef_core.config import parse_config
+from flows.pipeline import pipeline_flow
+from tests.conftest import tiny_raw
+
+
+@pytest.fixture
+def tracked_config(tmp_path):
+    raw = tiny_raw(tmp_path)
+    raw["tracking"] = {"enabled": True, "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "flow-test"}
+    raw["runtime"]["workers"] = 2
+    return parse_config(raw)
+
+
+def test_pipeline_flow_runs_partition_train_evaluate(prefect_harness, tracked_config, tmp_path):
+    result = pipeline_flow(tracked_config)
+    rt = tracked_config.runtime
+    rounds = tracked_config.federation.rounds
+
+    assert result["partition"]["num_clients"] == tracked_config.federation.num_clients
+    clients = json.loads((tmp_path / "partitions" / "clients.json").read_text())["clients"]
+    assert sum(len(c) for c in clients) == tracked_config.data.train_limit
+    for name in ("partition.png", "accuracy.png", "confusion.png"):
+        assert (tmp_path / "plots" / name).stat().st_size > 1000
+
+    train = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    evaluation = json.loads((tmp_path / "metrics" / "eval.json").read_text())
+    assert train["rounds"] == rounds
+    assert evaluation["accuracy"] == pytest.approx(train["accuracy"])  # same final model, same test set
+    assert 0.3 < evaluation["accuracy"] <= 1.0
+    assert set(evaluation["per_class_accuracy"]) >= {"T-shirt/top", "Ankle boot"}
+    csv_rows = (tmp_path / "metrics" / "rounds.csv").read_text().strip().splitlines()
+    assert csv_rows[0] == "round,accuracy,loss,train_loss,lr" and len(csv_rows) == rounds + 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "final.pt", *[f"round_{r:04d}.pt" for r in range(1, rounds + 1)]
+    ]
+
+    client = MlflowClient(tracked_config.tracking.mlflow_uri)
+    run = client.get_run(train["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["federation.clients_per_round"] == "3"
+    assert run.data.tags["prefect_flow_run_id"]
+    history = client.get_metric_history(run.info.run_id, "accuracy")
+    assert [m.step for m in history] == list(range(1, rounds + 1))
+    assert run.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "rounds.csv", "plots", "checkpoints", "eval"} <= artifacts
+    plots = {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/partition.png", "plots/accuracy.png", "plots/confusion.png"} <= plots
+    assert rt.workers == 2
