@@ -1,0 +1,73 @@
+"""FedDST (Bibikar et al., AAAI 2022): client-side prune-and-grow, server-side union and prune-back.
+
+On an adjustment round each client, after local training, removes its k_l smallest-magnitude active
+weights per layer and activates as many previously inactive positions with the largest gradient
+magnitude on one mini-batch (new weights = 0), then uploads its weights and its new mask (bitmap).
+The server averages each coordinate over the clients whose mask holds it (sample-weighted), takes
+the union of the client masks and prunes it back, per layer, to the layer's previous number of
+active weights by magnitude (ties: the coordinate held by more clients' samples wins, then the
+lower index).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedmef_core.aggregation import weighted_average
+from fedmef_core.algorithms.base import Batches, ClientResult
+from fedmef_core.algorithms.static import MaskedAlgorithm, batch_gradients
+from fedmef_core.models import prunable_weights
+from fedmef_core.sparse import apply_masks, prune_and_grow
+
+
+class FedDST(MaskedAlgorithm):
+    name = "feddst"
+    adjusts = True
+
+    def client_upload(self, model: nn.Module, payload: dict[str, Any], batches: Batches) -> dict[str, Any]:
+        if not payload.get("adjust"):
+            return {}
+        grads = batch_gradients(model, batches)
+        new_masks = {}
+        for name, mask in payload["masks"].items():
+            w = self._weights[name]
+            new, _, _ = prune_and_grow(w, mask.cpu(), grads[name].abs(), int(payload["k"][name]))
+            new_masks[name] = new
+        return {"mask": new_masks}
+
+    def adjust_aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult],
+                         state: dict[str, Any]) -> dict[str, float]:
+        old = state["masks"]
+        total = float(sum(r.num_samples for r in results))
+        averaged = weighted_average([r.state for r in results], [r.num_samples for r in results])
+        new_masks, pruned, grown = {}, 0, 0
+        for name, mask in old.items():
+            num = torch.zeros(mask.shape, dtype=torch.float64)
+            votes = torch.zeros(mask.shape, dtype=torch.float64)
+            for r in results:
+                m = r.upload["mask"][name]
+                num += r.state[name].double() * m * r.num_samples
+                votes += m.double() * (r.num_samples / total)
+            value = torch.where(votes > 0, num / (votes * total).clamp_min(1e-300), torch.zeros_like(num))
+            union = (votes > 0).flatten()
+            cand = union.nonzero().flatten()
+            keep_n = int(mask.sum())
+            # rank by |value| then votes, lower index first: two stable sorts (secondary key first)
+            order = torch.sort(votes.flatten()[cand], descending=True, stable=True).indices
+            cand = cand[order]
+            order = torch.sort(value.abs().flatten()[cand], descending=True, stable=True).indices
+            keep = cand[order[:keep_n]]
+            new = torch.zeros(mask.numel(), dtype=torch.bool)
+            new[keep] = True
+            new = new.view(mask.shape)
+            averaged[name] = (value * new).to(averaged[name].dtype)
+            new_masks[name] = new
+            pruned += int((mask & ~new).sum())
+            grown += int((new & ~mask).sum())
+        model.load_state_dict(averaged)
+        state["masks"] = new_masks
+        apply_masks(prunable_weights(model), new_masks)
+        return {"pruned": float(pruned), "grown": float(grown)}

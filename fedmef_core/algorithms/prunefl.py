@@ -1,0 +1,89 @@
+"""PruneFL-style adaptive pruning (after Jiang et al., TNNLS 2022), kept simple.
+
+What is implemented: on an adjustment round every client accumulates the squared gradient of every
+prunable weight (masked ones included, before the gradient is masked) over all its local steps and
+uploads it densely (fp32). The server averages these importances (sample-weighted) and swaps the
+k = sum_l k_l least important active weights for the k most important inactive ones (new weights = 0).
+With `pruning.prunefl_reallocate` (default) the ranking is global over all layers, so weights move
+between layers while the global density stays exactly d (each layer keeps at least its most important
+weight); otherwise each layer swaps its own k_l.
+
+What differs from the paper: the time cost per weight is taken as uniform (no per-layer timing
+measurements), the density is fixed at d instead of chosen by the cost model, there is no initial
+single-client pruning phase, and adjustments follow the shared ΔR / R_end / alpha_t schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedmef_core.algorithms.base import Batches, ClientResult
+from fedmef_core.algorithms.static import MaskedAlgorithm
+from fedmef_core.models import prunable_weights
+from fedmef_core.sparse import apply_masks, grow, mask_gradients, prune
+
+
+class PruneFL(MaskedAlgorithm):
+    name = "prunefl"
+    adjusts = True
+
+    def on_client_start(self, model: nn.Module, payload: dict[str, Any]) -> None:
+        super().on_client_start(model, payload)
+        self._grad2 = {k: torch.zeros_like(w) for k, w in self._weights.items()} if payload.get("adjust") else None
+
+    def on_before_step(self, model: nn.Module, payload: dict[str, Any]) -> None:
+        if self._grad2 is not None:
+            for k, w in self._weights.items():
+                if w.grad is not None:
+                    self._grad2[k] += w.grad.detach() ** 2
+        mask_gradients(self._weights, self._masks)
+
+    def client_upload(self, model: nn.Module, payload: dict[str, Any], batches: Batches) -> dict[str, Any]:
+        if self._grad2 is None:
+            return {}
+        return {"grad2": {k: v.detach().cpu().float() for k, v in self._grad2.items()}}
+
+    def adjust(self, rnd: int, model: nn.Module, results: list[ClientResult],
+               state: dict[str, Any]) -> dict[str, float]:
+        masks = state["masks"]
+        counts = self.move_counts(rnd, masks)
+        total = float(sum(r.num_samples for r in results))
+        imp = {
+            k: sum(r.upload["grad2"][k].double() * (r.num_samples / total) for r in results) for k in masks
+        }
+        if self.config.pruning.prunefl_reallocate:
+            new_masks = self._global_swap(masks, imp, sum(counts.values()))
+        else:
+            new_masks = {}
+            for k, m in masks.items():
+                pruned, _ = prune(imp[k], m, counts[k])
+                new_masks[k], _ = grow(imp[k], pruned, counts[k], eligible=~m)
+        apply_masks(prunable_weights(model), new_masks)
+        state["masks"] = new_masks
+        moved = sum(int((masks[k] & ~new_masks[k]).sum()) for k in masks)
+        return {"pruned": float(moved), "grown": float(moved)}
+
+    @staticmethod
+    def _global_swap(masks, imp, k: int):
+        names = list(masks)
+        flat_m = torch.cat([masks[n].flatten() for n in names])
+        flat_s = torch.cat([imp[n].flatten() for n in names])
+        # protect the most important active weight of every layer, so no layer is emptied
+        protect = torch.zeros_like(flat_m)
+        start = 0
+        for n in names:
+            m, s = masks[n].flatten(), imp[n].flatten()
+            act = m.nonzero().flatten()
+            protect[start + act[torch.argmax(s[act])]] = True
+            start += m.numel()
+        k = min(k, int((flat_m & ~protect).sum()), int((~flat_m).sum()))
+        pruned, _ = prune(flat_s, flat_m & ~protect, k)
+        new, _ = grow(flat_s, pruned | protect, k, eligible=~flat_m)
+        out, start = {}, 0
+        for n in names:
+            out[n] = new[start : start + masks[n].numel()].view(masks[n].shape).clone()
+            start += masks[n].numel()
+        return out

@@ -1,0 +1,162 @@
+"""FedAvg-static, and `MaskedAlgorithm`: the mask plumbing every sparse method shares.
+
+The server keeps ``state["masks"]`` (bool per prunable weight) and broadcasts it each round; clients
+zero masked weights on start, mask gradients before and re-zero weights after every optimizer step;
+aggregation re-applies the mask. Subclasses set ``adjusts = True`` and implement :meth:`adjust`
+(and, where they need it, the client hooks) to change the mask on adjustment rounds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedmef_core.aggregation import weighted_average
+from fedmef_core.algorithms.base import Batches, ClientResult, FederatedAlgorithm
+from fedmef_core.models import prunable_weights
+from fedmef_core.models.nsconv import attach_masks
+from fedmef_core.sparse import (
+    Masks,
+    active_counts,
+    apply_masks,
+    cosine_alpha,
+    density_metrics,
+    is_adjust_round,
+    mask_gradients,
+    move_count,
+    random_masks,
+    shapes_of,
+    state_bytes,
+)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested dict/list (bool tensors as bitmaps)."""
+    if isinstance(obj, torch.Tensor):
+        return -(-obj.numel() // 8) if obj.dtype == torch.bool else obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def batch_gradients(model: nn.Module, batches: Batches) -> dict[str, torch.Tensor]:
+    """Gradients of the task loss on one mini-batch w.r.t. every prunable weight, masked ones included.
+
+    The model's buffers (BatchNorm statistics) are restored afterwards, so the upload does not change
+    the client's state.
+    """
+    x, y = next(iter(batches))
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    weights = prunable_weights(model)
+    model.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    grads = {k: w.grad.detach().cpu().clone() for k, w in weights.items()}
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(buffers[k])
+    return grads
+
+
+class MaskedAlgorithm(FederatedAlgorithm):
+    """FedAvg on a fixed random ERK/uniform mask (FedAvg-static); the base of the dynamic methods."""
+
+    name = "fedavg_static"
+    adjusts = False  # subclasses that change the mask set True
+
+    # ---- schedule ----------------------------------------------------------------------------
+    def adjusting(self, rnd: int) -> bool:
+        p = self.config.pruning
+        return self.adjusts and is_adjust_round(rnd, p.adjust_interval, p.adjust_until)
+
+    def alpha(self, rnd: int) -> float:
+        p = self.config.pruning
+        return cosine_alpha(p.adjust_alpha, rnd, p.adjust_until)
+
+    def move_counts(self, rnd: int, masks: Masks) -> dict[str, int]:
+        """k_l = round(alpha_t * active_l) per layer."""
+        a = self.alpha(rnd)
+        return {k: move_count(a, int(m.sum()), m.numel()) for k, m in masks.items()}
+
+    # ---- server ------------------------------------------------------------------------------
+    def init_server_state(self, model: nn.Module, generator: torch.Generator) -> dict[str, Any]:
+        weights = prunable_weights(model)
+        shapes = shapes_of(weights)
+        p = self.config.pruning
+        masks = random_masks(shapes, active_counts(shapes, p.density, p.distribution), generator)
+        apply_masks(weights, masks)
+        return {"masks": masks}
+
+    def bind_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        attach_masks(model, state["masks"])  # zeroed weights alone do not make an NSConv sparse
+
+    def round_payload(self, rnd: int, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+        payload: dict[str, Any] = {"masks": state["masks"]}
+        if self.adjusting(rnd):
+            payload["adjust"] = True
+            payload["k"] = self.move_counts(rnd, state["masks"])
+            payload.update(self.adjust_payload(rnd, model, state, payload["k"]))
+        return payload
+
+    def adjust_payload(self, rnd: int, model: nn.Module, state: dict[str, Any],
+                       counts: dict[str, int]) -> dict[str, Any]:
+        """Extra data broadcast on adjustment rounds."""
+        return {}
+
+    def adjust_download_bytes(self, counts: dict[str, int]) -> int:
+        """Bytes of :meth:`adjust_payload` per client (the mask itself travels as the sparse weights' index)."""
+        return 0
+
+    def aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult],
+                  state: dict[str, Any]) -> dict[str, float]:
+        masks = state["masks"]
+        adjust = self.adjusting(rnd)
+        extra = self.adjust_download_bytes(self.move_counts(rnd, masks)) if adjust else 0
+        download = len(results) * (state_bytes(model.state_dict(), masks) + extra)
+        upload = sum(state_bytes(r.state, masks) + tensor_bytes(r.upload) for r in results)
+        metrics: dict[str, float] = {}
+        if adjust:
+            metrics.update(self.adjust_aggregate(rnd, model, results, state))
+            metrics.update(adjusted=1.0, alpha=self.alpha(rnd))
+        else:
+            self.average(model, results, masks)
+        metrics.update(density_metrics(state["masks"]))
+        metrics["comm/upload_bytes"] = float(upload)
+        metrics["comm/download_bytes"] = float(download)
+        return metrics
+
+    def average(self, model: nn.Module, results: list[ClientResult], masks: Masks) -> None:
+        """FedAvg, then re-apply the mask."""
+        model.load_state_dict(weighted_average([r.state for r in results], [r.num_samples for r in results]))
+        apply_masks(prunable_weights(model), masks)
+
+    def adjust_aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult],
+                         state: dict[str, Any]) -> dict[str, float]:
+        """Aggregate an adjustment round and replace ``state["masks"]``; return pruned/grown counts.
+        The default averages and then calls :meth:`adjust`."""
+        self.average(model, results, state["masks"])
+        return self.adjust(rnd, model, results, state)
+
+    def adjust(self, rnd: int, model: nn.Module, results: list[ClientResult],
+               state: dict[str, Any]) -> dict[str, float]:
+        return {"pruned": 0.0, "grown": 0.0}
+
+    # ---- client ------------------------------------------------------------------------------
+    def on_client_start(self, model: nn.Module, payload: dict[str, Any]) -> None:
+        self._weights = prunable_weights(model)
+        self._masks = {k: m.to(next(iter(self._weights.values())).device) for k, m in payload["masks"].items()}
+        apply_masks(self._weights, self._masks)
+        attach_masks(model, self._masks)
+
+    def on_before_step(self, model: nn.Module, payload: dict[str, Any]) -> None:
+        mask_gradients(self._weights, self._masks)
+
+    def on_after_step(self, model: nn.Module, payload: dict[str, Any]) -> None:
+        apply_masks(self._weights, self._masks)
+
+    def client_upload(self, model: nn.Module, payload: dict[str, Any], batches: Batches) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,285 @@
+"""The sparse methods on the real tiny experiment (Fashion-MNIST, 6 clients, 2 rounds of 2 clients)."""
+
+import pytest
+import torch
+
+from fedmef_core.algorithms import REGISTRY, MaskedAlgorithm, build_algorithm
+from fedmef_core.client import local_train
+from fedmef_core.config import parse_config
+from fedmef_core.data import load_dataset, partition_indices
+from fedmef_core.device import resolve_device
+from fedmef_core.engine import Server, run_rounds
+from fedmef_core.models import prunable_weights
+from fedmef_core.sparse import smallest_active
+from tests.conftest import tiny_raw
+
+SPARSE = ["fedavg_static", "feddst", "fedtiny", "prunefl", "fedmef"]
+
+
+def _config(method, **pruning):
+    raw = tiny_raw()
+    raw["data"]["train_limit"] = 600
+    raw["federation"].update(rounds=2, clients_per_round=2)
+    raw["pruning"] = {"method": method, "density": 0.1, "adjust_interval": 1, "adjust_until": 4,
+                      "adjust_alpha": 0.3, **pruning}
+    return parse_config(raw)
+
+
+@pytest.fixture(scope="module")
+def data():
+    cfg = _config("fedavg")
+    train, test = load_dataset(cfg.data)
+    parts = partition_indices(train.labels.numpy(), cfg.federation.num_clients, cfg.partition)
+    return train, test, parts
+
+
+def _server(config, data):
+    train, test, parts = data
+    return Server(config, train, test, parts, resolve_device("cpu"))
+
+
+def _run_and_check(config, data):
+    """Run all rounds; after every aggregation check density and zeros outside the mask."""
+    server = _server(config, data)
+    total = sum(m.numel() for m in server.state["masks"].values())
+    want = round(config.pruning.density * total)
+    counts = {k: int(m.sum()) for k, m in server.state["masks"].items()}
+    snapshots = []
+
+    def on_round(rnd, metrics):
+        masks = server.state["masks"]
+        weights = prunable_weights(server.model)
+        assert sum(int(m.sum()) for m in masks.values()) == want
+        assert metrics["density"] == want / total
+        for k, m in masks.items():
+            assert torch.all(weights[k][~m] == 0), (rnd, k)
+            assert metrics[f"density/{k}"] == int(m.sum()) / m.numel()
+        if not (config.pruning.method == "prunefl" and config.pruning.prunefl_reallocate):
+            assert {k: int(m.sum()) for k, m in masks.items()} == counts  # per-layer counts fixed
+        assert metrics["comm/upload_bytes"] > 0 and metrics["comm/download_bytes"] > 0
+        snapshots.append({k: m.clone() for k, m in masks.items()})
+
+    history = run_rounds(server, on_round=on_round)
+    return server, history, snapshots
+
+
+@pytest.fixture(scope="module")
+def runs(data):
+    return {m: _run_and_check(_config(m), data) for m in SPARSE}
+
+
+def test_registry_lists_every_method():
+    assert set(REGISTRY) == {"fedavg", *SPARSE}
+    assert all(issubclass(REGISTRY[m], MaskedAlgorithm) for m in SPARSE)
+
+
+@pytest.mark.parametrize("method", SPARSE)
+def test_density_is_exact_and_masked_weights_zero_every_round(runs, method):
+    server, history, snapshots = runs[method]
+    assert all(0 <= h["accuracy"] <= 1 for h in history)
+    adjusted = [h for h in history if h.get("adjusted")]
+    if method == "fedavg_static":
+        assert not adjusted
+        assert all(torch.equal(snapshots[0][k], s[k]) for s in snapshots for k in s)
+    else:
+        assert [h["round"] for h in adjusted] == [1, 2]
+        assert all(h["pruned"] == h["grown"] > 0 for h in adjusted)
+        assert any(not torch.equal(snapshots[0][k], snapshots[-1][k]) for k in snapshots[0])
+
+
+def test_upload_costs_reflect_what_each_method_sends(runs):
+    up = {m: runs[m][1][0]["comm/upload_bytes"] for m in SPARSE}
+    assert up["fedavg_static"] < up["fedtiny"] == up["fedmef"] < up["prunefl"]  # top-k < dense grad^2
+    assert up["fedavg_static"] < up["feddst"]  # + mask bitmaps
+    down = {m: runs[m][1][0]["comm/download_bytes"] for m in SPARSE}
+    assert down["fedmef"] > down["fedtiny"] == down["fedavg_static"]  # + theta_low indices
+
+
+def test_same_seed_same_masks_and_metrics(runs, data):
+    for method in ("fedmef",):
+        _, history, snapshots = _run_and_check(_config(method), data)
+        _, ref_history, ref_snapshots = runs[method]
+        drop = ("round_seconds",)
+        assert [{k: v for k, v in h.items() if k not in drop} for h in history] == [
+            {k: v for k, v in h.items() if k not in drop} for h in ref_history
+        ]
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(snapshots, ref_snapshots) for k in a)
+
+
+def _one_client(method, data, rnd=1, **pruning):
+    """The global model, the payload of adjustment round `rnd`, and a client's trained copy."""
+    config = _config(method, **pruning)
+    server = _server(config, data)
+    payload = server.algorithm.round_payload(rnd, server.model, server.state)
+    model = type(server.model)(1, 10, 28, lambda c: torch.nn.BatchNorm2d(c))
+    model.load_state_dict(server.model.state_dict())
+    algorithm = build_algorithm(config)
+    return config, server, payload, model, algorithm
+
+
+def _train(config, data, model, algorithm, payload, check_steps=True):
+    train, _, parts = data
+    if check_steps:
+        original = algorithm.on_after_step
+
+        def checked(m, p):
+            original(m, p)
+            weights = prunable_weights(m)
+            for k, mask in p["masks"].items():
+                assert torch.all(weights[k][~mask] == 0)
+
+        algorithm.on_after_step = checked
+    return local_train(model, train, parts[0], config=config, algorithm=algorithm, payload=payload, lr=0.05,
+                       generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method", ["fedavg_static", "feddst", "fedmef"])
+def test_masked_weights_are_zero_after_every_optimizer_step(method, data):
+    config, _, payload, model, algorithm = _one_client(method, data)
+    result = _train(config, data, model, algorithm, payload)
+    assert result.steps > 0
+
+
+def _low_norm(model, payload):
+    weights = prunable_weights(model)
+    return sum(float(weights[k].detach().flatten()[i].norm()) for k, i in payload["low"].items())
+
+
+def test_bae_shrinks_the_marked_weights_within_one_round_and_lr_respects_xi(data):
+    config, server, payload, model, algorithm = _one_client("fedmef", data, bae_lambda=0.5, bae_xi=0.08,
+                                                            bae_psi=3.0)
+    weights = prunable_weights(server.model)
+    for k, idx in payload["low"].items():  # theta_low = the k_l smallest active weights
+        assert torch.equal(idx, smallest_active(weights[k], server.state["masks"][k], payload["k"][k]))
+        assert idx.numel() == payload["k"][k]
+    before = _low_norm(model, payload)
+    _train(config, data, model, algorithm, payload, check_steps=False)
+    after_bae = _low_norm(model, payload)
+    # psi * beta_0 ~ 3 * eta_0 = 0.15 > xi: capped at xi; never below the round's lr (0.05)
+    assert algorithm.lr_trace[0] == pytest.approx(0.08)
+    assert max(algorithm.lr_trace) <= 0.08 and min(algorithm.lr_trace) >= 0.05
+    assert algorithm.lr_trace[-1] < 0.08  # the budget profile p(t) decays over the round
+    # the same client without extrusion (FedTiny) keeps theta_low larger
+    config_t, _, _, model_t, algorithm_t = _one_client("fedtiny", data)
+    _train(config_t, data, model_t, algorithm_t, payload, check_steps=False)
+    after_plain = _low_norm(model_t, payload)
+    assert after_bae < 0.8 * after_plain, (before, after_bae, after_plain)
+    assert after_bae < 0.8 * before
+
+
+def test_budget_profile():
+    from fedmef_core.algorithms.fedmef import budget_profile
+
+    assert budget_profile(0, 10) == 1.0 and budget_profile(10, 10) == 0.0
+    assert budget_profile(5, 10) == pytest.approx(10 / 15)
+
+
+def test_feddst_union_and_prune_back(data):
+    config = _config("feddst")
+    server = _server(config, data)
+    old = {k: m.clone() for k, m in server.state["masks"].items()}
+    payload = server.algorithm.round_payload(1, server.model, server.state)
+    results = []
+    for c in (0, 1):
+        train, _, parts = data
+        model = type(server.model)(1, 10, 28, lambda ch: torch.nn.BatchNorm2d(ch))
+        model.load_state_dict(server.model.state_dict())
+        alg = build_algorithm(config)
+        r = local_train(model, train, parts[c], config=config, algorithm=alg, payload=payload, lr=0.05,
+                        generator=torch.Generator().manual_seed(c), device=torch.device("cpu"), client_id=c)
+        for k, m in r.upload["mask"].items():  # each client moved exactly k_l
+            assert int(m.sum()) == int(old[k].sum())
+            assert int((m & ~old[k]).sum()) == payload["k"][k]
+        results.append(r)
+    metrics = server.algorithm.aggregate(1, server.model, results, server.state)
+    weights = prunable_weights(server.model)
+    total = sum(r.num_samples for r in results)
+    for k, new in server.state["masks"].items():
+        union = results[0].upload["mask"][k] | results[1].upload["mask"][k]
+        assert not torch.any(new & ~union)  # the new mask lies inside the union
+        assert int(new.sum()) == int(old[k].sum())  # pruned back to the layer's count
+        # coordinate-wise average over the clients holding it
+        m0, m1 = (r.upload["mask"][k] for r in results)
+        n0, n1 = (r.num_samples for r in results)
+        both = new & m0 & m1
+        expect = (results[0].state[k] * n0 + results[1].state[k] * n1) / (n0 + n1)
+        assert torch.allclose(weights[k][both], expect[both].float(), atol=1e-6)
+        only0 = new & m0 & ~m1
+        assert torch.allclose(weights[k][only0], results[0].state[k][only0])
+        # kept weights are the largest magnitudes of the union average
+        kept_min = weights[k][new].abs().min()
+        dropped = union & ~new
+        if dropped.any():
+            avg = torch.where(m0 & m1, expect, torch.where(m0, results[0].state[k], results[1].state[k]))
+            assert avg[dropped].abs().max() <= kept_min + 1e-7
+    assert metrics["pruned"] == metrics["grown"] > 0
+    assert total > 0
+
+
+def test_dense_fedavg_reports_dense_communication():
+    from fedmef_core.algorithms import ClientResult, FederatedAlgorithm
+
+    model = torch.nn.Linear(4, 3)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    results = [ClientResult(client_id=i, num_samples=5, state=state, train_loss=0.0, steps=1) for i in range(2)]
+    metrics = FederatedAlgorithm(_config("fedavg")).aggregate(1, model, results, {})
+    assert metrics["comm/upload_bytes"] == metrics["comm/download_bytes"] == 2 * (12 + 3) * 4
+
+
+def test_fedtiny_server_prunes_k_smallest_and_grows_top_summed_gradients(data):
+    from fedmef_core.algorithms import ClientResult
+
+    config = _config("fedtiny")
+    server = _server(config, data)
+    algorithm, state = server.algorithm, server.state
+    old = {k: m.clone() for k, m in state["masks"].items()}
+    weights = prunable_weights(server.model)
+    before = {k: w.detach().clone() for k, w in weights.items()}
+    counts = algorithm.move_counts(1, old)
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for c, n in ((0, 10), (1, 30)):
+        idx, val = {}, {}
+        for k, m in old.items():
+            inactive = (~m.flatten()).nonzero().flatten()
+            pick = inactive[torch.randperm(inactive.numel(), generator=gen)[: counts[k]]]
+            idx[k], val[k] = pick.to(torch.int32), torch.randn(pick.numel(), generator=gen)
+        results.append(ClientResult(client_id=c, num_samples=n, state={}, train_loss=0.0, steps=1,
+                                    upload={"grad_idx": idx, "grad_val": val}))
+    metrics = algorithm.adjust(1, server.model, results, state)
+    assert metrics["pruned"] == metrics["grown"] == sum(counts.values())
+    for k, m in old.items():
+        new = state["masks"][k]
+        pruned = (m & ~new).flatten().nonzero().flatten()
+        expect = smallest_active(before[k], m, counts[k])
+        assert set(pruned.tolist()) == set(expect.tolist())
+        summed = torch.zeros(m.numel(), dtype=torch.float64)
+        for r in results:
+            summed.index_add_(0, r.upload["grad_idx"][k].long(), r.upload["grad_val"][k].double() * r.num_samples / 40)
+        summed[m.flatten()] = -1  # only previously inactive positions may grow
+        grown = (new & ~m).flatten().nonzero().flatten()
+        top = torch.sort(summed.abs() * (~m.flatten()), descending=True, stable=True).indices[: counts[k]]
+        assert set(grown.tolist()) == set(top.tolist())
+        assert torch.all(weights[k][new & ~m] == 0) and torch.all(weights[k][~new] == 0)
+
+
+def test_nsconv_effective_weights_follow_the_mask(data):
+    """Standardization shifts zeros: the mask must reach every NSConv, on clients and on the server."""
+    from fedmef_core.models.nsconv import NSConv
+
+    raw = tiny_raw()
+    raw["model"] = {"arch": "cnn", "norm": "nsconv"}
+    raw["pruning"] = {"method": "fedtiny", "density": 0.2, "adjust_interval": 1, "adjust_until": 2}
+    raw["federation"]["rounds"] = 2
+    config = parse_config(raw)
+    server = _server(config, data)
+    run_rounds(server)
+    masks = server.state["masks"]
+    convs = [(n, m) for n, m in server.model.named_modules() if isinstance(m, NSConv)]
+    checked = 0
+    for name, conv in convs:
+        outside = ~masks[f"{name}.weight"].bool()
+        if outside.any():  # ERK may keep a small layer (conv1) fully dense
+            assert torch.count_nonzero(conv.standardized_weight()[outside]) == 0, name
+            checked += 1
+    assert checked >= 1
