@@ -1,0 +1,109 @@
+"""Normalized sparse convolution (NSConv): FedMef's weight-standardized conv that replaces BatchNorm.
+
+    W_hat = g * (W - mean(W)) / sqrt(max(var(W) * fan_in, eps))  (* mask)
+
+mean and (biased) variance per output channel over its fan-in (in_channels/groups x kh x kw), ``g`` a
+learned per-channel gain (init 1). So each channel of W_hat (unmasked, g = 1) has zero mean and
+variance 1 / fan_in. A model built with ``model.norm: nsconv`` has no BatchNorm at all: the norm slot
+is ``nn.Identity`` and every Conv2d becomes an NSConv with a bias (init 0) that takes over the removed
+BatchNorm's shift.
+
+Masks: the pruning code may set ``conv.weight_mask`` (a 0/1 tensor shaped like the weight, default
+None); the standardized weight is multiplied by it. The weight is standardized inside the conv's
+autograd function and recomputed in backward, so no weight-sized intermediate is saved for backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from fedmef_core import sap as sap_fn
+from fedmef_core.config import SapConfig
+
+EPS = 1e-5
+
+
+def standardize(weight: torch.Tensor, gain: torch.Tensor, mask: torch.Tensor | None = None,
+                eps: float = EPS) -> torch.Tensor:
+    """The NSConv weight W_hat (differentiable in ``weight`` and ``gain``)."""
+    flat = weight.flatten(1)
+    mean = flat.mean(1, keepdim=True)
+    var = flat.var(1, unbiased=False, keepdim=True)
+    scale = gain.view(-1, 1) * torch.rsqrt(torch.clamp(var * flat.shape[1], min=eps))
+    w_hat = ((flat - mean) * scale).view_as(weight)
+    return w_hat if mask is None else w_hat * mask.to(w_hat.dtype)
+
+
+class NSConv(nn.Conv2d):
+    """A Conv2d whose effective weight is :func:`standardize` (``weight`` stays the prunable tensor)."""
+
+    sap: SapConfig | None = None
+
+    def __init__(self, *args, eps: float = EPS, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.gain = nn.Parameter(torch.ones(self.out_channels, **factory))
+        self.weight_mask: torch.Tensor | None = None
+
+    def standardized_weight(self) -> torch.Tensor:
+        return standardize(self.weight, self.gain, self._mask(), self.eps)
+
+    def _mask(self) -> torch.Tensor | None:
+        m = self.weight_mask
+        return None if m is None else m.to(self.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return self._conv_forward(x, self.standardized_weight(), self.bias)
+        if not torch.is_grad_enabled():
+            return nn.functional.conv2d(x, self.standardized_weight(), self.bias, self.stride,
+                                        self.padding, self.dilation, self.groups)
+        sap = self.sap if self.training else None
+        return sap_fn.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                             sap, standardize, self.gain, self._mask(), self.eps)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, bias: bool = True) -> NSConv:
+        """An NSConv with ``conv``'s shape and weight (a bias is added, zero, unless ``bias=False``)."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  conv.dilation, conv.groups, bias=bias or conv.bias is not None,
+                  padding_mode=conv.padding_mode, device="meta")
+        new = new.to_empty(device=conv.weight.device)
+        with torch.no_grad():
+            new.weight.copy_(conv.weight)
+            new.gain.fill_(1.0)
+            if new.bias is not None:
+                if conv.bias is not None:
+                    new.bias.copy_(conv.bias)
+                else:
+                    new.bias.zero_()
+        new.train(conv.training)
+        return new
+
+
+def convert_to_nsconv(model: nn.Module) -> nn.Module:
+    """Replace every Conv2d of ``model`` (in place) by an :class:`NSConv` with the same weight."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Conv2d:
+                setattr(parent, name, NSConv.from_conv(child))
+    return model
+
+
+def attach_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | None) -> int:
+    """Give every NSConv its mask from ``{"<module>.weight": 0/1 tensor}`` (None clears them all).
+
+    Zeroing a weight is not enough for an NSConv (standardization shifts zeros), so the pruning code
+    calls this wherever it applies masks. Returns the number of NSConv layers that got a mask.
+    """
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, NSConv):
+            mask = None if masks is None else masks.get(f"{name}.weight" if name else "weight")
+            module.weight_mask = mask
+            count += mask is not None
+    return count

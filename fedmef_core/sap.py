@@ -1,0 +1,296 @@
+"""Scaled activation pruning (SAP): Conv2d/Linear layers that save a pruned copy of their input.
+
+Forward runs on the full input. For backward each layer saves only the (1 - gamma) fraction of its
+input entries with the largest magnitude (over the whole tensor, batch included) and their positions
+(int32 indices, or a bitmap with one bit per entry packed into uint8). Backward rebuilds the sparse
+input for the weight gradient; the input gradient needs only the weight and is exact.
+
+Which entries are kept: those with ``|x| >= t``, ``t`` the k-th largest magnitude, ``k = n - floor(gamma
+n)``; when ``t == 0`` only the non-zeros are kept (dropping a zero changes nothing). With ties at
+``t > 0`` (measure zero for real activations) slightly more than k entries may be kept.
+
+Optionally ReLU/ReLU6 save a packed 1-bit mask instead of their output (``relu_bitmask``).
+
+Every tensor is saved through ``ctx.save_for_backward``, so ``torch.autograd.graph.saved_tensors_hooks``
+(and :mod:`fedmef_core.memory`) sees exactly what is kept.
+
+Use :func:`apply_sap` to convert a model in place; :class:`~fedmef_core.models.nsconv.NSConv` layers
+compute their standardized weight inside the same function (recomputed in backward, never saved).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd import Function
+
+from fedmef_core.config import ExperimentConfig, SapConfig
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+WeightFn = Callable[..., torch.Tensor]
+
+
+def resolve_sap(config: ExperimentConfig) -> SapConfig | None:
+    """The SAP settings local training uses, or None. ``sap.enabled: null`` means on for fedmef only."""
+    enabled = config.sap.enabled
+    if enabled is None:
+        enabled = config.pruning.method == "fedmef"
+    return config.sap if enabled else None
+
+
+# ---- bit packing ---------------------------------------------------------------------------------
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8, 8 entries per byte (flattened, zero-padded at the end)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    eights = flat.view(-1, 8).to(torch.uint8)
+    packed = eights[:, 0] << 7
+    for i in range(1, 8):
+        packed |= eights[:, i] << (7 - i)
+    return packed
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a flat bool tensor of ``numel`` entries."""
+    bits = _BITS.to(packed.device)
+    return (packed.unsqueeze(1) & bits).ne(0).reshape(-1)[:numel]
+
+
+# ---- activation pruning --------------------------------------------------------------------------
+def keep_mask(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Flat bool mask of the entries SAP keeps: the n - floor(gamma n) largest magnitudes (see module doc)."""
+    mag = x.detach().reshape(-1).abs()
+    n = mag.numel()
+    k = n - math.floor(gamma * n + 1e-9)  # = ceil((1 - gamma) n), robust to float rounding
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=x.device)
+    nonzero = mag > 0
+    if int(nonzero.sum()) <= k:  # e.g. a ReLU output with at least gamma n zeros: keep all non-zeros
+        return nonzero
+    return mag >= kth_largest(mag.float(), k)
+
+
+def kth_largest(values: torch.Tensor, k: int, sample: int = 1 << 15, margin: float = 0.005) -> torch.Tensor:
+    """The exact k-th largest entry of a flat tensor (about 4x faster than ``kthvalue`` on big ones).
+
+    A strided sample brackets the answer (its quantile +- ``margin``); one counting pass checks the
+    bracket and ``kthvalue`` runs only on the ~2 * margin * n entries inside it. Falls back to the
+    full selection when the bracket misses. Deterministic (no random numbers).
+    """
+    n = values.numel()
+    if n <= 8 * sample:
+        return torch.kthvalue(values, n - k + 1).values
+    picked = torch.sort(values[:: n // sample]).values
+    m = picked.numel() - 1
+    q = 1.0 - k / n  # the answer's quantile
+    lo = picked[max(0, math.floor((q - margin) * m))]
+    hi = picked[min(m, math.ceil((q + margin) * m))]
+    above = int((values > hi).sum())  # certainly larger than the answer
+    candidates = values[(values >= lo) & (values <= hi)]
+    if above < k <= above + candidates.numel():
+        return torch.kthvalue(candidates, candidates.numel() - (k - above) + 1).values
+    return torch.kthvalue(values, n - k + 1).values
+
+
+def sparsify(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``x`` with the dropped entries zeroed: what backward sees (in x's dtype)."""
+    return (x.reshape(-1) * keep_mask(x, gamma)).view_as(x)
+
+
+def _pack(x: torch.Tensor, sap: SapConfig | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(values, positions) to save; ``sap=None`` saves the input itself and no positions."""
+    if sap is None:
+        return x, None
+    x = x.detach()
+    keep = keep_mask(x, sap.gamma)
+    idx = keep.nonzero().reshape(-1)  # ascending: the values are in flat order
+    values = x.reshape(-1).index_select(0, idx).to(DTYPES[sap.value_dtype])
+    if sap.positions == "bitmap":
+        return values, pack_bits(keep)
+    return values, idx.to(torch.int32)
+
+
+def _unpack(values: torch.Tensor, positions: torch.Tensor | None, sap: SapConfig | None,
+            shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    if sap is None:
+        return values
+    out = torch.zeros(math.prod(shape), dtype=dtype, device=values.device)
+    if sap.positions == "bitmap":
+        out.masked_scatter_(unpack_bits(positions, out.numel()), values.to(dtype))
+    else:
+        out.index_copy_(0, positions.long(), values.to(dtype))
+    return out.view(shape)
+
+
+class _Conv2d(Function):
+    """conv2d whose saved input is pruned; the weight may be ``weight_fn(weight, *wargs)`` (NSConv)."""
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, conv: tuple, sap, weight_fn, *wargs):
+        stride, padding, dilation, groups = conv
+        w = weight if weight_fn is None else weight_fn(weight, *wargs)
+        out = torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation, groups)
+        values, positions = _pack(x, sap)
+        tensor_args = [a if isinstance(a, torch.Tensor) else None for a in wargs]
+        ctx.save_for_backward(values, positions, weight, *tensor_args)
+        ctx.meta = (x.shape, x.dtype, conv, sap, weight_fn, [None if t is not None else a
+                                                             for a, t in zip(wargs, tensor_args)])
+        ctx.bias_shape = None if bias is None else list(bias.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out):
+        shape, dtype, (stride, padding, dilation, groups), sap, weight_fn, plain = ctx.meta
+        values, positions, weight, *tensor_args = ctx.saved_tensors
+        wargs = [t if t is not None else a for t, a in zip(tensor_args, plain)]
+        x = _unpack(values, positions, sap, shape, dtype)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_wargs = ctx.needs_input_grad[6:]
+        w_graph = None
+        if weight_fn is None:
+            w = weight
+        else:
+            with torch.enable_grad():
+                leaves = [weight.detach().requires_grad_(need_w)]
+                leaves += [a.detach().requires_grad_(n) if isinstance(a, torch.Tensor) else a
+                           for a, n in zip(wargs, need_wargs)]
+                w_graph = weight_fn(*leaves)
+            w = w_graph.detach()
+        any_w = need_w or any(need_wargs)
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad_out, x, w, ctx.bias_shape, list(stride), list(padding), list(dilation), False, [0, 0],
+            groups, [need_x, any_w, need_b and ctx.bias_shape is not None],
+        )
+        grads_wargs = [None] * len(wargs)
+        if weight_fn is not None and any_w:
+            inputs = [(i, t) for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+            got = torch.autograd.grad(w_graph, [t for _, t in inputs], gw, allow_unused=True)
+            gw = None
+            for (i, _), g in zip(inputs, got):
+                if i == 0:
+                    gw = g
+                else:
+                    grads_wargs[i - 1] = g
+        return (gx, gw if need_w else None, gb, None, None, None, *grads_wargs)
+
+
+class _Linear(Function):
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, sap):
+        out = torch.nn.functional.linear(x, weight, bias)
+        values, positions = _pack(x, sap)
+        ctx.save_for_backward(values, positions, weight)
+        ctx.meta = (x.shape, x.dtype, sap, bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out):
+        shape, dtype, sap, has_bias = ctx.meta
+        values, positions, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        gx = (grad_out @ weight) if need_x else None
+        gw = None
+        if need_w:
+            x = _unpack(values, positions, sap, shape, dtype)
+            gw = g2.t() @ x.reshape(-1, shape[-1])
+        gb = g2.sum(0) if (need_b and has_bias) else None
+        return gx, gw, gb, None
+
+
+class _MaskedClamp(Function):
+    """ReLU (max_val=None) or ReLU6 whose backward uses a packed 1-bit mask."""
+
+    @staticmethod
+    def forward(ctx: Any, x, max_val):
+        out = x.clamp(0, max_val)
+        live = x > 0 if max_val is None else (x > 0) & (x < max_val)
+        ctx.save_for_backward(pack_bits(live))
+        ctx.meta = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out):
+        (packed,) = ctx.saved_tensors
+        live = unpack_bits(packed, grad_out.numel()).view(ctx.meta)
+        return grad_out * live, None
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
+           groups: int, sap: SapConfig | None, weight_fn: WeightFn | None = None, *wargs) -> torch.Tensor:
+    """F.conv2d with SAP's saved input (``sap=None``: the input is saved whole)."""
+    return _Conv2d.apply(x, weight, bias, (tuple(stride), tuple(padding), tuple(dilation), groups), sap,
+                         weight_fn, *wargs)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sap: SapConfig | None):
+    return _Linear.apply(x, weight, bias, sap)
+
+
+def relu_bitmask(x: torch.Tensor, max_val: float | None = None) -> torch.Tensor:
+    return _MaskedClamp.apply(x, max_val)
+
+
+# ---- modules -------------------------------------------------------------------------------------
+def _active(module: nn.Module) -> bool:
+    return module.sap is not None and module.training and torch.is_grad_enabled()
+
+
+class SapConv2d(nn.Conv2d):
+    """A Conv2d (same parameters and state dict) using :func:`conv2d` while training."""
+
+    sap: SapConfig | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _active(self) or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(x)
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, self.sap)
+
+
+class SapLinear(nn.Linear):
+    sap: SapConfig | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _active(self):
+            return super().forward(x)
+        return linear(x, self.weight, self.bias, self.sap)
+
+
+class BitmaskReLU(nn.ReLU):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return relu_bitmask(x) if self.training and torch.is_grad_enabled() else super().forward(x)
+
+
+class BitmaskReLU6(nn.ReLU6):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return relu_bitmask(x, 6.0) if self.training and torch.is_grad_enabled() else super().forward(x)
+
+
+_SWAPS: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: SapConv2d, nn.Linear: SapLinear}
+_RELU_SWAPS: dict[type[nn.Module], type[nn.Module]] = {nn.ReLU: BitmaskReLU, nn.ReLU6: BitmaskReLU6}
+
+
+def apply_sap(model: nn.Module, sap: SapConfig) -> nn.Module:
+    """Convert ``model`` in place (and return it): every Conv2d/Linear prunes its saved input.
+
+    Plain Conv2d/Linear (and, with ``relu_bitmask``, ReLU/ReLU6) change class to a subclass with the
+    same parameters and state dict; layers that already know SAP (NSConv) just get the settings.
+    Masks compose: masked weights stay zero (or NSConv multiplies its ``weight_mask``).
+    """
+    for module in model.modules():
+        cls = _SWAPS.get(type(module))
+        if cls is None and sap.relu_bitmask:
+            cls = _RELU_SWAPS.get(type(module))
+        if cls is not None:
+            module.__class__ = cls
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and hasattr(module, "sap"):
+            module.sap = sap
+    return model

@@ -1,0 +1,214 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmef_core.config import SapConfig, parse_config
+from fedmef_core.data import load_dataset, partition_indices
+from fedmef_core.device import resolve_device
+from fedmef_core.engine import Server, run_rounds
+from fedmef_core.sap import (
+    apply_sap,
+    conv2d,
+    keep_mask,
+    kth_largest,
+    linear,
+    pack_bits,
+    relu_bitmask,
+    resolve_sap,
+    unpack_bits,
+)
+from tests.conftest import tiny_raw
+
+CONV_CASES = [  # (in, out, kernel, stride, padding, groups, bias)
+    (3, 8, 3, 1, 1, 1, False),
+    (4, 6, 3, 2, 1, 2, True),
+    (6, 6, 3, 1, 1, 6, False),  # depthwise
+    (5, 7, 1, 1, 0, 1, True),
+]
+
+
+def _conv_grads(fn, x, w, b, grad_out):
+    x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    b = None if b is None else b.clone().requires_grad_(True)
+    out = fn(x, w, b)
+    out.backward(grad_out)
+    return out.detach(), x.grad, w.grad, None if b is None else b.grad
+
+
+def _case(cin, cout, k, stride, padding, groups, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, cin, 9, 9, generator=g)
+    w = torch.randn(cout, cin // groups, k, k, generator=g)
+    b = torch.randn(cout, generator=g) if bias else None
+    out_hw = (9 + 2 * padding - k) // stride + 1
+    grad_out = torch.randn(4, cout, out_hw, out_hw, generator=g)
+    return x, w, b, grad_out
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("positions", ["index", "bitmap"])
+def test_gamma_zero_fp32_conv_matches_plain_conv(case, positions):
+    cin, cout, k, stride, padding, groups, bias = case
+    x, w, b, grad_out = _case(*case)
+    sap = SapConfig(gamma=0.0, value_dtype="float32", positions=positions)
+    ref = _conv_grads(lambda x, w, b: F.conv2d(x, w, b, stride, padding, 1, groups), x, w, b, grad_out)
+    got = _conv_grads(
+        lambda x, w, b: conv2d(x, w, b, (stride, stride), (padding, padding), (1, 1), groups, sap),
+        x, w, b, grad_out,
+    )
+    for r, g in zip(ref, got):
+        if r is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [0.3, 0.5, 0.7, 0.9])
+@pytest.mark.parametrize("case", CONV_CASES[:2])
+def test_conv_input_grad_exact_weight_grad_from_sparsified_input(case, gamma):
+    cin, cout, k, stride, padding, groups, bias = case
+    x, w, b, grad_out = _case(*case, seed=1)
+    # the reference sparsification, written independently: keep the top n - floor(gamma n) magnitudes
+    n = x.numel()
+    kept = torch.topk(x.abs().reshape(-1), n - math.floor(gamma * n)).indices
+    x_sparse = torch.zeros(n).index_copy_(0, kept, x.reshape(-1)[kept]).view_as(x)
+
+    def plain(x, w, b):
+        return F.conv2d(x, w, b, stride, padding, 1, groups)
+
+    dense = _conv_grads(plain, x, w, b, grad_out)
+    from_sparse = _conv_grads(plain, x_sparse, w, b, grad_out)
+    results = {}
+    for positions in ("index", "bitmap"):
+        sap = SapConfig(gamma=gamma, value_dtype="float32", positions=positions)
+        results[positions] = got = _conv_grads(
+            lambda x, w, b, sap=sap: conv2d(x, w, b, (stride, stride), (padding, padding), (1, 1), groups, sap),
+            x, w, b, grad_out,
+        )
+        torch.testing.assert_close(got[0], dense[0])  # forward uses the full input
+        torch.testing.assert_close(got[1], dense[1], rtol=1e-5, atol=1e-5)  # input grad exact
+        torch.testing.assert_close(got[2], from_sparse[2], rtol=1e-5, atol=1e-5)  # weight grad
+        assert not torch.allclose(got[2], dense[2])  # ... which really differs from the dense one
+    for a, c in zip(results["index"], results["bitmap"]):
+        assert (a is None and c is None) or torch.equal(a, c)  # bitmap and index: identical
+
+
+@pytest.mark.parametrize("value_dtype", ["float16", "bfloat16"])
+def test_low_precision_values_give_weight_grad_of_rounded_sparse_input(value_dtype):
+    x, w, b, grad_out = _case(3, 8, 3, 1, 1, 1, True, seed=2)
+    sap = SapConfig(gamma=0.5, value_dtype=value_dtype)
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[value_dtype]
+    x_ref = (x.reshape(-1) * keep_mask(x, 0.5)).to(dtype).float().view_as(x)
+    got = _conv_grads(lambda x, w, b: conv2d(x, w, b, (1, 1), (1, 1), (1, 1), 1, sap), x, w, b, grad_out)
+    ref = _conv_grads(lambda x, w, b: F.conv2d(x, w, b, 1, 1), x_ref, w, b, grad_out)
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[3], ref[3])
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.6])
+def test_linear_matches_reference(gamma):
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(6, 2, 10, generator=g), torch.randn(5, 10, generator=g), torch.randn(5, generator=g)
+    grad_out = torch.randn(6, 2, 5, generator=g)
+    x_sparse = (x.reshape(-1) * keep_mask(x, gamma)).view_as(x)
+    ref = _conv_grads(F.linear, x, w, b, grad_out)
+    ref_sparse = _conv_grads(F.linear, x_sparse, w, b, grad_out)
+    for positions in ("index", "bitmap"):
+        sap = SapConfig(gamma=gamma, value_dtype="float32", positions=positions)
+        got = _conv_grads(lambda x, w, b, sap=sap: linear(x, w, b, sap), x, w, b, grad_out)
+        torch.testing.assert_close(got[0], ref[0])
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[2], ref_sparse[2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-5)
+
+
+def test_keep_mask_counts_and_zeros():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(4))
+    assert int(keep_mask(x, 0.7).sum()) == 300
+    relu_out = torch.relu(x)  # about half zeros: with gamma 0.2 only the non-zeros are worth keeping
+    kept = keep_mask(relu_out, 0.2)
+    assert int(kept.sum()) == int((relu_out > 0).sum())
+
+
+def test_pack_bits_round_trip():
+    m = torch.rand(37, generator=torch.Generator().manual_seed(5)) > 0.5
+    packed = pack_bits(m)
+    assert packed.dtype == torch.uint8 and packed.numel() == 5
+    assert torch.equal(unpack_bits(packed, 37), m)
+
+
+@pytest.mark.parametrize("max_val", [None, 6.0])
+def test_bitmask_relu_matches_relu(max_val):
+    x = (torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(6)) * 5).requires_grad_(True)
+    grad = torch.randn(3, 4, 5)
+    ref_fn = torch.relu if max_val is None else F.relu6
+    ref_out = ref_fn(x)
+    (ref_grad,) = torch.autograd.grad(ref_out, x, grad)
+    out = relu_bitmask(x, max_val)
+    (got_grad,) = torch.autograd.grad(out, x, grad)
+    assert torch.equal(out, ref_out) and torch.equal(got_grad, ref_grad)
+
+
+def test_apply_sap_keeps_state_dict_and_gamma_zero_matches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3), nn.ReLU6())
+    plain = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    apply_sap(model, SapConfig(gamma=0.0, value_dtype="float32", relu_bitmask=True))
+    assert list(model.state_dict()) == keys
+    assert type(model[0]).__name__ == "SapConv2d" and isinstance(model[0], nn.Conv2d)
+    x = torch.randn(2, 3, 6, 6)
+    model(x).sum().backward()
+    plain(x).sum().backward()
+    for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain.eval()(x))
+
+
+def test_sap_auto_enables_for_fedmef_only():
+    raw = tiny_raw()
+    assert resolve_sap(parse_config(raw)) is None
+    raw["pruning"] = {"method": "fedmef"}
+    assert resolve_sap(parse_config(raw)) is not None
+    raw["sap"] = {"enabled": False}
+    assert resolve_sap(parse_config(raw)) is None
+    raw = tiny_raw()
+    raw["sap"] = {"enabled": True, "gamma": 0.7}
+    assert resolve_sap(parse_config(raw)).gamma == 0.7
+
+
+def _history(config):
+    train, test = load_dataset(config.data)
+    parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
+    server = Server(config, train, test, parts, resolve_device("cpu"))
+    return [(h["round"], h["accuracy"], h["loss"], h["train_loss"]) for h in run_rounds(server)]
+
+
+def test_short_training_with_sap_runs_and_is_deterministic(tmp_path):
+    raw = tiny_raw(tmp_path)
+    raw["data"]["train_limit"] = 600
+    raw["federation"].update(rounds=2, clients_per_round=2)
+    raw["model"] = {"arch": "cnn", "norm": "nsconv"}
+    raw["sap"] = {"enabled": True, "gamma": 0.5, "positions": "bitmap", "relu_bitmask": True}
+    config = parse_config(raw)
+    first, second = _history(config), _history(config)
+    assert first == second
+    assert all(math.isfinite(v) for row in first for v in row)
+    assert first[-1][3] < first[0][3] or first[-1][1] > 0.2
+
+
+@pytest.mark.parametrize("k_frac", [0.0, 0.3, 0.5, 0.97])
+def test_kth_largest_is_exact_on_big_tensors(k_frac):
+    g = torch.Generator().manual_seed(7)
+    values = torch.cat([torch.randn(300_000, generator=g).abs(), torch.zeros(100_000)])
+    n = values.numel()
+    for k in {1, max(1, int(k_frac * n)), n - 1}:
+        assert kth_largest(values, k) == torch.kthvalue(values, n - k + 1).values
