@@ -9,13 +9,13 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: setup dataset run test lint bench-clean clean
+.PHONY: setup dataset run test lint serve bench clean
 
 setup: $(VENV)/.installed dataset
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,distributed]"
 	touch $@
 
 # Fashion-MNIST, the embedded default: Debian's package where apt-get is available, otherwise
@@ -38,6 +38,14 @@ run: setup
 
 test: setup
 	python -m pytest -q
+
+# Deployments for the Prefect UI. Needs a server: `prefect server start` in another terminal, and
+# PREFECT_API_URL=http://127.0.0.1:4200/api in this one.
+serve: setup
+	python -m flows.serve
+
+bench: setup
+	python bench/overhead.py
 
 lint: setup
 	ruff check fedmef_core tasks flows tests

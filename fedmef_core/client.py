@@ -15,11 +15,13 @@ from fedmef_core.algorithms import ClientResult, FederatedAlgorithm, build_algor
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import ImageData, iterate_batches
 from fedmef_core.device import seed_from
+from fedmef_core.errors import UserError
 from fedmef_core.models import build_model
+from fedmef_core.sap import apply_sap, resolve_sap
 
 
-class NonFiniteLossError(RuntimeError):
-    """Local training produced a NaN or infinite loss."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """Local training produced a NaN or infinite loss: the run stops (a retry would do the same)."""
 
 
 @dataclass
@@ -79,6 +81,7 @@ def local_train(
                     "lower federation.lr or check the data"
                 )
             objective.backward()
+            algorithm.on_before_step(model, payload)
             optimizer.step()
             algorithm.on_after_step(model, payload)
             loss_sum += loss.item() * len(y)
@@ -114,6 +117,9 @@ def run_client(
     """
     model = build_model(config.model, data.images.shape[1], data.num_classes, data.images.shape[-1])
     model.load_state_dict(broadcast.state)
+    sap = resolve_sap(config)
+    if sap is not None:
+        apply_sap(model, sap)  # same parameters and state dict; only what backward saves changes
     generator = torch.Generator().manual_seed(
         seed_from(config.federation.seed, broadcast.round, client_id)
     )

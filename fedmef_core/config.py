@@ -50,7 +50,11 @@ class PartitionConfig(_Section):
 
 class ModelConfig(_Section):
     arch: Literal["cnn", "resnet18", "mobilenetv2"] = Field("cnn", description="Network architecture.")
-    norm: Literal["batch"] = Field("batch", description="Normalisation layers.")
+    norm: Literal["batch", "nsconv"] = Field(
+        "batch",
+        description="Normalisation: BatchNorm layers, or none at all with every conv a normalized sparse "
+        "convolution (NSConv, FedMef's weight-standardized conv).",
+    )
 
 
 class FederationConfig(_Section):
@@ -65,6 +69,9 @@ class FederationConfig(_Section):
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (the paper uses none).")
     weight_decay: float = Field(0.0, ge=0, description="SGD weight decay.")
     seed: int = Field(0, description="Seed for initialisation, client sampling and local shuffling.")
+    min_clients: int = Field(
+        1, ge=1, description="A round needs at least this many successful client updates, else the run stops."
+    )
 
     @model_validator(mode="after")
     def _k_at_most_n(self) -> FederationConfig:
@@ -72,15 +79,62 @@ class FederationConfig(_Section):
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) cannot exceed num_clients ({self.num_clients})"
             )
+        if self.min_clients > self.clients_per_round:
+            raise ValueError(
+                f"min_clients ({self.min_clients}) cannot exceed clients_per_round ({self.clients_per_round})"
+            )
         return self
 
 
+PruningMethod = Literal["fedavg", "fedavg_static", "prunefl", "feddst", "fedtiny", "fedmef"]
+
+
 class PruningConfig(_Section):
-    method: Literal["fedavg"] = Field("fedavg", description="Federated (pruning) method.")
-    density: float = Field(1.0, gt=0, le=1, description="d: fraction of prunable weights kept.")
+    method: PruningMethod = Field(
+        "fedavg",
+        description="Federated (pruning) method: fedavg is dense; the others train a sparse model at `density`.",
+    )
+    density: float = Field(
+        0.1, gt=0, le=1,
+        description="d: fraction of prunable (Conv2d/Linear) weights kept. Ignored by the dense `fedavg`.",
+    )
+    distribution: Literal["erk", "uniform"] = Field(
+        "erk", description="Per-layer densities: Erdos-Renyi-Kernel (ERK) or the same in every layer."
+    )
     adjust_interval: int = Field(10, ge=1, description="Delta R: rounds between mask adjustments.")
     adjust_until: int = Field(300, ge=0, description="R_end: no adjustment after this round.")
     adjust_alpha: float = Field(0.2, ge=0, le=1, description="alpha: initial fraction of weights moved.")
+    bae_lambda: float = Field(0.01, ge=0, description="FedMef BaE: lambda, weight of the extrusion loss.")
+    bae_norm: Literal["l2", "squared_l2"] = Field(
+        "l2", description="FedMef BaE: norm of the marked weights in the extrusion loss (authors' code: l2)."
+    )
+    bae_psi: float = Field(1.0, ge=0, description="FedMef BaE: psi, scale of the budget-aware learning rate.")
+    bae_xi: float = Field(0.1, gt=0, description="FedMef BaE: xi, upper bound of the local learning rate.")
+    prunefl_reallocate: bool = Field(
+        True,
+        description="PruneFL: rank accumulated squared gradients over all layers at once, so weights move "
+        "between layers (global density stays d); false keeps every layer's count fixed.",
+    )
+
+
+class SapConfig(_Section):
+    enabled: bool | None = Field(
+        None,
+        description="Scaled activation pruning (SAP) in local training. null = auto: on for method fedmef, "
+        "off otherwise.",
+    )
+    gamma: float = Field(
+        0.5, ge=0, lt=1, description="gamma: fraction of each Conv2d/Linear input dropped from the saved activations."
+    )
+    value_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float16", description="Dtype of the kept activation values (the authors use float16)."
+    )
+    positions: Literal["index", "bitmap"] = Field(
+        "index", description="Positions of kept values: int32 indices (authors) or a 1-bit-per-entry bitmap."
+    )
+    relu_bitmask: bool = Field(
+        False, description="ReLU/ReLU6 save a 1-bit mask for backward instead of their full output."
+    )
 
 
 class TrackingConfig(_Section):
@@ -89,9 +143,32 @@ class TrackingConfig(_Section):
     experiment: str = Field("fedmef", min_length=1, description="MLflow experiment name.")
 
 
+class RayConfig(_Section):
+    address: str | None = Field(
+        None, description="Ray cluster to join (e.g. ray://head:10001 or auto); null starts a local cluster."
+    )
+    local_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster started here (null: all).")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each client update.")
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs reserved by each client update; a fraction lets clients share a GPU (0.25: 4)."
+    )
+
+
 class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where clients train.")
+    runner: Literal["local", "ray"] = Field(
+        "local", description="Where client updates run: threads of this process, or tasks on a Ray cluster."
+    )
     workers: int = Field(1, ge=1, description="Client updates run concurrently by the task runner.")
+    exchange_dir: str | None = Field(
+        None,
+        description="Folder for per-round weight files passed to workers (null: a temp folder); "
+        "on a multi-node Ray cluster, a path every node shares.",
+    )
+    client_retries: int = Field(1, ge=0, description="Retries of a failing client update before it is dropped.")
+    resume: bool = Field(
+        True, description="Continue from the newest good checkpoint written by the same configuration."
+    )
     checkpoint_every: int = Field(5, ge=1, description="Write a checkpoint every N rounds (and at the end).")
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and at the end).")
     partitions_dir: str = Field("data/partitions", description="Where the partition is written.")
@@ -106,15 +183,29 @@ class ExperimentConfig(_Section):
     model: ModelConfig = ModelConfig()
     federation: FederationConfig = FederationConfig()
     pruning: PruningConfig = PruningConfig()
+    sap: SapConfig = SapConfig()
     tracking: TrackingConfig = TrackingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    ray: RayConfig = RayConfig()
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, for MLflow params."""
         return _flatten(self.model_dump(mode="json"))
 
+    def identity(self) -> dict[str, Any]:
+        """What determines the results: everything but where and how it runs."""
+        return identity_of(self.model_dump(mode="json"))
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+RUN_ONLY_SECTIONS = ("tracking", "runtime", "ray")
+
+
+def identity_of(dumped: dict[str, Any]) -> dict[str, Any]:
+    """The sections of a dumped config that determine results (also for configs stored in checkpoints)."""
+    return {k: v for k, v in dumped.items() if k not in RUN_ONLY_SECTIONS}
 
 
 class ConfigError(UserError, ValueError):

@@ -51,6 +51,7 @@ class Server:
         self.state: dict[str, Any] = self.algorithm.init_server_state(
             self.model, torch.Generator().manual_seed(fed.seed)
         )
+        self.algorithm.bind_state(self.model, self.state)
         self.round = 0  # rounds completed
         self.history: list[dict[str, float]] = []
         self.last_eval: EvalResult | None = None
@@ -75,6 +76,7 @@ class Server:
     def finish_round(self, rnd: int, results: list[ClientResult], seconds: float) -> dict[str, float]:
         results = sorted(results, key=lambda r: r.client_id)  # aggregation order never depends on timing
         method_metrics = self.algorithm.aggregate(rnd, self.model, results, self.state)
+        self.algorithm.bind_state(self.model, self.state)
         n = sum(r.num_samples for r in results)
         metrics: dict[str, float] = {
             "round": rnd,
@@ -112,6 +114,7 @@ class Server:
         self.history = list(ckpt["history"])
         self.round = int(ckpt["round"])
         torch.set_rng_state(ckpt["torch_rng"])
+        self.algorithm.bind_state(self.model, self.state)
 
 
 def local_executor(server: Server) -> ClientExecutor:

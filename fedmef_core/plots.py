@@ -87,3 +87,58 @@ def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str
                             color="white" if rates[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
     _save(fig, path)
+
+
+MEMORY_PART_COLORS = {"weights": "tab:blue", "gradients": "tab:orange", "optimizer": "tab:green",
+                      "activations": "tab:red"}
+
+
+def plot_memory_parts(panels: dict[str, dict[str, dict[str, int]]], path: str | Path, title: str = "") -> None:
+    """Stacked bars of training-step memory by part, in MiB: ``{panel: {bar label: {part: bytes}}}``.
+
+    Parts (weights, gradients, optimizer, activations) stack bottom to top; one subplot per panel.
+    """
+    fig = Figure(figsize=(max(4.0, 2.2 + 1.3 * max(len(b) for b in panels.values())) * len(panels) / 1.3, 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, bars) in zip(axes, panels.items()):
+        labels = list(bars)
+        bottom = np.zeros(len(labels))
+        for part, color in MEMORY_PART_COLORS.items():
+            mib = np.array([bars[label].get(part, 0) / 2**20 for label in labels])
+            ax.bar(range(len(labels)), mib, bottom=bottom, color=color, label=part)
+            bottom += mib
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set(ylabel="MiB", title=name)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_layer_density(densities: dict[str, float], path: str | Path, title: str = "") -> None:
+    """Bar chart of the density of every prunable layer (global density as a dashed line)."""
+    names = list(densities)
+    fig = Figure(figsize=(max(5.0, 0.35 * len(names) + 2), 3.6))
+    ax = fig.subplots()
+    ax.bar(range(len(names)), [densities[n] for n in names], color="tab:green")
+    ax.set_xticks(range(len(names)), labels=[n.removesuffix(".weight") for n in names], rotation=60,
+                  ha="right", fontsize=8)
+    ax.set(ylabel="density (kept fraction)", ylim=(0, 1.05), title=title or "per-layer density")
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def plot_accuracy_with_adjustments(history: Sequence[dict], path: str | Path, title: str = "") -> None:
+    """Test accuracy per round; rounds whose mask was adjusted are marked by dotted vertical lines."""
+    rows = [h for h in history if "accuracy" in h]
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
+    ax.plot([h["round"] for h in rows], [h["accuracy"] for h in rows], marker=".", color="tab:blue")
+    for i, h in enumerate(h for h in history if h.get("adjusted")):
+        ax.axvline(h["round"], color="tab:orange", linestyle=":", label="mask adjustment" if i == 0 else None)
+    ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title=title or "accuracy")
+    ax.grid(alpha=0.3)
+    if any(h.get("adjusted") for h in history):
+        ax.legend(loc="lower right")
+    _save(fig, path)

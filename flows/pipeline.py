@@ -10,6 +10,7 @@ from flows.evaluate import evaluate_flow
 from flows.partition import partition_flow
 from flows.train import train_flow
 from tasks import preflight
+from tasks.reporting import publish_summary
 
 
 @flow(name="pipeline", log_prints=True)
@@ -18,6 +19,7 @@ def pipeline_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
     partition = partition_flow(config)
     train = train_flow(config)
     evaluation = evaluate_flow(config)
+    publish_summary(config, train, evaluation)
     return {"partition": partition, "train": train, "evaluate": evaluation}
 
 

@@ -7,6 +7,7 @@ from prefect import flow
 from fedmef_core.config import ExperimentConfig
 from flows.cli import main
 from tasks import preflight
+from tasks.reporting import publish_summary
 from tasks.training import run_training
 
 
@@ -18,6 +19,7 @@ def train_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
         f"trained {summary['rounds']} rounds in {summary['seconds']:.0f}s: "
         f"accuracy {summary['accuracy']:.4f}, MLflow run {summary['mlflow_run_id'] or '(tracking off)'}"
     )
+    publish_summary(config, summary)
     return summary
 
 

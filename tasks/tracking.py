@@ -102,6 +102,13 @@ class Tracker:
             self._client.log_batch(self.run_id, params=params[i : i + 100])
         return self.run_id
 
+    def reopen(self) -> None:
+        """Continue an existing run (after a resume) instead of forking a new one."""
+        if self._client is None or not self.run_id:
+            return
+        self.check_reachable()
+        self._client.update_run(self.run_id, status="RUNNING")
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self._client is None or not self.run_id:
             return

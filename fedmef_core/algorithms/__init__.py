@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from fedmef_core.algorithms.base import ClientResult, FederatedAlgorithm
+from fedmef_core.algorithms.feddst import FedDST
+from fedmef_core.algorithms.fedmef import FedMef
+from fedmef_core.algorithms.fedtiny import FedTiny
+from fedmef_core.algorithms.prunefl import PruneFL
+from fedmef_core.algorithms.static import MaskedAlgorithm
 from fedmef_core.config import ExperimentConfig
 
 REGISTRY: dict[str, type[FederatedAlgorithm]] = {
     "fedavg": FederatedAlgorithm,
+    "fedavg_static": MaskedAlgorithm,
+    "prunefl": PruneFL,
+    "feddst": FedDST,
+    "fedtiny": FedTiny,
+    "fedmef": FedMef,
 }
 
 
@@ -20,4 +30,4 @@ def build_algorithm(config: ExperimentConfig) -> FederatedAlgorithm:
     return cls(config)
 
 
-__all__ = ["REGISTRY", "ClientResult", "FederatedAlgorithm", "build_algorithm"]
+__all__ = ["REGISTRY", "ClientResult", "FederatedAlgorithm", "MaskedAlgorithm", "build_algorithm"]

@@ -16,6 +16,7 @@ from torch import nn
 
 from fedmef_core.aggregation import weighted_average
 from fedmef_core.config import ExperimentConfig
+from fedmef_core.sparse.comm import state_bytes
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -59,6 +60,10 @@ class FederatedAlgorithm:
         """State the server keeps between rounds (e.g. masks); saved in every checkpoint."""
         return {}
 
+    def bind_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        """Attach server state the model needs to compute (e.g. masks of NSConv layers); called after
+        init, restore and aggregation, and on a model loaded for evaluation."""
+
     def round_payload(self, rnd: int, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
         """Extra data broadcast to the round's clients with the global weights."""
         return {}
@@ -69,7 +74,8 @@ class FederatedAlgorithm:
         """Fold the client results into the global `model` (in place); return metrics to log."""
         averaged = weighted_average([r.state for r in results], [r.num_samples for r in results])
         model.load_state_dict(averaged)
-        return {}
+        dense = float(len(results) * state_bytes(averaged))  # every client sends and receives the dense model
+        return {"comm/upload_bytes": dense, "comm/download_bytes": dense}
 
     # ---- client side -------------------------------------------------------------------------
     def on_client_start(self, model: nn.Module, payload: dict[str, Any]) -> None:
@@ -83,6 +89,9 @@ class FederatedAlgorithm:
                 payload: dict[str, Any]) -> float:
         """The learning rate of local step `step` of `total_steps` (e.g. BaE's budget-aware lr)."""
         return base_lr
+
+    def on_before_step(self, model: nn.Module, payload: dict[str, Any]) -> None:
+        """Called after backward, before every optimizer step (e.g. mask the gradients)."""
 
     def on_after_step(self, model: nn.Module, payload: dict[str, Any]) -> None:
         """Called after every optimizer step (e.g. re-zero masked weights)."""

@@ -8,7 +8,7 @@ from torch import nn
 
 from fedmef_core.config import ModelConfig
 from fedmef_core.models.cnn import SmallCNN, cnn
-from fedmef_core.models.layers import NormFactory, is_prunable, norm_layer
+from fedmef_core.models.layers import NormFactory, finish_norm, is_prunable, norm_layer
 from fedmef_core.models.mobilenet import mobilenetv2
 from fedmef_core.models.resnet import resnet18
 
@@ -38,7 +38,7 @@ def build_model(cfg: ModelConfig, in_channels: int, num_classes: int, image_size
         builder = ARCHITECTURES[cfg.arch]
     except KeyError:
         raise ValueError(f"unknown arch {cfg.arch!r}; choose one of {sorted(ARCHITECTURES)}") from None
-    return builder(in_channels, num_classes, image_size, norm_layer(cfg))
+    return finish_norm(builder(in_channels, num_classes, image_size, norm_layer(cfg)), cfg)
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from torch import nn
 
 from fedmef_core.config import ModelConfig
+from fedmef_core.models.nsconv import convert_to_nsconv
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -22,7 +23,20 @@ def norm_layer(cfg: ModelConfig) -> NormFactory:
     """The constructor of the normalisation layer selected by ``cfg.norm``."""
     if cfg.norm == "batch":
         return nn.BatchNorm2d
+    if cfg.norm == "nsconv":
+        return _identity
     raise ValueError(f"unknown norm {cfg.norm!r}")
+
+
+def _identity(num_features: int) -> nn.Module:
+    return nn.Identity()
+
+
+def finish_norm(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """Called on every built model: with ``norm: nsconv`` every Conv2d becomes an NSConv (in place)."""
+    if cfg.norm == "nsconv":
+        convert_to_nsconv(model)
+    return model
 
 
 def is_prunable(module: nn.Module) -> bool:

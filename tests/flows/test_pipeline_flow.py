@@ -37,9 +37,10 @@ def test_pipeline_flow_runs_partition_train_evaluate(prefect_harness, tracked_co
     assert set(evaluation["per_class_accuracy"]) >= {"T-shirt/top", "Ankle boot"}
     csv_rows = (tmp_path / "metrics" / "rounds.csv").read_text().strip().splitlines()
     assert csv_rows[0] == "round,accuracy,loss,train_loss,lr" and len(csv_rows) == rounds + 1
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == [
         "final.pt", *[f"round_{r:04d}.pt" for r in range(1, rounds + 1)]
     ]
+    assert all(p.with_name(p.name + ".sha256").is_file() for p in (tmp_path / "checkpoints").glob("*.pt"))
 
     client = MlflowClient(tracked_config.tracking.mlflow_uri)
     run = client.get_run(train["mlflow_run_id"])

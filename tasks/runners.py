@@ -1,0 +1,39 @@
+"""Where client-update tasks run: the flow's own thread pool, or a Ray cluster through prefect-ray."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from fedmef_core.config import ExperimentConfig
+from fedmef_core.errors import UserError
+
+Submit = Callable[[Any, dict[str, Any]], Any]  # (task, parameters) -> PrefectFuture
+
+
+@contextmanager
+def task_runner(config: ExperimentConfig) -> Iterator[Submit]:
+    """Yield a `submit(task, parameters)` for `runtime.runner`."""
+    if config.runtime.runner == "local":
+        yield lambda task, parameters: task.submit(**parameters)
+        return
+    try:
+        from prefect_ray import RayTaskRunner
+        from prefect_ray.context import remote_options
+    except ImportError:
+        raise UserError(
+            "runtime.runner is 'ray' but prefect-ray is not installed: pip install -e '.[distributed]'"
+        ) from None
+    ray = config.ray
+    init_kwargs: dict[str, Any] = {"include_dashboard": False}
+    if ray.address is None and ray.local_cpus is not None:
+        init_kwargs["num_cpus"] = ray.local_cpus
+    runner = RayTaskRunner(address=ray.address, init_kwargs=init_kwargs)
+    with runner:
+
+        def submit(task, parameters: dict[str, Any]):
+            with remote_options(num_cpus=ray.num_cpus, num_gpus=ray.num_gpus):
+                return runner.submit(task, parameters=parameters)
+
+        yield submit

@@ -1,0 +1,111 @@
+"""Production faults, caused for real: SIGKILL mid-run, a client that raises, a NaN loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import tasks.training as training
+from fedmef_core.engine import Server
+from tests.conftest import prepare_run, uninterrupted_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_sigkill_mid_run_then_restart_gives_the_uninterrupted_metrics(tmp_path):
+    params, config = prepare_run(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    cmd = [sys.executable, "-m", "flows.train", "--params", str(params)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = Path(config.runtime.checkpoints_dir) / "round_0002.pt.sha256"
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (Path(config.runtime.checkpoints_dir) / "final.pt").exists()
+
+    restarted = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "resuming from round" in restarted.stdout + restarted.stderr
+
+    rows = (tmp_path / "metrics" / "rounds.csv").read_text().strip().splitlines()[1:]
+    resumed = [(int(r.split(",")[0]), float(r.split(",")[1]), float(r.split(",")[2])) for r in rows]
+    assert resumed == uninterrupted_metrics(config)  # bit for bit on CPU
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(config.tracking.mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # continued, not forked
+    train_json = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert train_json["mlflow_run_id"] == runs[0].info.run_id
+
+
+@pytest.fixture
+def flaky_client(monkeypatch):
+    """Make chosen clients raise (a fault we cannot cause on CPU, e.g. CUDA out-of-memory)."""
+    calls: dict[tuple[int, int], int] = {}  # (round, client) -> attempts
+    real = training.run_client
+
+    def run_client(config, broadcast, client_id, *args, **kwargs):
+        key = (broadcast.round, client_id)
+        calls[key] = calls.get(key, 0) + 1
+        if client_id in flaky_client.fail_always or (client_id in flaky_client.fail_once and calls[key] == 1):
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(config, broadcast, client_id, *args, **kwargs)
+
+    flaky_client.fail_always, flaky_client.fail_once, flaky_client.calls = set(), set(), calls
+    monkeypatch.setattr(training, "run_client", run_client)
+    return flaky_client
+
+
+def test_failing_client_is_retried_then_dropped(prefect_harness, tmp_path, flaky_client):
+    from flows.train import train_flow
+
+    _, config = prepare_run(tmp_path, rounds=2, clients_per_round=3, min_clients=2)
+    picked = Server.sample_clients  # the clients of round 1 are deterministic
+    server_like = type("S", (), {"config": config})()
+    r1 = picked(server_like, 1)
+    flaky_client.fail_once = {r1[0]}
+    flaky_client.fail_always = {r1[1]}
+    train_flow(config)
+    assert flaky_client.calls[(1, r1[0])] == 2  # failed once, retried, succeeded
+    assert flaky_client.calls[(1, r1[1])] == 1 + config.runtime.client_retries  # then dropped
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((tmp_path / "metrics" / "train.json").read_text())["mlflow_run_id"]
+    dropped = MlflowClient(config.tracking.mlflow_uri).get_metric_history(run_id, "dropped_clients")
+    assert (dropped[0].step, dropped[0].value) == (1, 1)
+    assert MlflowClient(config.tracking.mlflow_uri).get_metric_history(run_id, "clients")[0].value == 2
+
+
+def test_too_few_clients_stop_the_run_and_keep_the_last_checkpoint(prefect_harness, tmp_path, flaky_client):
+    from flows.train import train_flow
+
+    _, config = prepare_run(tmp_path, rounds=3, clients_per_round=3, min_clients=3)
+    server_like = type("S", (), {"config": config})()
+    flaky_client.fail_always = {Server.sample_clients(server_like, 2)[0]}
+    with pytest.raises(training.RoundFailedError, match="min_clients is 3"):
+        train_flow(config)
+    ckpts = sorted(p.name for p in Path(config.runtime.checkpoints_dir).glob("round_*.pt"))
+    assert ckpts == ["round_0001.pt"]
+
+
+def test_nan_loss_stops_the_run_without_retrying(prefect_harness, tmp_path):
+    from fedmef_core.client import NonFiniteLossError
+    from flows.train import train_flow
+
+    _, config = prepare_run(tmp_path, rounds=2, lr=1e6, lr_final=1e6)
+    with pytest.raises(NonFiniteLossError, match="lower federation.lr"):
+        train_flow(config)
+    assert not (Path(config.runtime.checkpoints_dir) / "final.pt").exists()
