@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: setup dataset run test lint serve bench clean
+.PHONY: setup dataset run test lint serve bench bench-accuracy bench-memory clean
 
 setup: $(VENV)/.installed dataset
 
@@ -46,6 +46,12 @@ serve: setup
 
 bench: setup
 	python bench/overhead.py
+
+bench-accuracy: setup
+	python -m bench.accuracy --quick
+
+bench-memory: setup
+	python -m bench.memory
 
 lint: setup
 	ruff check fedmef_core tasks flows tests

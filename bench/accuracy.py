@@ -52,7 +52,8 @@ FULL = {
 }
 
 
-def run_one(setting: dict, method: str, density: float, seed: int, sap: bool | None = None) -> dict:
+def run_one(setting: dict, method: str, density: float, seed: int, sap: bool | None = None,
+            norm: str = "batch") -> dict:
     """One training run; returns the final accuracy and the adjustment drops."""
     import torch
 
@@ -69,6 +70,7 @@ def run_one(setting: dict, method: str, density: float, seed: int, sap: bool | N
         "federation": {**setting["federation"], "seed": seed},
         "pruning": {"method": method, "density": density, **setting["pruning"]},
         "sap": {"enabled": sap},
+        "model": {"arch": "cnn", "norm": norm},
         "tracking": {"enabled": False},
         "runtime": {"device": "cpu"},
     }
@@ -154,6 +156,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
     parser.add_argument("--sap", choices=["auto", "on", "off"], default="auto",
                         help="scaled activation pruning: auto = the config default (on for fedmef only)")
+    parser.add_argument("--norm", choices=["batch", "nsconv"], default="batch",
+                        help="normalisation of the CNN: BatchNorm, or NSConv (FedMef's 'scaled' part, no BN)")
     args = parser.parse_args()
     setting = QUICK if args.quick else FULL
     jobs = [(m, 1.0 if m == "fedavg" else d, s) for m in args.methods
@@ -162,7 +166,7 @@ def main() -> None:
     runs = []
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         sap = {"auto": None, "on": True, "off": False}[args.sap]
-        futures = [pool.submit(run_one, setting, m, d, s, sap) for m, d, s in jobs]
+        futures = [pool.submit(run_one, setting, m, d, s, sap, args.norm) for m, d, s in jobs]
         for i, f in enumerate(futures, 1):
             r = f.result()
             runs.append(r)

@@ -37,6 +37,15 @@ def _config(params: str, rounds: int, work: Path, **runtime):
     return parse_config(raw)
 
 
+def prepared(config):
+    """Write the partition the train flow reads (the same split for every way)."""
+    train, _ = load_dataset(config.data)
+    parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
+    stats = partition_stats(parts, train.labels.numpy(), train.num_classes)
+    save_partition(parts, stats, config.runtime.partitions_dir)
+    return config
+
+
 def bare(config) -> float:
     train, test = load_dataset(config.data)
     parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
@@ -62,19 +71,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))
-        config = _config(args.params, args.rounds, work)
-        train, _ = load_dataset(config.data)
-        parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
-        save_partition(parts, partition_stats(parts, train.labels.numpy(), train.num_classes),
-                       config.runtime.partitions_dir)
-        results["bare fedmef_core loop"] = bare(config)
-        results["Prefect flow + MLflow (local)"] = flow(_config(args.params, args.rounds, work / "flow"))
+        results["bare fedmef_core loop"] = bare(_config(args.params, args.rounds, work / "bare"))
+        local = prepared(_config(args.params, args.rounds, work / "flow"))
+        results["Prefect flow + MLflow (local)"] = flow(local)
         if not args.skip_ray:
-            (work / "ray").mkdir()
-            ray_config = _config(args.params, args.rounds, work / "ray", runner="ray", workers=2)
-            save_partition(parts, partition_stats(parts, train.labels.numpy(), train.num_classes),
-                           ray_config.runtime.partitions_dir)
-            results["Prefect flow + MLflow (Ray, 2 workers)"] = flow(ray_config)
+            on_ray = prepared(_config(args.params, args.rounds, work / "ray", runner="ray", workers=2))
+            results["Prefect flow + MLflow (Ray, 2 workers)"] = flow(on_ray)
     base = results["bare fedmef_core loop"]
     print(f"\n{'way':<42}{'s/round':>10}{'vs bare':>10}")
     for name, sec in results.items():
