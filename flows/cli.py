@@ -43,7 +43,7 @@ def main(
 ) -> Any:
     """Validate the config, check the flow's inputs, run `flow`; user errors become one clear line."""
     try:
-        config = config_from_args(argv, getattr(flow, "description", None) or "")
+        config = config_from_args(argv, getattr(flow, "description", None) or flow.__doc__ or "")
         preflight(config)
         return flow(config)
     except UserError as exc:

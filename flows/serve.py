@@ -7,12 +7,10 @@ open the UI: each deployment shows the ExperimentConfig as a validated form whos
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 from prefect import serve
 
-from fedmef_core.config import ConfigError, ExperimentConfig, load_config
+from fedmef_core.config import ExperimentConfig
+from flows.cli import main as cli_main
 from flows.evaluate import evaluate_flow
 from flows.partition import partition_flow
 from flows.pipeline import pipeline_flow
@@ -36,16 +34,14 @@ def deployments(config: ExperimentConfig) -> list:
     ]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="defaults of the UI form (default: params.yaml)")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.params)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+def serve_deployments(config: ExperimentConfig) -> None:
+    """Serve the pipeline, partition, train and evaluate deployments until interrupted."""
     serve(*deployments(config))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`--params` (and `--set`) give the form's defaults; a bad config is one clear error, as for every flow."""
+    cli_main(serve_deployments, preflight=lambda config: None, argv=argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def mask_path(checkpoints_dir: str | Path, rnd: int) -> Path:
 def save_adjusted_masks(server: Any, rnd: int, metrics: dict[str, float], checkpoints_dir: str | Path,
                         tracker: Any = None) -> Path | None:
     """After an adjustment round, write `masks_round_XXXX.pt` and log it to MLflow under `masks/`."""
-    masks = server.state.get("masks") if isinstance(server.state, dict) else None
+    masks = server.state.get("masks")  # only the sparse methods keep masks
     if masks is None or not metrics.get("adjusted"):
         return None
     path = save_checkpoint(mask_path(checkpoints_dir, rnd), {"round": rnd, "masks": masks})
@@ -32,7 +32,7 @@ def save_adjusted_masks(server: Any, rnd: int, metrics: dict[str, float], checkp
 
 def write_mask_plots(server: Any, plots_dir: str | Path, tracker: Any = None, title: str = "") -> list[Path]:
     """`density.png` (per-layer density of the final mask) and `accuracy_adjustments.png`."""
-    masks = server.state.get("masks") if isinstance(server.state, dict) else None
+    masks = server.state.get("masks")  # only the sparse methods keep masks
     if masks is None:
         return []
     plots_dir = Path(plots_dir)

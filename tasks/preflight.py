@@ -9,9 +9,10 @@ from pathlib import Path
 
 from fedmef_core.checkpoint import FINAL_NAME, load_checkpoint
 from fedmef_core.config import ExperimentConfig
-from fedmef_core.data import load_dataset, load_partition, partition_indices
+from fedmef_core.data import load_dataset, partition_indices
 from fedmef_core.errors import UserError
 from tasks.tracking import Tracker
+from tasks.training import cached_partition
 
 
 class MissingInput(UserError):
@@ -24,7 +25,7 @@ def check_dataset(config: ExperimentConfig) -> None:
 
 def check_partition(config: ExperimentConfig) -> None:
     try:
-        parts = load_partition(config.runtime.partitions_dir)
+        parts = cached_partition(config.runtime.partitions_dir)  # the train flow reuses it
     except FileNotFoundError as exc:
         raise MissingInput(str(exc)) from None
     if len(parts) != config.federation.num_clients:
