@@ -19,6 +19,8 @@ from fedmef_core.errors import UserError
 from fedmef_core.models import build_model
 from fedmef_core.sap import apply_sap, resolve_sap
 
+SETUP_KEY = "setup"  # a broadcast whose payload holds this key asks for the method's setup answer, not training
+
 
 class NonFiniteLossError(UserError, RuntimeError):
     """Local training produced a NaN or infinite loss: the run stops (a retry would do the same)."""
@@ -117,6 +119,17 @@ def run_client(
     """
     model = build_model(config.model, data.images.shape[1], data.num_classes, data.images.shape[-1])
     model.load_state_dict(broadcast.state)
+    algorithm = build_algorithm(config)
+    if SETUP_KEY in broadcast.payload:
+        model.to(device)
+        fed = config.federation
+
+        def batches():
+            return iterate_batches(data, indices, fed.batch_size, shuffle=False, device=device)
+
+        answer = algorithm.client_setup(model, broadcast.payload[SETUP_KEY], batches)
+        return ClientResult(client_id=client_id, num_samples=len(indices), state={}, train_loss=0.0, steps=0,
+                            upload=answer)
     sap = resolve_sap(config)
     if sap is not None:
         apply_sap(model, sap)  # same parameters and state dict; only what backward saves changes
@@ -124,7 +137,7 @@ def run_client(
         seed_from(config.federation.seed, broadcast.round, client_id)
     )
     return local_train(
-        model, data, indices, config=config, algorithm=build_algorithm(config),
+        model, data, indices, config=config, algorithm=algorithm,
         payload=broadcast.payload, lr=broadcast.lr, generator=generator, device=device,
         client_id=client_id,
     )

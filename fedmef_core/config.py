@@ -115,6 +115,14 @@ class PruningConfig(_Section):
         description="PruneFL: rank accumulated squared gradients over all layers at once, so weights move "
         "between layers (global density stays d); false keeps every layer's count fixed.",
     )
+    bn_select: bool = Field(
+        False,
+        description="FedTiny/FedMef adaptive BN selection: before round 1 the clients adapt BatchNorm statistics "
+        "to each of `bn_candidates` initial masks and rate them on their data; the server keeps the best.",
+    )
+    bn_candidates: int = Field(
+        5, ge=2, description="Candidate initial masks for `bn_select` (layer densities drawn around ERK/uniform)."
+    )
 
 
 class SapConfig(_Section):
@@ -188,6 +196,21 @@ class ExperimentConfig(_Section):
     runtime: RuntimeConfig = RuntimeConfig()
     ray: RayConfig = RayConfig()
 
+    @model_validator(mode="after")
+    def _bn_select_needs_bn(self) -> ExperimentConfig:
+        if self.pruning.bn_select:
+            if self.pruning.method not in ("fedtiny", "fedmef"):
+                raise ValueError(
+                    f"pruning.bn_select is FedTiny's initial-mask selection: it needs pruning.method fedtiny or "
+                    f"fedmef (got {self.pruning.method!r}); set pruning.bn_select: false"
+                )
+            if self.model.norm != "batch":
+                raise ValueError(
+                    "pruning.bn_select adapts BatchNorm statistics but model.norm is 'nsconv' (no BatchNorm); "
+                    "set model.norm: batch or pruning.bn_select: false"
+                )
+        return self
+
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, for MLflow params."""
         return _flatten(self.model_dump(mode="json"))
@@ -236,6 +259,8 @@ def _describe(err: dict[str, Any]) -> str:
     msg = err["msg"]
     if kind == "value_error":
         msg = msg.removeprefix("Value error, ")
+    if not err["loc"]:  # a check across sections names its keys itself; the input is the whole config
+        return f"- {msg}"
     return f"- {loc}: {msg} (got {got!r}){allowed}"
 
 

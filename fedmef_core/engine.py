@@ -17,7 +17,7 @@ import torch
 
 from fedmef_core.algorithms import ClientResult, build_algorithm
 from fedmef_core.checkpoint import FINAL_NAME, round_checkpoint_path, save_checkpoint
-from fedmef_core.client import Broadcast, run_client
+from fedmef_core.client import SETUP_KEY, Broadcast, run_client
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import ImageData
 from fedmef_core.evaluation import EvalResult, evaluate
@@ -95,6 +95,18 @@ class Server:
         self.history.append(metrics)
         return metrics
 
+    def setup(self, executor: ClientExecutor) -> dict[str, float]:
+        """The method's one-off exchange with clients before round 1, if it has one (else ``{}``)."""
+        payload = self.algorithm.setup_payload(self.model, self.state)
+        if self.round > 0 or not payload:
+            return {}
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        results = executor(Broadcast(round=0, lr=0.0, state=weights, payload={SETUP_KEY: payload}),
+                           self.sample_clients(0))
+        metrics = self.algorithm.finish_setup(self.model, sorted(results, key=lambda r: r.client_id), self.state)
+        self.algorithm.bind_state(self.model, self.state)
+        return metrics
+
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
@@ -137,10 +149,17 @@ def run_rounds(
     on_round: RoundCallback | None = None,
     checkpoint_extra: Callable[[], dict[str, Any]] | None = None,
 ) -> list[dict[str, float]]:
-    """Run the remaining rounds; write round checkpoints every `checkpoint_every` and `final.pt`."""
+    """Run the remaining rounds; write round checkpoints every `checkpoint_every` and `final.pt`.
+
+    Before round 1, the method's setup exchange (if any) runs through the same executor and its
+    metrics go to ``on_round`` as round 0.
+    """
     executor = executor or local_executor(server)
     cfg = server.config
     extra = checkpoint_extra or dict
+    setup_metrics = server.setup(executor)
+    if setup_metrics and on_round is not None:
+        on_round(0, setup_metrics)
     for rnd in range(server.round + 1, cfg.federation.rounds + 1):
         start = time.perf_counter()
         results = executor(server.broadcast(rnd), server.sample_clients(rnd))

@@ -189,6 +189,11 @@ def run_training(config: ExperimentConfig, run_name: str = "train") -> dict:
     progress = RoundProgress(total, first_round=first_round)
 
     def on_round(rnd: int, metrics: dict[str, float]) -> None:
+        if rnd == 0:  # the method's setup exchange before round 1 (FedTiny's adaptive BN selection)
+            tracker.log_metrics(metrics, step=0)
+            described = ", ".join(f"{k.rpartition('/')[2]} {v:.4g}" for k, v in metrics.items())
+            print(f"setup before round 1: {described}", flush=True)
+            return
         metrics["dropped_clients"] = dropped.pop(rnd, 0)
         tracker.log_metrics({k: v for k, v in metrics.items() if k != "round"}, step=rnd)
         write_text(metrics_dir / "rounds.csv", _rounds_csv(server.history))

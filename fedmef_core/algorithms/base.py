@@ -7,7 +7,7 @@ FedAvg: no mask, plain cross-entropy, sample-weighted averaging.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from fedmef_core.config import ExperimentConfig
 from fedmef_core.sparse.comm import state_bytes
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+BatchSource = Callable[[], Batches]  # a fresh pass over the client's data at every call
 
 
 @dataclass
@@ -77,7 +78,20 @@ class FederatedAlgorithm:
         dense = float(len(results) * state_bytes(averaged))  # every client sends and receives the dense model
         return {"comm/upload_bytes": dense, "comm/download_bytes": dense}
 
+    def setup_payload(self, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+        """Data for a one-off exchange with clients before round 1 (e.g. FedTiny's candidate masks);
+        empty = no setup exchange. Called while no round has run."""
+        return {}
+
+    def finish_setup(self, model: nn.Module, results: list[ClientResult], state: dict[str, Any]) -> dict[str, float]:
+        """Fold the clients' setup answers into the global `model` and `state`; return metrics to log."""
+        return {}
+
     # ---- client side -------------------------------------------------------------------------
+    def client_setup(self, model: nn.Module, payload: dict[str, Any], batches: BatchSource) -> dict[str, Any]:
+        """A client's answer to :meth:`setup_payload` (it trains nothing)."""
+        return {}
+
     def on_client_start(self, model: nn.Module, payload: dict[str, Any]) -> None:
         """Called once after the client loaded the global weights (e.g. apply the mask)."""
 

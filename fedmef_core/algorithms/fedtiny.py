@@ -6,26 +6,87 @@ indices). The server averages the weights (FedAvg), sums the uploaded gradients 
 sample counts, prunes the k_l smallest-magnitude active weights and grows the k_l inactive positions
 with the largest summed gradient magnitude (new weights = 0).
 
-Not implemented: FedTiny's adaptive-BN selection of the initial coarse mask (the start is a random
-ERK mask, as for every method here).
+With ``pruning.bn_select`` the initial mask is chosen by FedTiny's adaptive BatchNorm selection:
+the server draws ``bn_candidates`` random masks (the first with the configured ERK/uniform layer
+densities, the others with each layer's density scaled by a random factor in [1/2, 2], the global
+density unchanged). Before round 1 the sampled clients, for every candidate, re-estimate the BatchNorm
+statistics of the masked initial model on their data, then report its loss on that data with those
+statistics, and upload loss and statistics. The server keeps the candidate with the lowest
+sample-weighted loss and starts from it, with its BatchNorm statistics averaged over the clients.
+Which candidates come first is the only approximation to FedTiny's candidate pool: positions are
+random, as a magnitude ranking of a freshly initialised model would be.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fedmef_core.algorithms.base import Batches, ClientResult
+from fedmef_core.aggregation import weighted_average
+from fedmef_core.algorithms.base import Batches, BatchSource, ClientResult
 from fedmef_core.algorithms.static import MaskedAlgorithm, batch_gradients
 from fedmef_core.models import prunable_weights
-from fedmef_core.sparse import prune_and_grow
+from fedmef_core.sparse import apply_masks, perturbed_counts, prune_and_grow, random_masks, shapes_of
 
 
 class FedTiny(MaskedAlgorithm):
     name = "fedtiny"
     adjusts = True
+
+    # ---- adaptive BN selection of the initial mask (pruning.bn_select) -------------------------
+    def init_server_state(self, model: nn.Module, generator: torch.Generator) -> dict[str, Any]:
+        p = self.config.pruning
+        if not p.bn_select:
+            return super().init_server_state(model, generator)
+        state = super().init_server_state(copy.deepcopy(model), generator)  # candidate 0, weights kept dense
+        shapes = shapes_of(prunable_weights(model))
+        others = [random_masks(shapes, perturbed_counts(shapes, p.density, p.distribution, generator), generator)
+                  for _ in range(p.bn_candidates - 1)]
+        state["candidates"] = [state["masks"], *others]
+        return state
+
+    def setup_payload(self, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+        return {"candidates": state["candidates"]} if "candidates" in state else {}
+
+    def client_setup(self, model: nn.Module, payload: dict[str, Any], batches: BatchSource) -> dict[str, Any]:
+        losses, stats = [], []
+        for masks in payload["candidates"]:
+            candidate = copy.deepcopy(model)
+            apply_masks(prunable_weights(candidate), masks)
+            norms = [m for m in candidate.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            for bn in norms:
+                bn.reset_running_stats()
+                bn.momentum = None  # a plain average over the client's batches
+            with torch.no_grad():
+                candidate.train()
+                for x, _ in batches():
+                    candidate(x)
+                candidate.eval()
+                total, seen = 0.0, 0
+                for x, y in batches():
+                    total += F.cross_entropy(candidate(x), y, reduction="sum").item()
+                    seen += len(y)
+            losses.append(total / max(seen, 1))
+            stats.append({k: v.detach().cpu().clone() for k, v in candidate.named_buffers()})
+        return {"loss": torch.tensor(losses, dtype=torch.float64), "buffers": stats}
+
+    def finish_setup(self, model: nn.Module, results: list[ClientResult], state: dict[str, Any]) -> dict[str, float]:
+        candidates = state.pop("candidates")
+        n = torch.tensor([float(r.num_samples) for r in results], dtype=torch.float64)
+        losses = torch.stack([r.upload["loss"] for r in results])  # clients x candidates
+        mean = (losses * n[:, None]).sum(0) / n.sum()
+        best = int(torch.argmin(mean))  # ties: the lowest index
+        state["masks"] = candidates[best]
+        apply_masks(prunable_weights(model), state["masks"])
+        buffers = weighted_average([r.upload["buffers"][best] for r in results], n.tolist())
+        model.load_state_dict({**model.state_dict(), **buffers})
+        metrics = {"bn_select/chosen": float(best)}
+        metrics.update({f"bn_select/loss_{i}": float(v) for i, v in enumerate(mean)})
+        return metrics
 
     def client_upload(self, model: nn.Module, payload: dict[str, Any], batches: Batches) -> dict[str, Any]:
         if not payload.get("adjust"):

@@ -19,6 +19,7 @@ from fedmef_core.sparse.masks import (
     global_density,
     layer_densities,
     mask_gradients,
+    perturbed_counts,
     random_masks,
     shapes_of,
     uniform_densities,
@@ -28,6 +29,6 @@ __all__ = [
     "INDEX_BYTES", "VALUE_BYTES", "Masks", "active_counts", "apply_masks", "cosine_alpha", "density_metrics",
     "erk_densities",
     "global_density", "grow", "is_adjust_round", "layer_densities", "mask_bytes", "mask_gradients",
-    "move_count", "prune", "prune_and_grow", "random_masks", "shapes_of", "smallest_active",
+    "move_count", "perturbed_counts", "prune", "prune_and_grow", "random_masks", "shapes_of", "smallest_active",
     "sparse_bytes", "state_bytes", "topk_bytes", "uniform_densities",
 ]

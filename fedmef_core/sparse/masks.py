@@ -52,9 +52,14 @@ def active_counts(shapes: Mapping[str, tuple[int, ...]], density: float, distrib
     fn = {"erk": erk_densities, "uniform": uniform_densities}.get(distribution)
     if fn is None:
         raise ValueError(f"unknown density distribution {distribution!r}; use 'erk' or 'uniform'")
-    dens = fn(shapes, density)
+    return round_counts(shapes, fn(shapes, density), density)
+
+
+def round_counts(shapes: Mapping[str, tuple[int, ...]], densities: Mapping[str, float],
+                 density: float) -> dict[str, int]:
+    """Per-layer ``densities`` as whole counts totalling exactly ``round(density * total)``."""
     numels = {k: math.prod(s) for k, s in shapes.items()}
-    exact = {k: dens[k] * numels[k] for k in shapes}
+    exact = {k: densities[k] * numels[k] for k in shapes}
     counts = {k: max(1, min(numels[k], math.floor(v))) for k, v in exact.items()}
     want = max(len(shapes), round(density * sum(numels.values())))
     order = sorted(shapes, key=lambda k: (-(exact[k] - math.floor(exact[k])), k))
@@ -67,6 +72,29 @@ def active_counts(shapes: Mapping[str, tuple[int, ...]], density: float, distrib
             counts[k] -= 1
         i += 1
     return counts
+
+
+def perturbed_counts(shapes: Mapping[str, tuple[int, ...]], density: float, distribution: str,
+                     generator: torch.Generator, spread: float = 2.0) -> dict[str, int]:
+    """Layer counts around ``distribution``'s: each layer's density times a log-uniform factor in
+    [1/spread, spread], rescaled so the global density is still exactly ``density`` (a layer that
+    would exceed 1 is kept dense and its excess spread over the others)."""
+    base = active_counts(shapes, density, distribution)
+    numels = {k: math.prod(s) for k, s in shapes.items()}
+    factors = torch.exp((torch.rand(len(shapes), generator=generator, dtype=torch.float64) * 2 - 1)
+                        * math.log(spread))
+    raw = {k: base[k] * float(f) for k, f in zip(shapes, factors)}
+    target = density * sum(numels.values())
+    dense: set[str] = set()
+    while True:
+        free = [k for k in shapes if k not in dense]
+        scale = (target - sum(numels[k] for k in dense)) / max(sum(raw[k] for k in free), 1e-12)
+        over = [k for k in free if raw[k] * scale > numels[k]]
+        if not over or len(over) == len(free):
+            break
+        dense.update(over)
+    dens = {k: 1.0 if k in dense else min(1.0, raw[k] * scale / numels[k]) for k in shapes}
+    return round_counts(shapes, dens, density)
 
 
 def random_masks(shapes: Mapping[str, tuple[int, ...]], counts: Mapping[str, int],

@@ -8,7 +8,7 @@ from fedmef_core.client import local_train
 from fedmef_core.config import parse_config
 from fedmef_core.data import load_dataset, partition_indices
 from fedmef_core.device import resolve_device
-from fedmef_core.engine import Server, run_rounds
+from fedmef_core.engine import Server, local_executor, run_rounds
 from fedmef_core.models import prunable_weights
 from fedmef_core.sparse import smallest_active
 from tests.conftest import tiny_raw
@@ -283,3 +283,61 @@ def test_nsconv_effective_weights_follow_the_mask(data):
             assert torch.count_nonzero(conv.standardized_weight()[outside]) == 0, name
             checked += 1
     assert checked >= 1
+
+
+@pytest.mark.parametrize("method", ["fedtiny", "fedmef"])
+def test_adaptive_bn_selection_keeps_the_candidate_with_the_lowest_weighted_loss(method, data):
+    config = _config(method, bn_select=True, bn_candidates=4)
+    server = _server(config, data)
+    candidates = [{k: m.clone() for k, m in c.items()} for c in server.state["candidates"]]
+    # candidate 0 is the mask the method starts from without selection (same seed)
+    plain = _server(_config(method), data).state["masks"]
+    assert all(torch.equal(candidates[0][k], plain[k]) for k in plain)
+    total = sum(m.numel() for m in plain.values())
+    want = round(config.pruning.density * total)
+    assert all(sum(int(m.sum()) for m in c.values()) == want for c in candidates)
+    assert any(any(int(c[k].sum()) != int(plain[k].sum()) for k in plain) for c in candidates[1:])
+
+    answers = []
+    executor = local_executor(server)
+    server_metrics = server.setup(lambda b, clients: answers.extend(executor(b, clients)) or answers)
+
+    n = torch.tensor([float(r.num_samples) for r in answers], dtype=torch.float64)
+    losses = torch.stack([r.upload["loss"] for r in answers])
+    assert losses.shape == (config.federation.clients_per_round, 4) and torch.all(losses > 0)
+    weighted = (losses * n[:, None]).sum(0) / n.sum()
+    best = int(torch.argmin(weighted))
+    assert server_metrics["bn_select/chosen"] == best
+    assert server_metrics[f"bn_select/loss_{best}"] == pytest.approx(float(weighted.min()))
+    assert "candidates" not in server.state
+    assert all(torch.equal(server.state["masks"][k], candidates[best][k]) for k in plain)
+    weights = prunable_weights(server.model)
+    assert all(torch.all(weights[k][~m] == 0) for k, m in server.state["masks"].items())
+    # the global BatchNorm statistics are the clients' adapted ones for that candidate, averaged
+    name = next(k for k in server.model.state_dict() if k.endswith("running_mean"))
+    expect = sum(r.upload["buffers"][best][name].double() * r.num_samples for r in answers) / n.sum()
+    torch.testing.assert_close(server.model.state_dict()[name].double(), expect, rtol=1e-5, atol=1e-6)
+    assert server.setup(executor) == {}  # once only
+
+
+def test_bn_selection_runs_before_round_one_and_is_reproducible(data):
+    config = _config("fedtiny", bn_select=True, bn_candidates=3)
+    seen = []
+    first = run_rounds(_server(config, data), on_round=lambda r, m: seen.append(r))
+    assert seen == [0, 1, 2]
+    again = run_rounds(_server(config, data))
+    assert [h["accuracy"] for h in first] == [h["accuracy"] for h in again]
+
+
+@pytest.mark.parametrize(("pruning", "model", "needle"), [
+    ({"method": "feddst", "bn_select": True}, {}, "needs pruning.method fedtiny or fedmef"),
+    ({"method": "fedmef", "bn_select": True}, {"norm": "nsconv"}, "no BatchNorm"),
+])
+def test_bn_selection_config_errors_name_the_fix(pruning, model, needle):
+    from fedmef_core.config import ConfigError
+
+    raw = tiny_raw()
+    raw["pruning"], raw["model"] = pruning, model
+    with pytest.raises(ConfigError, match=needle) as err:
+        parse_config(raw)
+    assert "bn_select: false" in str(err.value) and "got {" not in str(err.value)

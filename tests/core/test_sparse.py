@@ -13,6 +13,7 @@ from fedmef_core.sparse import (
     is_adjust_round,
     mask_gradients,
     move_count,
+    perturbed_counts,
     prune,
     prune_and_grow,
     random_masks,
@@ -118,3 +119,16 @@ def test_schedule():
 def test_sparse_bytes_takes_the_cheaper_index():
     assert sparse_bytes(10, 1000) == 40 + 40
     assert sparse_bytes(500, 1000) == 2000 + 125
+
+
+@pytest.mark.parametrize("distribution", ["erk", "uniform"])
+def test_perturbed_counts_keep_the_global_density_and_vary_the_layers(distribution):
+    shapes = {"conv1": (16, 1, 3, 3), "conv2": (32, 16, 3, 3), "conv3": (64, 32, 3, 3), "fc": (10, 1024)}
+    base = active_counts(shapes, 0.1, distribution)
+    g = torch.Generator().manual_seed(0)
+    draws = [perturbed_counts(shapes, 0.1, distribution, g) for _ in range(5)]
+    for counts in draws:
+        assert sum(counts.values()) == sum(base.values())
+        assert all(1 <= counts[k] <= math.prod(s) for k, s in shapes.items())
+    assert any(counts != base for counts in draws)
+    assert len({tuple(c.values()) for c in draws}) > 1

@@ -55,3 +55,25 @@ def test_pipeline_flow_runs_partition_train_evaluate(prefect_harness, tracked_co
     plots = {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/partition.png", "plots/accuracy.png", "plots/confusion.png"} <= plots
     assert rt.workers == 2
+
+
+def test_train_flow_runs_fedtiny_bn_selection_as_client_tasks(prefect_harness, tmp_path):
+    """The setup exchange goes through the same client tasks as the rounds and is tracked at step 0."""
+    from flows.train import train_flow
+    from tests.conftest import prepare_run, uninterrupted_metrics
+
+    _, config = prepare_run(tmp_path, rounds=2)
+    raw = config.model_dump(mode="json")
+    raw["pruning"] = {"method": "fedtiny", "bn_select": True, "bn_candidates": 3, "adjust_interval": 1,
+                      "adjust_until": 2}
+    config = parse_config(raw)
+    summary = train_flow(config)
+    rows = (tmp_path / "metrics" / "rounds.csv").read_text().strip().splitlines()[1:]
+    assert [(int(r.split(",")[0]), float(r.split(",")[1]), float(r.split(",")[2])) for r in rows] == (
+        uninterrupted_metrics(config)
+    )
+    client = MlflowClient(config.tracking.mlflow_uri)
+    chosen = client.get_metric_history(summary["mlflow_run_id"], "bn_select/chosen")
+    assert [m.step for m in chosen] == [0] and chosen[0].value in (0.0, 1.0, 2.0)
+    losses = [client.get_metric_history(summary["mlflow_run_id"], f"bn_select/loss_{i}")[0].value for i in range(3)]
+    assert min(losses) == losses[int(chosen[0].value)]
