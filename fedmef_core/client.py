@@ -14,7 +14,7 @@ from torch import nn
 from fedmef_core.algorithms import ClientResult, FederatedAlgorithm, build_algorithm
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import ImageData, iterate_batches
-from fedmef_core.device import seed_from
+from fedmef_core.device import autocast, grad_scaler, seed_from
 from fedmef_core.errors import UserError
 from fedmef_core.models import build_model
 from fedmef_core.sap import apply_sap, resolve_sap
@@ -63,6 +63,7 @@ def local_train(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=fed.momentum, weight_decay=fed.weight_decay
     )
+    scaler = grad_scaler(device, fed.precision)
     total_steps = fed.local_epochs * math.ceil(len(indices) / fed.batch_size)
     step, loss_sum, seen = 0, 0.0, 0
     for _ in range(fed.local_epochs):
@@ -74,17 +75,20 @@ def local_train(
             for group in optimizer.param_groups:
                 group["lr"] = algorithm.step_lr(lr, step, total_steps, model, payload)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            extra = algorithm.extra_loss(model, payload)
+            with autocast(device, fed.precision):
+                loss = F.cross_entropy(model(x), y)
+                extra = algorithm.extra_loss(model, payload)
             objective = loss if extra is None else loss + extra
             if not torch.isfinite(objective):
                 raise NonFiniteLossError(
                     f"client {client_id}: loss became {objective.item()} at local step {step}; "
                     "lower federation.lr or check the data"
                 )
-            objective.backward()
+            scaler.scale(objective).backward()
+            scaler.unscale_(optimizer)  # hooks see true gradients
             algorithm.on_before_step(model, payload)
-            optimizer.step()
+            scaler.step(optimizer)  # skipped (and the scale lowered) when an fp16 gradient overflowed
+            scaler.update()
             algorithm.on_after_step(model, payload)
             loss_sum += loss.item() * len(y)
             seen += len(y)

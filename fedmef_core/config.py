@@ -72,6 +72,11 @@ class FederationConfig(_Section):
     min_clients: int = Field(
         1, ge=1, description="A round needs at least this many successful client updates, else the run stops."
     )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Local training arithmetic: fp32, or mixed precision with autocast to bfloat16 or float16 "
+        "(fp16 adds gradient scaling). Weights, optimizer and aggregation stay fp32.",
+    )
 
     @model_validator(mode="after")
     def _k_at_most_n(self) -> FederationConfig:

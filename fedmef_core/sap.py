@@ -151,7 +151,8 @@ class _Conv2d(Function):
         shape, dtype, (stride, padding, dilation, groups), sap, weight_fn, plain = ctx.meta
         values, positions, weight, *tensor_args = ctx.saved_tensors
         wargs = [t if t is not None else a for t, a in zip(tensor_args, plain)]
-        x = _unpack(values, positions, sap, shape, dtype)
+        compute = grad_out.dtype  # the forward's dtype: lower than the input's under autocast
+        x = _unpack(values, positions, sap, shape, dtype).to(compute)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_wargs = ctx.needs_input_grad[6:]
         w_graph = None
@@ -164,11 +165,16 @@ class _Conv2d(Function):
                            for a, n in zip(wargs, need_wargs)]
                 w_graph = weight_fn(*leaves)
             w = w_graph.detach()
+        w = w.to(compute)
         any_w = need_w or any(need_wargs)
         gx, gw, gb = torch.ops.aten.convolution_backward(
             grad_out, x, w, ctx.bias_shape, list(stride), list(padding), list(dilation), False, [0, 0],
             groups, [need_x, any_w, need_b and ctx.bias_shape is not None],
         )
+        gx = None if gx is None else gx.to(dtype)
+        gb = None if gb is None else gb.to(weight.dtype)
+        if gw is not None:
+            gw = gw.to(weight.dtype)
         grads_wargs = [None] * len(wargs)
         if weight_fn is not None and any_w:
             inputs = [(i, t) for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -197,12 +203,13 @@ class _Linear(Function):
         values, positions, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        gx = (grad_out @ weight) if need_x else None
+        compute = grad_out.dtype  # the forward's dtype: lower than the input's under autocast
+        gx = (grad_out @ weight.to(compute)).to(dtype) if need_x else None
         gw = None
         if need_w:
-            x = _unpack(values, positions, sap, shape, dtype)
-            gw = g2.t() @ x.reshape(-1, shape[-1])
-        gb = g2.sum(0) if (need_b and has_bias) else None
+            x = _unpack(values, positions, sap, shape, dtype).to(compute)
+            gw = (g2.t() @ x.reshape(-1, shape[-1])).to(weight.dtype)
+        gb = g2.sum(0).to(weight.dtype) if (need_b and has_bias) else None
         return gx, gw, gb, None
 
 

@@ -212,3 +212,43 @@ def test_kth_largest_is_exact_on_big_tensors(k_frac):
     n = values.numel()
     for k in {1, max(1, int(k_frac * n)), n - 1}:
         assert kth_largest(values, k) == torch.kthvalue(values, n - k + 1).values
+
+
+@pytest.mark.parametrize("norm", ["batch", "nsconv"])
+def test_sap_under_autocast_matches_plain_layers_under_autocast(norm):
+    """Mixed precision: with nothing dropped, SAP layers give the same gradients as plain ones, fp32 grads."""
+    from fedmef_core.config import ModelConfig
+    from fedmef_core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="cnn", norm=norm), 1, 10, 28)
+    plain = copy.deepcopy(model)
+    apply_sap(model, SapConfig(gamma=0.0, value_dtype="float32"))
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for net in (model, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+    for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert p.grad.dtype == torch.float32, n
+        torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-3, msg=n)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("method", ["fedavg", "fedmef"])
+def test_mixed_precision_training_tracks_fp32_and_keeps_fp32_weights(tmp_path, precision, method):
+    raw = tiny_raw(tmp_path)
+    raw["federation"]["rounds"] = 2
+    raw["pruning"] = {"method": method, "adjust_interval": 1, "adjust_until": 2}  # fedmef: SAP and BaE on
+    reference = _history(parse_config(raw))
+    raw["federation"]["precision"] = precision
+    config = parse_config(raw)
+    train, test = load_dataset(config.data)
+    parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
+    server = Server(config, train, test, parts, resolve_device("cpu"))
+    got = [(h["round"], h["accuracy"], h["loss"], h["train_loss"]) for h in run_rounds(server)]
+    assert all(v.dtype in (torch.float32, torch.int64) for v in server.model.state_dict().values())
+    assert got != reference  # autocast really ran in lower precision
+    for (_, _, loss, train_loss), (_, _, ref_loss, ref_train) in zip(got, reference):
+        assert abs(loss - ref_loss) < 0.1 and abs(train_loss - ref_train) < 0.1
+    assert abs(got[-1][1] - reference[-1][1]) < 0.05
