@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmef_core.checkpoint import save_checkpoint
+from fedmef_core.models import prunable_weights
 from fedmef_core.plots import plot_accuracy_with_adjustments, plot_layer_density
 from fedmef_core.sparse import layer_densities
 
@@ -31,13 +32,13 @@ def save_adjusted_masks(server: Any, rnd: int, metrics: dict[str, float], checkp
 
 
 def write_mask_plots(server: Any, plots_dir: str | Path, tracker: Any = None, title: str = "") -> list[Path]:
-    """`density.png` (per-layer density of the final mask) and `accuracy_adjustments.png`."""
+    """`density.png` (per-layer density of the final mask) and `accuracy_adjustments.png`; a dense
+    model's density plot is all ones (every method writes both: they are stage outputs)."""
     masks = server.state.get("masks")  # only the sparse methods keep masks
-    if masks is None:
-        return []
+    densities = layer_densities(masks) if masks is not None else dict.fromkeys(prunable_weights(server.model), 1.0)
     plots_dir = Path(plots_dir)
     paths = [plots_dir / "density.png", plots_dir / "accuracy_adjustments.png"]
-    plot_layer_density(layer_densities(masks), paths[0], title=f"{title} per-layer density".strip())
+    plot_layer_density(densities, paths[0], title=f"{title} per-layer density".strip())
     plot_accuracy_with_adjustments(server.history, paths[1], title=title)
     if tracker is not None:
         for p in paths:

@@ -64,8 +64,9 @@ def _prefect_table(report: MemoryReport, config: ExperimentConfig) -> None:
 
 
 def log_memory_report(config: ExperimentConfig, model: nn.Module, data: ImageData, device: torch.device,
-                      tracker: Tracker) -> MemoryReport:
-    """Measure, write ``metrics/memory.json`` and ``plots/memory.png``, log them to MLflow and Prefect."""
+                      tracker: Tracker | None) -> MemoryReport:
+    """Measure, write ``metrics/memory.json`` and ``plots/memory.png``, log them to MLflow (unless
+    `tracker` is None: a resumed run logged them when it started) and Prefect."""
     report = client_step_report(config, model, data, device)
     rt = config.runtime
     json_path = Path(rt.metrics_dir) / "memory.json"
@@ -74,8 +75,9 @@ def log_memory_report(config: ExperimentConfig, model: nn.Module, data: ImageDat
     label = f"{config.pruning.method}\n{config.model.arch}/{config.model.norm}"
     plot_memory_parts({"one client step": {label: report.parts()}}, png_path,
                       title=f"batch {report.batch_size}, {device.type}")
-    tracker.log_metrics(report.metrics(), step=0)
-    tracker.log_artifact(json_path)
-    tracker.log_artifact(png_path, "plots")
+    if tracker is not None:
+        tracker.log_metrics(report.metrics(), step=0)
+        tracker.log_artifact(json_path)
+        tracker.log_artifact(png_path, "plots")
     _prefect_table(report, config)
     return report

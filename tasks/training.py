@@ -176,11 +176,13 @@ def run_training(config: ExperimentConfig, run_name: str = "train") -> dict:
     if resumed is not None:
         server.restore(resumed)
         print(f"resuming from round {server.round} (checkpoint in {rt.checkpoints_dir})", flush=True)
-    if tracker.run_id:
-        tracker.reopen()
-    else:
+    fresh = not tracker.run_id
+    if fresh:
         tracker.start(config, run_name=run_name)
-        log_memory_report(config, server.model, train, device, tracker)  # once, at the start
+    else:
+        tracker.reopen()
+    # the files are stage outputs, so every run writes them; MLflow gets them once, at the start
+    log_memory_report(config, server.model, train, device, tracker if fresh else None)
     dropped: dict[int, int] = {}
     metrics_dir, plots_dir = Path(rt.metrics_dir), Path(rt.plots_dir)
     total = config.federation.rounds

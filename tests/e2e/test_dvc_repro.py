@@ -91,6 +91,8 @@ def test_repro_again_does_nothing_then_rounds_change_reruns_train_and_evaluate(r
     second = _sh(["dvc", "repro"], path, env)
     assert "Running stage" not in second, second
     assert "Data and pipelines are up to date" in _sh(["dvc", "status"], path, env)
+    shown = _sh(["dvc", "metrics", "show"], path, env)
+    assert "metrics/memory.json" in shown and "metrics/train.json" in shown
 
     _write_params(path, rounds=3)
     third = _sh(["dvc", "repro"], path, env)

@@ -38,10 +38,16 @@ def test_masks_saved_at_adjustments_and_plots_written(tmp_path):
     assert [w for _, w in tracker.artifacts] == ["masks", "plots", "plots"]
 
 
-def test_dense_fedavg_writes_no_masks(tmp_path):
+def test_dense_fedavg_writes_no_masks_but_the_plots_dvc_expects(tmp_path):
+    from fedmef_core.config import ModelConfig
+    from fedmef_core.models import build_model
+
     class S:
         state: dict = {}
-        history: list = []
+        history: list = [{"round": 1, "accuracy": 0.5, "loss": 1.0, "train_loss": 1.0}]
+        model = build_model(ModelConfig(), 1, 10, 28)
 
     assert save_adjusted_masks(S(), 1, {"adjusted": 1.0}, tmp_path) is None
-    assert write_mask_plots(S(), tmp_path) == []
+    paths = write_mask_plots(S(), tmp_path)
+    assert [p.name for p in paths] == ["density.png", "accuracy_adjustments.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
