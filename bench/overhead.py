@@ -1,10 +1,12 @@
 """Time per round three ways: the bare fedmef_core loop, the Prefect train flow with MLflow tracking
 (local runner), and the same flow on a local Ray cluster.
 
-    python bench/overhead.py [--rounds 5] [--params params.yaml]
+    python bench/overhead.py [--rounds 5] [--repeats 2] [--params params.yaml]
 
 Prints a table and writes bench/results/overhead.json. The default experiment's config is used with
-`federation.rounds` lowered; every way runs the same rounds, so the comparison is like for like.
+`federation.rounds` lowered; every way runs the same rounds, so the comparison is like for like. The
+ways run in turn, `--repeats` times, and the median is reported: on a shared machine the speed of the
+same loop drifts by 10-20% over minutes, as much as the overhead being measured.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -64,26 +67,32 @@ def flow(config) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="run the ways in turn this many times and report the median (a shared machine drifts)")
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args()
-    results: dict[str, float] = {}
+    ways = {"bare fedmef_core loop": (bare, {}), "Prefect flow + MLflow (local)": (flow, {})}
+    if not args.skip_ray:
+        ways["Prefect flow + MLflow (Ray, 2 workers)"] = (flow, {"runner": "ray", "workers": 2})
+    samples: dict[str, list[float]] = {name: [] for name in ways}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))
-        results["bare fedmef_core loop"] = bare(_config(args.params, args.rounds, work / "bare"))
-        local = prepared(_config(args.params, args.rounds, work / "flow"))
-        results["Prefect flow + MLflow (local)"] = flow(local)
-        if not args.skip_ray:
-            on_ray = prepared(_config(args.params, args.rounds, work / "ray", runner="ray", workers=2))
-            results["Prefect flow + MLflow (Ray, 2 workers)"] = flow(on_ray)
+        for rep in range(args.repeats):
+            for i, (name, (run, runtime)) in enumerate(ways.items()):
+                config = prepared(_config(args.params, args.rounds, work / f"{rep}-{i}", **runtime))
+                samples[name].append(run(config))
+                print(f"[repeat {rep + 1}/{args.repeats}] {name}: {samples[name][-1]:.2f} s/round", flush=True)
+    results = {name: statistics.median(values) for name, values in samples.items()}
     base = results["bare fedmef_core loop"]
-    print(f"\n{'way':<42}{'s/round':>10}{'vs bare':>10}")
+    print(f"\n{'way (median of ' + str(args.repeats) + ')':<42}{'s/round':>10}{'vs bare':>10}")
     for name, sec in results.items():
         print(f"{name:<42}{sec:>10.2f}{sec / base - 1:>+10.1%}")
     out = ROOT / "bench" / "results" / "overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rounds": args.rounds, "seconds_per_round": results}, indent=2) + "\n")
+    out.write_text(json.dumps({"rounds": args.rounds, "repeats": args.repeats, "seconds_per_round": results,
+                               "samples": samples}, indent=2) + "\n")
     print(f"\nwrote {out}")
 
 

@@ -170,7 +170,9 @@ class RayConfig(_Section):
 class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where clients train.")
     runner: Literal["local", "ray"] = Field(
-        "local", description="Where client updates run: threads of this process, or tasks on a Ray cluster."
+        "local",
+        description="Where client updates run: in this process (in the flow's own thread when `workers` is 1, "
+        "else a thread pool), or as tasks on a Ray cluster.",
     )
     workers: int = Field(1, ge=1, description="Client updates run concurrently by the task runner.")
     exchange_dir: str | None = Field(

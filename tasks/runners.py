@@ -12,11 +12,36 @@ from fedmef_core.errors import UserError
 Submit = Callable[[Any, dict[str, Any]], Any]  # (task, parameters) -> PrefectFuture
 
 
+class _Finished:
+    """A task run called in this thread (retries included), shaped like the future `submit` returns."""
+
+    def __init__(self, task: Any, parameters: dict[str, Any]):
+        self._value, self._error = None, None
+        try:
+            self._value = task(**parameters)
+        except Exception as exc:  # noqa: BLE001 - handed to whoever asks for the result, like a future
+            self._error = exc
+
+    def result(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _run_here(task: Any, parameters: dict[str, Any]) -> _Finished:
+    # torch trains about 20% slower in a pool thread than in the main thread (measured
+    # on CPU with the default experiment), so a single worker runs the task right here
+    return _Finished(task, parameters)
+
+
 @contextmanager
 def task_runner(config: ExperimentConfig) -> Iterator[Submit]:
     """Yield a `submit(task, parameters)` for `runtime.runner`."""
     if config.runtime.runner == "local":
-        yield lambda task, parameters: task.submit(**parameters)
+        if config.runtime.workers == 1:
+            yield _run_here  # one at a time: the flow's own thread, where torch runs fastest
+        else:
+            yield lambda task, parameters: task.submit(**parameters)
         return
     try:
         from prefect_ray import RayTaskRunner
