@@ -15,6 +15,7 @@ Dense ``fedavg`` is run once per seed and listed under density "1.0". By default
 
     python -m bench.accuracy --quick      # <= 15 min on 2 CPU cores
     python -m bench.accuracy              # the larger setting (hours on CPU)
+    python -m bench.accuracy --bae        # BaE on/off: fedtiny vs fedmef without SAP, large late adjustments
 
 ``--quick``: 20 clients, 4 per round, 8 rounds of 1 local epoch, the first 4000 training and 1000
 test images, adjustments every 2 rounds until round 6 (alpha 0.2), 3 seeds.
@@ -44,6 +45,11 @@ QUICK = {
                    "batch_size": 32, "lr": 0.05, "lr_final": 0.01},
     "pruning": {"adjust_interval": 2, "adjust_until": 6, "adjust_alpha": 0.2},
 }
+BAE_STUDY = {  # the quick data and clients; adjustments late and large enough for pruning to hurt
+    "data": QUICK["data"],
+    "federation": {**QUICK["federation"], "rounds": 12},
+    "pruning": {"adjust_interval": 3, "adjust_until": 11, "adjust_alpha": 0.6},
+}
 FULL = {
     "data": {},
     "federation": {"num_clients": 100, "clients_per_round": 10, "rounds": 50, "local_epochs": 2,
@@ -53,7 +59,7 @@ FULL = {
 
 
 def run_one(setting: dict, method: str, density: float, seed: int, sap: bool | None = None,
-            norm: str = "batch") -> dict:
+            norm: str = "batch", bn_select: bool = False) -> dict:
     """One training run; returns the final accuracy and the adjustment drops."""
     import torch
 
@@ -68,7 +74,8 @@ def run_one(setting: dict, method: str, density: float, seed: int, sap: bool | N
         "data": {"name": "fashion_mnist", **setting["data"]},
         "partition": {"scheme": "dirichlet", "alpha": 0.5, "min_samples": 10, "seed": seed},
         "federation": {**setting["federation"], "seed": seed},
-        "pruning": {"method": method, "density": density, **setting["pruning"]},
+        "pruning": {"method": method, "density": density, **setting["pruning"],
+                    "bn_select": bn_select and method in ("fedtiny", "fedmef")},
         "sap": {"enabled": sap},
         "model": {"arch": "cnn", "norm": norm},
         "tracking": {"enabled": False},
@@ -158,15 +165,27 @@ def main() -> None:
                         help="scaled activation pruning: auto = the config default (on for fedmef only)")
     parser.add_argument("--norm", choices=["batch", "nsconv"], default="batch",
                         help="normalisation of the CNN: BatchNorm, or NSConv (FedMef's 'scaled' part, no BN)")
+    parser.add_argument("--bn-select", action="store_true",
+                        help="fedtiny and fedmef choose their initial mask by adaptive BN selection (5 candidates)")
+    parser.add_argument("--bae", action="store_true",
+                        help="the BaE study: fedtiny vs fedmef without SAP (they differ only by BaE), 12 rounds, "
+                             "adjustments at rounds 3, 6, 9 moving 50%%, 26%%, 5%% of the active weights")
     args = parser.parse_args()
     setting = QUICK if args.quick else FULL
+    if args.bae:
+        setting = BAE_STUDY
+        if args.methods == METHODS:
+            args.methods = ["fedtiny", "fedmef"]
+        args.sap = "off"
+        if args.out == RESULTS / "accuracy.json":
+            args.out = RESULTS / "accuracy_bae.json"
     jobs = [(m, 1.0 if m == "fedavg" else d, s) for m in args.methods
             for d in ([1.0] if m == "fedavg" else args.densities) for s in range(args.seeds)]
     started = time.perf_counter()
     runs = []
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         sap = {"auto": None, "on": True, "off": False}[args.sap]
-        futures = [pool.submit(run_one, setting, m, d, s, sap, args.norm) for m, d, s in jobs]
+        futures = [pool.submit(run_one, setting, m, d, s, sap, args.norm, args.bn_select) for m, d, s in jobs]
         for i, f in enumerate(futures, 1):
             r = f.result()
             runs.append(r)
@@ -176,7 +195,8 @@ def main() -> None:
     table = summarise(runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(table, indent=2) + "\n")
-    plot(table, args.out.with_suffix(".png"), f"Fashion-MNIST, Dirichlet(0.5), {'quick' if args.quick else 'full'}")
+    name = "BaE study" if args.bae else "quick" if args.quick else "full"
+    plot(table, args.out.with_suffix(".png"), f"Fashion-MNIST, Dirichlet(0.5), {name}")
     print(f"\n{'method':<14} {'density':>7} {'accuracy':>16} {'post-adjust drop':>17} {'prune drop':>11}")
     for method, by_d in table.items():
         for d, v in sorted(by_d.items(), key=lambda kv: float(kv[0])):

@@ -13,8 +13,9 @@ density unchanged). Before round 1 the sampled clients, for every candidate, re-
 statistics of the masked initial model on their data, then report its loss on that data with those
 statistics, and upload loss and statistics. The server keeps the candidate with the lowest
 sample-weighted loss and starts from it, with its BatchNorm statistics averaged over the clients.
-Which candidates come first is the only approximation to FedTiny's candidate pool: positions are
-random, as a magnitude ranking of a freshly initialised model would be.
+FedTiny builds its pool by pruning the initial model with varied layer-wise ratios; here the positions
+are drawn at random, which is what a magnitude ranking of freshly initialised weights amounts to. The
+setup exchange's bytes are not counted in the communication metrics.
 """
 
 from __future__ import annotations
