@@ -78,19 +78,20 @@ def keep_mask(x: torch.Tensor, gamma: float) -> torch.Tensor:
     return mag >= kth_largest(mag.float(), k)
 
 
-def kth_largest(values: torch.Tensor, k: int, sample: int = 1 << 15, margin: float = 0.005) -> torch.Tensor:
-    """The exact k-th largest entry of a flat tensor (about 4x faster than ``kthvalue`` on big ones).
+def kth_largest(values: torch.Tensor, k: int, exact_below: int = 1 << 15) -> torch.Tensor:
+    """The exact k-th largest entry of a flat tensor (about 2x faster than ``kthvalue`` from 10^5 entries).
 
-    A strided sample brackets the answer (its quantile +- ``margin``); one counting pass checks the
-    bracket and ``kthvalue`` runs only on the ~2 * margin * n entries inside it. Falls back to the
-    full selection when the bracket misses. Deterministic (no random numbers).
+    A strided sample (n/32 entries, 2^11 to 2^15) brackets the answer: its quantile +- four standard
+    errors. One counting pass checks the bracket and ``kthvalue`` runs only on the few entries inside
+    it; when the bracket misses (rare) the full selection runs. Deterministic (no random numbers).
     """
     n = values.numel()
-    if n <= 8 * sample:
+    if n <= exact_below:
         return torch.kthvalue(values, n - k + 1).values
-    picked = torch.sort(values[:: n // sample]).values
+    picked = torch.sort(values[:: n // min(max(n // 32, 1 << 11), 1 << 15)]).values
     m = picked.numel() - 1
     q = 1.0 - k / n  # the answer's quantile
+    margin = 4 * math.sqrt(0.25 / m) + 1 / m
     lo = picked[max(0, math.floor((q - margin) * m))]
     hi = picked[min(m, math.ceil((q + margin) * m))]
     above = int((values > hi).sum())  # certainly larger than the answer

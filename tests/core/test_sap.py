@@ -206,12 +206,16 @@ def test_short_training_with_sap_runs_and_is_deterministic(tmp_path):
 
 
 @pytest.mark.parametrize("k_frac", [0.0, 0.3, 0.5, 0.97])
-def test_kth_largest_is_exact_on_big_tensors(k_frac):
+@pytest.mark.parametrize("size", [40_000, 100_352, 300_000])
+def test_kth_largest_is_exact_on_big_tensors(k_frac, size):
     g = torch.Generator().manual_seed(7)
-    values = torch.cat([torch.randn(300_000, generator=g).abs(), torch.zeros(100_000)])
+    values = torch.cat([torch.randn(size, generator=g).abs(), torch.zeros(size // 3)])
     n = values.numel()
     for k in {1, max(1, int(k_frac * n)), n - 1}:
         assert kth_largest(values, k) == torch.kthvalue(values, n - k + 1).values
+    ties = torch.randint(0, 50, (size,), generator=g).float()  # heavy ties: the bracket logic must hold
+    for k in (1, size // 3, size // 2, size - 1):
+        assert kth_largest(ties, k) == torch.kthvalue(ties, size - k + 1).values
 
 
 @pytest.mark.parametrize("norm", ["batch", "nsconv"])
