@@ -11,7 +11,7 @@ from fedmef_core.io import read_json
 
 def summary_text(params: str = "params.yaml") -> str:
     config = load_config(params)
-    metrics = Path(config.runtime.metrics_dir)
+    metrics, plots = Path(config.runtime.metrics_dir), Path(config.runtime.plots_dir)
     train, evaluation = read_json(metrics / "train.json"), read_json(metrics / "eval.json")
     uri = config.tracking.mlflow_uri
     lines = [
@@ -22,7 +22,7 @@ def summary_text(params: str = "params.yaml") -> str:
         f"rounds        {train['rounds']} ({train['seconds_per_round']:.2f} s/round, {train['seconds']:.0f} s total)",
         f"test accuracy {evaluation['accuracy']:.4f}   (loss {evaluation['loss']:.4f})",
         f"metrics       {metrics / 'train.json'}, {metrics / 'eval.json'}, {metrics / 'rounds.csv'}",
-        f"plots         {config.runtime.plots_dir}/ (partition.png, accuracy.png, confusion.png)",
+        f"plots         {config.runtime.plots_dir}/ ({', '.join(sorted(p.name for p in plots.glob('*.png')))})",
     ]
     if train.get("mlflow_run_id"):
         lines += [

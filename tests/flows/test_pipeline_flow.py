@@ -56,6 +56,13 @@ def test_pipeline_flow_runs_partition_train_evaluate(prefect_harness, tracked_co
     assert {"plots/partition.png", "plots/accuracy.png", "plots/confusion.png"} <= plots
     assert rt.workers == 2
 
+    from flows.summary import summary_text
+
+    (tmp_path / "params.yaml").write_text(tracked_config.to_yaml())
+    text = summary_text(str(tmp_path / "params.yaml"))
+    assert f"test accuracy {evaluation['accuracy']:.4f}" in text and train["mlflow_run_id"] in text
+    assert "accuracy.png, accuracy_adjustments.png, confusion.png, density.png, memory.png, partition.png" in text
+
 
 def test_train_flow_runs_fedtiny_bn_selection_as_client_tasks(prefect_harness, tmp_path):
     """The setup exchange goes through the same client tasks as the rounds and is tracked at step 0."""
