@@ -59,7 +59,7 @@ FULL = {
 
 
 def run_one(setting: dict, method: str, density: float, seed: int, sap: bool | None = None,
-            norm: str = "batch", bn_select: bool = False) -> dict:
+            norm: str = "batch", pruning: dict | None = None) -> dict:
     """One training run; returns the final accuracy and the adjustment drops."""
     import torch
 
@@ -74,8 +74,7 @@ def run_one(setting: dict, method: str, density: float, seed: int, sap: bool | N
         "data": {"name": "fashion_mnist", **setting["data"]},
         "partition": {"scheme": "dirichlet", "alpha": 0.5, "min_samples": 10, "seed": seed},
         "federation": {**setting["federation"], "seed": seed},
-        "pruning": {"method": method, "density": density, **setting["pruning"],
-                    "bn_select": bn_select and method in ("fedtiny", "fedmef")},
+        "pruning": {"method": method, "density": density, **setting["pruning"], **(pruning or {})},
         "sap": {"enabled": sap},
         "model": {"arch": "cnn", "norm": norm},
         "tracking": {"enabled": False},
@@ -167,6 +166,8 @@ def main() -> None:
                         help="normalisation of the CNN: BatchNorm, or NSConv (FedMef's 'scaled' part, no BN)")
     parser.add_argument("--bn-select", action="store_true",
                         help="fedtiny and fedmef choose their initial mask by adaptive BN selection (5 candidates)")
+    parser.add_argument("--bae-lambda", type=float, default=None,
+                        help="FedMef's extrusion-loss weight lambda (default: the config's, 0.01)")
     parser.add_argument("--bae", action="store_true",
                         help="the BaE study: fedtiny vs fedmef without SAP (they differ only by BaE), 12 rounds, "
                              "adjustments at rounds 3, 6, 9 moving 50%%, 26%%, 5%% of the active weights")
@@ -181,11 +182,19 @@ def main() -> None:
             args.out = RESULTS / "accuracy_bae.json"
     jobs = [(m, 1.0 if m == "fedavg" else d, s) for m in args.methods
             for d in ([1.0] if m == "fedavg" else args.densities) for s in range(args.seeds)]
+    def overrides(method: str) -> dict:
+        out: dict = {}
+        if args.bn_select and method in ("fedtiny", "fedmef"):
+            out["bn_select"] = True
+        if args.bae_lambda is not None and method == "fedmef":
+            out["bae_lambda"] = args.bae_lambda
+        return out
+
     started = time.perf_counter()
     runs = []
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         sap = {"auto": None, "on": True, "off": False}[args.sap]
-        futures = [pool.submit(run_one, setting, m, d, s, sap, args.norm, args.bn_select) for m, d, s in jobs]
+        futures = [pool.submit(run_one, setting, m, d, s, sap, args.norm, overrides(m)) for m, d, s in jobs]
         for i, f in enumerate(futures, 1):
             r = f.result()
             runs.append(r)
