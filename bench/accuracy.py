@@ -16,6 +16,8 @@ Dense ``fedavg`` is run once per seed and listed under density "1.0". By default
     python -m bench.accuracy --quick      # <= 15 min on 2 CPU cores
     python -m bench.accuracy              # the larger setting (hours on CPU)
     python -m bench.accuracy --bae        # BaE on/off: fedtiny vs fedmef without SAP, large late adjustments
+    python -m bench.accuracy --bae --methods fedmef --bae-lambda 1.0   # the extrusion weight swept
+    python -m bench.accuracy --quick --methods fedtiny fedmef --bn-select  # FedTiny's adaptive BN selection
 
 ``--quick``: 20 clients, 4 per round, 8 rounds of 1 local epoch, the first 4000 training and 1000
 test images, adjustments every 2 rounds until round 6 (alpha 0.2), 3 seeds.
@@ -182,6 +184,7 @@ def main() -> None:
             args.out = RESULTS / "accuracy_bae.json"
     jobs = [(m, 1.0 if m == "fedavg" else d, s) for m in args.methods
             for d in ([1.0] if m == "fedavg" else args.densities) for s in range(args.seeds)]
+
     def overrides(method: str) -> dict:
         out: dict = {}
         if args.bn_select and method in ("fedtiny", "fedmef"):
