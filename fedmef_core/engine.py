@@ -69,9 +69,11 @@ class Server:
         return fed.lr * (fed.lr_final / fed.lr) ** frac
 
     def broadcast(self, rnd: int) -> Broadcast:
-        state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         payload = self.algorithm.round_payload(rnd, self.model, self.state)
-        return Broadcast(round=rnd, lr=self.lr_for_round(rnd), state=state, payload=payload)
+        return Broadcast(round=rnd, lr=self.lr_for_round(rnd), state=self._weights_copy(), payload=payload)
+
+    def _weights_copy(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def finish_round(self, rnd: int, results: list[ClientResult], seconds: float) -> dict[str, float]:
         results = sorted(results, key=lambda r: r.client_id)  # aggregation order never depends on timing
@@ -100,8 +102,7 @@ class Server:
         payload = self.algorithm.setup_payload(self.model, self.state)
         if self.round > 0 or not payload:
             return {}
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        results = executor(Broadcast(round=0, lr=0.0, state=weights, payload={SETUP_KEY: payload}),
+        results = executor(Broadcast(round=0, lr=0.0, state=self._weights_copy(), payload={SETUP_KEY: payload}),
                            self.sample_clients(0))
         metrics = self.algorithm.finish_setup(self.model, sorted(results, key=lambda r: r.client_id), self.state)
         self.algorithm.bind_state(self.model, self.state)

@@ -43,12 +43,11 @@ class FedTiny(MaskedAlgorithm):
         p = self.config.pruning
         if not p.bn_select:
             return super().init_server_state(model, generator)
-        state = super().init_server_state(copy.deepcopy(model), generator)  # candidate 0, weights kept dense
+        first = self.initial_masks(model, generator)  # the mask used without selection; weights stay dense
         shapes = shapes_of(prunable_weights(model))
         others = [random_masks(shapes, perturbed_counts(shapes, p.density, p.distribution, generator), generator)
                   for _ in range(p.bn_candidates - 1)]
-        state["candidates"] = [state["masks"], *others]
-        return state
+        return {"masks": first, "candidates": [first, *others]}
 
     def setup_payload(self, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
         return {"candidates": state["candidates"]} if "candidates" in state else {}

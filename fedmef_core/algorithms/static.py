@@ -84,12 +84,15 @@ class MaskedAlgorithm(FederatedAlgorithm):
 
     # ---- server ------------------------------------------------------------------------------
     def init_server_state(self, model: nn.Module, generator: torch.Generator) -> dict[str, Any]:
-        weights = prunable_weights(model)
-        shapes = shapes_of(weights)
-        p = self.config.pruning
-        masks = random_masks(shapes, active_counts(shapes, p.density, p.distribution), generator)
-        apply_masks(weights, masks)
+        masks = self.initial_masks(model, generator)
+        apply_masks(prunable_weights(model), masks)
         return {"masks": masks}
+
+    def initial_masks(self, model: nn.Module, generator: torch.Generator) -> Masks:
+        """A random mask with the configured per-layer densities (ERK or uniform)."""
+        shapes = shapes_of(prunable_weights(model))
+        p = self.config.pruning
+        return random_masks(shapes, active_counts(shapes, p.density, p.distribution), generator)
 
     def bind_state(self, model: nn.Module, state: dict[str, Any]) -> None:
         attach_masks(model, state["masks"])  # zeroed weights alone do not make an NSConv sparse

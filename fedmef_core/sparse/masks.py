@@ -17,13 +17,19 @@ Masks = dict[str, torch.Tensor]
 
 def erk_densities(shapes: Mapping[str, tuple[int, ...]], density: float) -> dict[str, float]:
     """Erdős–Rényi-Kernel densities: ``d_l ∝ sum(dims_l) / prod(dims_l)``, scaled so that the
-    global density over all weights is ``density``. A layer whose density would exceed 1 is kept
-    dense and the remaining budget is redistributed over the other layers.
+    global density over all weights is ``density`` (see :func:`fit_densities`).
     """
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
+    return fit_densities(shapes, {k: sum(s) / math.prod(s) for k, s in shapes.items()}, density)
+
+
+def fit_densities(shapes: Mapping[str, tuple[int, ...]], raw: Mapping[str, float],
+                  density: float) -> dict[str, float]:
+    """Per-layer densities proportional to ``raw``, scaled so that the global density is ``density``.
+    A layer whose density would exceed 1 is kept dense and the remaining budget is redistributed over
+    the other layers."""
     numels = {k: math.prod(s) for k, s in shapes.items()}
-    raw = {k: sum(s) / math.prod(s) for k, s in shapes.items()}
     target = density * sum(numels.values())
     dense: set[str] = set()
     while True:
@@ -80,21 +86,10 @@ def perturbed_counts(shapes: Mapping[str, tuple[int, ...]], density: float, dist
     [1/spread, spread], rescaled so the global density is still exactly ``density`` (a layer that
     would exceed 1 is kept dense and its excess spread over the others)."""
     base = active_counts(shapes, density, distribution)
-    numels = {k: math.prod(s) for k, s in shapes.items()}
     factors = torch.exp((torch.rand(len(shapes), generator=generator, dtype=torch.float64) * 2 - 1)
                         * math.log(spread))
-    raw = {k: base[k] * float(f) for k, f in zip(shapes, factors)}
-    target = density * sum(numels.values())
-    dense: set[str] = set()
-    while True:
-        free = [k for k in shapes if k not in dense]
-        scale = (target - sum(numels[k] for k in dense)) / max(sum(raw[k] for k in free), 1e-12)
-        over = [k for k in free if raw[k] * scale > numels[k]]
-        if not over or len(over) == len(free):
-            break
-        dense.update(over)
-    dens = {k: 1.0 if k in dense else min(1.0, raw[k] * scale / numels[k]) for k in shapes}
-    return round_counts(shapes, dens, density)
+    raw = {k: base[k] * float(f) / math.prod(shapes[k]) for k, f in zip(shapes, factors)}
+    return round_counts(shapes, fit_densities(shapes, raw, density), density)
 
 
 def random_masks(shapes: Mapping[str, tuple[int, ...]], counts: Mapping[str, int],
