@@ -34,7 +34,7 @@ dataset:
 
 run: setup
 	dvc repro
-	python -m flows.summary
+	python -m flows.summary --set runtime.run_dir=.
 
 test: setup
 	python -m pytest -q
@@ -57,4 +57,4 @@ lint: setup
 	ruff check fedmef_core tasks flows tests
 
 clean:
-	rm -rf data/partitions checkpoints metrics plots mlflow.db mlartifacts
+	rm -rf data/partitions checkpoints metrics plots runs mlflow.db mlartifacts

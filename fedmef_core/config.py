@@ -50,17 +50,18 @@ class PartitionConfig(_Section):
 
 class ModelConfig(_Section):
     arch: Literal["cnn", "resnet18", "mobilenetv2"] = Field("cnn", description="Network architecture.")
-    norm: Literal["batch", "nsconv"] = Field(
-        "batch",
+    norm: Literal["auto", "batch", "nsconv"] = Field(
+        "auto",
         description="Normalisation: BatchNorm layers, or none at all with every conv a normalized sparse "
-        "convolution (NSConv, FedMef's weight-standardized conv).",
+        "convolution (NSConv, FedMef's weight-standardized conv). auto = the method's own: NSConv for fedmef "
+        "(as in the paper), BatchNorm for the others.",
     )
 
 
 class FederationConfig(_Section):
     num_clients: int = Field(100, ge=1, description="N: clients holding disjoint shards.")
     clients_per_round: int = Field(10, ge=1, description="K: clients sampled each round.")
-    rounds: int = Field(20, ge=1, description="R: communication rounds.")
+    rounds: int = Field(16, ge=1, description="R: communication rounds.")
     local_epochs: int = Field(2, ge=1, description="E: local epochs per round.")
     batch_size: int = Field(32, ge=1, description="B: local mini-batch size.")
     optimizer: Literal["sgd"] = Field("sgd", description="Local optimizer.")
@@ -96,18 +97,18 @@ PruningMethod = Literal["fedavg", "fedavg_static", "prunefl", "feddst", "fedtiny
 
 class PruningConfig(_Section):
     method: PruningMethod = Field(
-        "fedavg",
+        "fedmef",
         description="Federated (pruning) method: fedavg is dense; the others train a sparse model at `density`.",
     )
     density: float = Field(
         0.1, gt=0, le=1,
-        description="d: fraction of prunable (Conv2d/Linear) weights kept. Ignored by the dense `fedavg`.",
+        description="d: fraction of prunable (Conv2d/Linear) weights kept. The dense `fedavg` runs (and logs) 1.0.",
     )
     distribution: Literal["erk", "uniform"] = Field(
         "erk", description="Per-layer densities: Erdos-Renyi-Kernel (ERK) or the same in every layer."
     )
-    adjust_interval: int = Field(10, ge=1, description="Delta R: rounds between mask adjustments.")
-    adjust_until: int = Field(300, ge=0, description="R_end: no adjustment after this round.")
+    adjust_interval: int = Field(4, ge=1, description="Delta R: rounds between mask adjustments.")
+    adjust_until: int = Field(12, ge=0, description="R_end: no adjustment after this round.")
     adjust_alpha: float = Field(0.2, ge=0, le=1, description="alpha: initial fraction of weights moved.")
     bae_lambda: float = Field(0.01, ge=0, description="FedMef BaE: lambda, weight of the extrusion loss.")
     bae_norm: Literal["l2", "squared_l2"] = Field(
@@ -133,8 +134,8 @@ class PruningConfig(_Section):
 class SapConfig(_Section):
     enabled: bool | None = Field(
         None,
-        description="Scaled activation pruning (SAP) in local training. null = auto: on for method fedmef, "
-        "off otherwise.",
+        description="Scaled activation pruning (SAP) in local training. null = auto: the method's own (on for "
+        "fedmef, off for the others).",
     )
     gamma: float = Field(
         0.5, ge=0, lt=1, description="gamma: fraction of each Conv2d/Linear input dropped from the saved activations."
@@ -143,10 +144,11 @@ class SapConfig(_Section):
         "float16", description="Dtype of the kept activation values (the authors use float16)."
     )
     positions: Literal["index", "bitmap"] = Field(
-        "index", description="Positions of kept values: int32 indices (authors) or a 1-bit-per-entry bitmap."
+        "bitmap", description="Positions of kept values: a 1-bit-per-entry bitmap, or int32 indices (the authors')."
     )
     relu_bitmask: bool = Field(
-        False, description="ReLU/ReLU6 save a 1-bit mask for backward instead of their full output."
+        True, description="ReLU/ReLU6 save a 1-bit mask for backward instead of their full output (the authors' "
+        "code keeps the full output: false)."
     )
 
 
@@ -175,6 +177,12 @@ class RuntimeConfig(_Section):
         "else a thread pool), or as tasks on a Ray cluster.",
     )
     workers: int = Field(1, ge=1, description="Client updates run concurrently by the task runner.")
+    run_dir: str | None = Field(
+        None,
+        description="Folder of this run's checkpoints, metrics and plots (the *_dir paths below are relative to "
+        "it). null: runs/<method>-<arch>-d<density>-s<seed>-<config digest>, one folder per experiment; the DVC "
+        "stages use '.'.",
+    )
     exchange_dir: str | None = Field(
         None,
         description="Folder for per-round weight files passed to workers (null: a temp folder); "
@@ -186,10 +194,12 @@ class RuntimeConfig(_Section):
     )
     checkpoint_every: int = Field(5, ge=1, description="Write a checkpoint every N rounds (and at the end).")
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and at the end).")
-    partitions_dir: str = Field("data/partitions", description="Where the partition is written.")
-    checkpoints_dir: str = Field("checkpoints", description="Where checkpoints are written.")
-    metrics_dir: str = Field("metrics", description="Where metrics JSON/CSV are written.")
-    plots_dir: str = Field("plots", description="Where PNG plots are written.")
+    partitions_dir: str = Field(
+        "data/partitions", description="Where the partition (client indices, statistics, heat map) is written."
+    )
+    checkpoints_dir: str = Field("checkpoints", description="Where checkpoints are written (inside run_dir).")
+    metrics_dir: str = Field("metrics", description="Where metrics JSON/CSV are written (inside run_dir).")
+    plots_dir: str = Field("plots", description="Where PNG plots are written (inside run_dir).")
 
 
 class ExperimentConfig(_Section):
@@ -203,10 +213,31 @@ class ExperimentConfig(_Section):
     runtime: RuntimeConfig = RuntimeConfig()
     ray: RayConfig = RayConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_method_defaults(cls, data: Any) -> Any:
+        """`model.norm: auto` and `sap.enabled: null` become what the method runs (the method declares
+        it: NSConv and SAP for fedmef, as in the paper), and a dense method's density becomes 1.0 — so a
+        validated config, and everything logged from it, says what ran."""
+        if not isinstance(data, dict):
+            return data
+        method = _value(data.get("pruning"), "method", PruningConfig.model_fields["method"].default)
+        traits = method_traits(method)
+        if traits is None:
+            return data  # an unknown method: the field's own validation names it
+        data = dict(data)
+        if _value(data.get("model"), "norm", "auto") == "auto":
+            data["model"] = _replaced(data.get("model"), norm=traits.norm)
+        if _value(data.get("sap"), "enabled", None) is None:
+            data["sap"] = _replaced(data.get("sap"), enabled=traits.sap)
+        if not traits.sparse:
+            data["pruning"] = _replaced(data.get("pruning"), density=1.0)
+        return data
+
     @model_validator(mode="after")
     def _bn_select_needs_bn(self) -> ExperimentConfig:
         if self.pruning.bn_select:
-            if self.pruning.method not in ("fedtiny", "fedmef"):
+            if not method_traits(self.pruning.method).selects_initial_mask:
                 raise ValueError(
                     f"pruning.bn_select is FedTiny's initial-mask selection: it needs pruning.method fedtiny or "
                     f"fedmef (got {self.pruning.method!r}); set pruning.bn_select: false"
@@ -231,6 +262,32 @@ class ExperimentConfig(_Section):
 
 
 RUN_ONLY_SECTIONS = ("tracking", "runtime", "ray")
+
+
+def method_traits(method: str):
+    """What `method` declares about itself (its algorithm class's `traits`), or None if unknown."""
+    from fedmef_core.algorithms import REGISTRY  # the algorithms import this module
+
+    cls = REGISTRY.get(method)
+    return None if cls is None else cls.traits
+
+
+def _value(section: Any, key: str, default: Any) -> Any:
+    """`key` of a raw section (a mapping, a section model or absent)."""
+    if isinstance(section, BaseModel):
+        return getattr(section, key)
+    if isinstance(section, dict):
+        return section.get(key, default)
+    return default
+
+
+def _replaced(section: Any, **values: Any) -> Any:
+    """A raw section with `values` set (a section model stays a model)."""
+    if isinstance(section, BaseModel):
+        return section.model_copy(update=values)
+    if section is not None and not isinstance(section, dict):
+        return section  # not a mapping: the section's own validation names it
+    return {**(section or {}), **values}
 
 
 def identity_of(dumped: dict[str, Any]) -> dict[str, Any]:

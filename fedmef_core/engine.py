@@ -57,6 +57,10 @@ class Server:
         self.last_eval: EvalResult | None = None
 
     # ---- one round ---------------------------------------------------------------------------
+    def pending_rounds(self) -> range:
+        """The rounds still to run (all of them, or those after a restored checkpoint)."""
+        return range(self.round + 1, self.config.federation.rounds + 1)
+
     def sample_clients(self, rnd: int) -> list[int]:
         fed = self.config.federation
         rng = np.random.default_rng([fed.seed, rnd])
@@ -161,7 +165,7 @@ def run_rounds(
     setup_metrics = server.setup(executor)
     if setup_metrics and on_round is not None:
         on_round(0, setup_metrics)
-    for rnd in range(server.round + 1, cfg.federation.rounds + 1):
+    for rnd in server.pending_rounds():
         start = time.perf_counter()
         results = executor(server.broadcast(rnd), server.sample_clients(rnd))
         metrics = server.finish_round(rnd, results, time.perf_counter() - start)

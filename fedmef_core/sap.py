@@ -37,11 +37,9 @@ WeightFn = Callable[..., torch.Tensor]
 
 
 def resolve_sap(config: ExperimentConfig) -> SapConfig | None:
-    """The SAP settings local training uses, or None. ``sap.enabled: null`` means on for fedmef only."""
-    enabled = config.sap.enabled
-    if enabled is None:
-        enabled = config.pruning.method == "fedmef"
-    return config.sap if enabled else None
+    """The SAP settings local training uses, or None (a validated config has resolved ``sap.enabled: null``
+    to the method's own choice)."""
+    return config.sap if config.sap.enabled else None
 
 
 # ---- bit packing ---------------------------------------------------------------------------------

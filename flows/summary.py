@@ -1,28 +1,32 @@
-"""Print a short summary of the last run: `python -m flows.summary`."""
+"""Print a short summary of a finished run: `python -m flows.summary [--params FILE] [--set k=v ...]`.
+
+`make run` asks for the DVC pipeline's run (`--set runtime.run_dir=.`); without it, the run folder is the
+one the config gives (`runs/<name>` by default).
+"""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from fedmef_core.config import ConfigError, load_config
+from fedmef_core.config import ConfigError, ExperimentConfig
 from fedmef_core.io import read_json
+from fedmef_core.runs import run_paths
+from flows.cli import config_from_args
 
 
-def summary_text(params: str = "params.yaml") -> str:
-    config = load_config(params)
-    metrics, plots = Path(config.runtime.metrics_dir), Path(config.runtime.plots_dir)
-    train, evaluation = read_json(metrics / "train.json"), read_json(metrics / "eval.json")
+def summary_text(config: ExperimentConfig) -> str:
+    paths = run_paths(config)
+    train, evaluation = read_json(paths.metrics / "train.json"), read_json(paths.metrics / "eval.json")
     uri = config.tracking.mlflow_uri
     lines = [
         "",
         "=== fedmef: run summary ===",
-        f"method        {train['method']} ({config.model.arch} on {config.data.name}, "
-        f"{config.partition.scheme} partition)",
+        f"method        {train['method']} d={config.pruning.density:g} ({config.model.arch}/{config.model.norm} on "
+        f"{config.data.name}, {config.partition.scheme} partition, SAP {'on' if config.sap.enabled else 'off'})",
         f"rounds        {train['rounds']} ({train['seconds_per_round']:.2f} s/round, {train['seconds']:.0f} s total)",
         f"test accuracy {evaluation['accuracy']:.4f}   (loss {evaluation['loss']:.4f})",
-        f"metrics       {metrics / 'train.json'}, {metrics / 'eval.json'}, {metrics / 'rounds.csv'}",
-        f"plots         {config.runtime.plots_dir}/ ({', '.join(sorted(p.name for p in plots.glob('*.png')))})",
+        f"metrics       {paths.metrics / 'train.json'}, {paths.metrics / 'eval.json'}, {paths.metrics / 'rounds.csv'}",
+        f"plots         {paths.plots}/ ({', '.join(sorted(p.name for p in paths.plots.glob('*.png')))})",
     ]
     if train.get("mlflow_run_id"):
         lines += [
@@ -32,9 +36,16 @@ def summary_text(params: str = "params.yaml") -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     try:
-        print(summary_text(sys.argv[1] if len(sys.argv) > 1 else "params.yaml"))
-    except (ConfigError, FileNotFoundError) as exc:
+        print(summary_text(config_from_args(argv, "Summarise a finished run.")))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except FileNotFoundError as exc:
         print(f"error: no finished run to summarise ({exc}); run `make run` first", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,23 +1,53 @@
-"""Train flow: federated rounds in order, one Prefect task per client update, tracked in MLflow."""
+"""Train flow: federated rounds in order, one Prefect task per client update, tracked in MLflow.
+
+The whole training, top to bottom: hold the run folder, resume or start, then per round broadcast,
+client updates, aggregate, checkpoint, report.
+"""
 
 from __future__ import annotations
+
+import time
 
 from prefect import flow
 
 from fedmef_core.config import ExperimentConfig
+from fedmef_core.runs import run_lock, run_name, run_paths
 from flows.cli import main
 from tasks import preflight
+from tasks.checkpoints import RoundSaver, resume_or_start
+from tasks.clients import client_updates
+from tasks.memory import log_memory_report
+from tasks.outputs import RoundReporter
 from tasks.reporting import publish_summary
-from tasks.training import run_training
+from tasks.tracking import tracked_run
 
 
 @flow(name="train", log_prints=True)
 def train_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
     """Run federated training and write checkpoints, per-round metrics and the MLflow run."""
-    summary = run_training(config, run_name=f"{config.pruning.method}-{config.model.arch}-{config.data.name}")
+    paths = run_paths(config)
+    with run_lock(paths):
+        server, resumed = resume_or_start(config, paths)
+        run_id = (resumed or {}).get("extra", {}).get("mlflow_run_id") or None
+        with tracked_run(config, run_name(config), run_id) as tracker, client_updates(config) as updates:
+            log_memory_report(config, server.model, server.train, server.device, paths,
+                              tracker if resumed is None else None)
+            save = RoundSaver(config, paths, {"mlflow_run_id": tracker.run_id or ""}, fresh=resumed is None)
+            report = RoundReporter(config, paths, tracker, first_round=server.round + 1)
+            report.setup(server.setup(updates))
+            for rnd in server.pending_rounds():
+                started = time.perf_counter()
+                results = updates(server.broadcast(rnd), server.sample_clients(rnd))
+                metrics = server.finish_round(rnd, results, time.perf_counter() - started)
+                metrics["dropped_clients"] = updates.dropped.pop(rnd, 0)
+                save(server, rnd, metrics, tracker)
+                report(server, rnd, metrics)
+            save.final(server)
+            summary = report.finish(server)
     print(
-        f"trained {summary['rounds']} rounds in {summary['seconds']:.0f}s: "
-        f"accuracy {summary['accuracy']:.4f}, MLflow run {summary['mlflow_run_id'] or '(tracking off)'}"
+        f"trained rounds {summary['rounds'] - summary['rounds_run'] + 1}-{summary['rounds']} in "
+        f"{summary['seconds']:.0f}s: accuracy {summary['accuracy']:.4f}, "
+        f"MLflow run {summary['mlflow_run_id'] or '(tracking off)'}, outputs in {summary['run_dir']}"
     )
     publish_summary(config, summary)
     return summary

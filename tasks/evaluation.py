@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
 
 from fedmef_core.config import ExperimentConfig
@@ -12,13 +10,15 @@ from fedmef_core.device import resolve_device
 from fedmef_core.evaluation import evaluate
 from fedmef_core.io import write_json
 from fedmef_core.plots import plot_confusion
+from fedmef_core.runs import run_paths
+from tasks.checkpoints import load_final_model
 from tasks.tracking import Tracker
-from tasks.training import load_final_model
 
 
 @task(name="evaluate-model")
 def evaluate_model(config: ExperimentConfig) -> dict:
-    model, ckpt = load_final_model(config)
+    paths = run_paths(config)
+    model, ckpt = load_final_model(config, paths)
     _, test = load_dataset(config.data)
     result = evaluate(model, test, resolve_device(config.runtime.device))
     per_class = dict(zip(test.class_names, result.per_class_accuracy))
@@ -29,8 +29,8 @@ def evaluate_model(config: ExperimentConfig) -> dict:
         "round": int(ckpt["round"]),
         "test_samples": len(test.labels),
     }
-    metrics_path = Path(config.runtime.metrics_dir) / "eval.json"
-    plot_path = Path(config.runtime.plots_dir) / "confusion.png"
+    metrics_path = paths.metrics / "eval.json"
+    plot_path = paths.plots / "confusion.png"
     write_json(metrics_path, report)
     plot_confusion(result.confusion, test.class_names, plot_path, title=f"accuracy {result.accuracy:.4f}")
     run_id = ckpt.get("extra", {}).get("mlflow_run_id", "")

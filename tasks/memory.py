@@ -8,7 +8,6 @@ artifact), a stacked-bar PNG by part (``plots/memory.png``) and a Prefect table 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +17,7 @@ from fedmef_core.data import ImageData, iterate_batches
 from fedmef_core.io import write_json
 from fedmef_core.memory import MemoryReport, measure_step
 from fedmef_core.plots import plot_memory_parts
+from fedmef_core.runs import RunPaths
 from fedmef_core.sap import apply_sap, resolve_sap
 from tasks.tracking import Tracker
 
@@ -35,7 +35,7 @@ def client_step_report(config: ExperimentConfig, model: nn.Module, data: ImageDa
     fed = config.federation
     n = min(fed.batch_size, len(data.labels))
     x, y = next(iterate_batches(data, list(range(n)), n, device=device))
-    density = None if config.pruning.method == "fedavg" else config.pruning.density
+    density = config.pruning.density if config.pruning.density < 1 else None
     return measure_step(work, x, y, momentum=fed.momentum, density=density)
 
 
@@ -64,13 +64,12 @@ def _prefect_table(report: MemoryReport, config: ExperimentConfig) -> None:
 
 
 def log_memory_report(config: ExperimentConfig, model: nn.Module, data: ImageData, device: torch.device,
-                      tracker: Tracker | None) -> MemoryReport:
-    """Measure, write ``metrics/memory.json`` and ``plots/memory.png``, log them to MLflow (unless
-    `tracker` is None: a resumed run logged them when it started) and Prefect."""
+                      paths: RunPaths, tracker: Tracker | None) -> MemoryReport:
+    """Measure, write ``metrics/memory.json`` and ``plots/memory.png`` in the run folder, log them to MLflow
+    (unless `tracker` is None: a resumed run logged them when it started) and Prefect."""
     report = client_step_report(config, model, data, device)
-    rt = config.runtime
-    json_path = Path(rt.metrics_dir) / "memory.json"
-    png_path = Path(rt.plots_dir) / "memory.png"
+    json_path = paths.metrics / "memory.json"
+    png_path = paths.plots / "memory.png"
     write_json(json_path, report.to_dict())
     label = f"{config.pruning.method}\n{config.model.arch}/{config.model.norm}"
     plot_memory_parts({"one client step": {label: report.parts()}}, png_path,

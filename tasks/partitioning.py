@@ -12,7 +12,8 @@ from fedmef_core.plots import plot_partition_heatmap
 
 
 def partition_plot_path(config: ExperimentConfig) -> Path:
-    return Path(config.runtime.plots_dir) / "partition.png"
+    """The heat map lives with the partition it shows (shared by every run that trains on it)."""
+    return Path(config.runtime.partitions_dir) / "partition.png"
 
 
 @task(name="partition-dataset")

@@ -5,14 +5,13 @@ Each returns nothing and raises a `UserError` naming the problem and the fix.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fedmef_core.checkpoint import FINAL_NAME, load_checkpoint
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import load_dataset, partition_indices
 from fedmef_core.errors import UserError
+from fedmef_core.runs import run_paths
+from tasks.clients import cached_partition
 from tasks.tracking import Tracker
-from tasks.training import cached_partition
 
 
 class MissingInput(UserError):
@@ -36,7 +35,7 @@ def check_partition(config: ExperimentConfig) -> None:
 
 
 def check_checkpoint(config: ExperimentConfig) -> None:
-    load_checkpoint(Path(config.runtime.checkpoints_dir) / FINAL_NAME)
+    load_checkpoint(run_paths(config).checkpoints / FINAL_NAME)
 
 
 def for_partition(config: ExperimentConfig) -> None:

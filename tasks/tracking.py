@@ -6,6 +6,8 @@ import os
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,25 @@ from fedmef_core.errors import UserError
 
 class TrackingUnavailable(UserError):
     """The MLflow tracking store cannot be reached."""
+
+
+def repository_root(cwd: Path | None = None) -> Path:
+    """The repository a command runs for: the working directory, or — inside one of DVC's experiment
+    workspaces (``<repo>/.dvc/tmp/exps/...``, where queued experiments run) — the repository itself."""
+    parts = (cwd or Path.cwd()).resolve().parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return Path(*parts)
+
+
+def store_uri(uri: str, cwd: Path | None = None) -> str:
+    """`uri` with a relative sqlite path made absolute against :func:`repository_root`, so every run —
+    queued DVC experiments included — lands in the repository's store."""
+    if not uri.startswith("sqlite:///"):
+        return uri
+    path = Path(uri.removeprefix("sqlite:///"))
+    return uri if path.is_absolute() else f"sqlite:///{repository_root(cwd) / path}"
 
 
 def artifact_root(uri: str) -> str | None:
@@ -52,7 +73,7 @@ class Tracker:
         if cfg.enabled:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=cfg.mlflow_uri)
+            self._client = MlflowClient(tracking_uri=store_uri(cfg.mlflow_uri))
 
     @property
     def enabled(self) -> bool:
@@ -85,14 +106,17 @@ class Tracker:
             exp.experiment_id
             if exp is not None
             else self._client.create_experiment(
-                self.cfg.experiment, artifact_location=artifact_root(self.cfg.mlflow_uri)
+                self.cfg.experiment, artifact_location=artifact_root(store_uri(self.cfg.mlflow_uri))
             )
         )
         all_tags = {
             "git_commit": git_commit(),
             "prefect_flow_run_id": prefect_flow_run_id(),
             "dvc_stage": os.environ.get("DVC_STAGE", ""),
+            "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
             "method": config.pruning.method,
+            "density": f"{config.pruning.density:g}",
+            "seed": str(config.federation.seed),
             **(tags or {}),
         }
         run = self._client.create_run(exp_id, run_name=run_name, tags=all_tags)
@@ -108,6 +132,7 @@ class Tracker:
             return
         self.check_reachable()
         self._client.update_run(self.run_id, status="RUNNING")
+        self.set_tags({"prefect_flow_run_id": prefect_flow_run_id()})  # the flow run doing the work now
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self._client is None or not self.run_id:
@@ -133,3 +158,24 @@ class Tracker:
         if self._client is None or not self.run_id:
             return
         self._client.set_terminated(self.run_id, status=status)
+
+
+@contextmanager
+def tracked_run(config: ExperimentConfig, run_name: str, run_id: str | None = None,
+                tags: dict[str, str] | None = None) -> Iterator[Tracker]:
+    """The training's MLflow run: continued when `run_id` is given (a resume), else created; ended on
+    every way out — FINISHED, KILLED on an interrupt, FAILED on an error."""
+    tracker = Tracker(config.tracking, run_id=run_id)
+    if tracker.run_id:
+        tracker.reopen()
+    else:
+        tracker.start(config, run_name=run_name, tags=tags)
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.end("KILLED")
+        raise
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()

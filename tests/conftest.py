@@ -33,11 +33,13 @@ def tiny_raw(tmp_path=None) -> dict:
             "lr_final": 0.02,
             "seed": 3,
         },
+        "pruning": {"method": "fedavg"},  # dense unless a test says otherwise (params.yaml's default is fedmef)
         "tracking": {"enabled": False},
         "runtime": {"device": "cpu", "checkpoint_every": 1},
     }
     if tmp_path is not None:
         raw["runtime"].update(
+            run_dir=str(tmp_path),
             partitions_dir=str(tmp_path / "partitions"),
             checkpoints_dir=str(tmp_path / "checkpoints"),
             metrics_dir=str(tmp_path / "metrics"),

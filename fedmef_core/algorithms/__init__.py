@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedmef_core.algorithms.base import ClientResult, FederatedAlgorithm
+from fedmef_core.algorithms.base import ClientResult, FederatedAlgorithm, MethodTraits
 from fedmef_core.algorithms.feddst import FedDST
 from fedmef_core.algorithms.fedmef import FedMef
 from fedmef_core.algorithms.fedtiny import FedTiny
@@ -30,4 +30,4 @@ def build_algorithm(config: ExperimentConfig) -> FederatedAlgorithm:
     return cls(config)
 
 
-__all__ = ["REGISTRY", "ClientResult", "FederatedAlgorithm", "MaskedAlgorithm", "build_algorithm"]
+__all__ = ["REGISTRY", "ClientResult", "FederatedAlgorithm", "MaskedAlgorithm", "MethodTraits", "build_algorithm"]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fedmef_core.aggregation import weighted_average
-from fedmef_core.algorithms.base import Batches, ClientResult, FederatedAlgorithm
+from fedmef_core.algorithms.base import Batches, ClientResult, FederatedAlgorithm, MethodTraits
 from fedmef_core.models import prunable_weights
 from fedmef_core.models.nsconv import attach_masks
 from fedmef_core.sparse import (
@@ -66,6 +66,7 @@ class MaskedAlgorithm(FederatedAlgorithm):
     """FedAvg on a fixed random ERK/uniform mask (FedAvg-static); the base of the dynamic methods."""
 
     name = "fedavg_static"
+    traits = MethodTraits(sparse=True)
     adjusts = False  # subclasses that change the mask set True
 
     # ---- schedule ----------------------------------------------------------------------------

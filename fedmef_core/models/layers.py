@@ -20,8 +20,9 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
 def norm_layer(cfg: ModelConfig) -> NormFactory:
-    """The constructor of the normalisation layer selected by ``cfg.norm``."""
-    if cfg.norm == "batch":
+    """The constructor of the normalisation layer selected by ``cfg.norm``. An experiment's config has
+    resolved ``auto`` to its method's norm; a bare ``ModelConfig()`` (no method to ask) means BatchNorm."""
+    if cfg.norm in ("batch", "auto"):
         return nn.BatchNorm2d
     if cfg.norm == "nsconv":
         return _identity

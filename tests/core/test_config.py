@@ -10,10 +10,35 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
-def test_params_yaml_is_the_config_models_yaml():
-    config = load_config(ROOT / "params.yaml")
+def _model_defaults() -> dict:
+    return {name: field.default.model_dump(mode="json") for name, field in ExperimentConfig.model_fields.items()}
+
+
+def test_params_yaml_is_the_config_models_defaults():
+    """One source of defaults: every key spelled out in params.yaml, each equal to the model's default."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert config.model_dump(mode="json") == raw  # every key spelled out, nothing extra
+    assert raw == _model_defaults()
+
+
+def test_empty_and_partial_configs_fill_from_params_yaml():
+    full = load_config(ROOT / "params.yaml")
+    assert ExperimentConfig() == full and parse_config({}) == full and parse_config(None) == full
+    partial = parse_config({"federation": {"rounds": 3}})
+    assert partial.federation.rounds == 3
+    assert partial.federation.model_dump(exclude={"rounds"}) == full.federation.model_dump(exclude={"rounds"})
+    assert partial.model_dump(exclude={"federation"}) == full.model_dump(exclude={"federation"})
+
+
+def test_auto_settings_resolve_to_what_the_method_runs():
+    fedmef = parse_config({"pruning": {"method": "fedmef"}})
+    assert (fedmef.model.norm, fedmef.sap.enabled) == ("nsconv", True)  # the paper's method
+    tiny = parse_config({"pruning": {"method": "fedtiny", "density": 0.2}})
+    assert (tiny.model.norm, tiny.sap.enabled, tiny.pruning.density) == ("batch", False, 0.2)
+    dense = parse_config({"pruning": {"method": "fedavg", "density": 0.2}})
+    assert (dense.model.norm, dense.sap.enabled, dense.pruning.density) == ("batch", False, 1.0)
+    ablation = parse_config({"pruning": {"method": "fedmef"}, "model": {"norm": "batch"}, "sap": {"enabled": False}})
+    assert (ablation.model.norm, ablation.sap.enabled) == ("batch", False)  # explicit choices are kept
+    assert parse_config(fedmef.model_dump(mode="json")) == fedmef  # resolved configs round-trip
 
 
 def test_unknown_key_names_the_key():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import tasks.training as training
+import tasks.clients as clients
 from fedmef_core.engine import Server
 from tests.conftest import prepare_run, uninterrupted_metrics
 
@@ -55,7 +55,7 @@ def test_sigkill_mid_run_then_restart_gives_the_uninterrupted_metrics(tmp_path):
 def flaky_client(monkeypatch):
     """Make chosen clients raise (a fault we cannot cause on CPU, e.g. CUDA out-of-memory)."""
     calls: dict[tuple[int, int], int] = {}  # (round, client) -> attempts
-    real = training.run_client
+    real = clients.run_client
 
     def run_client(config, broadcast, client_id, *args, **kwargs):
         key = (broadcast.round, client_id)
@@ -65,7 +65,7 @@ def flaky_client(monkeypatch):
         return real(config, broadcast, client_id, *args, **kwargs)
 
     flaky_client.fail_always, flaky_client.fail_once, flaky_client.calls = set(), set(), calls
-    monkeypatch.setattr(training, "run_client", run_client)
+    monkeypatch.setattr(clients, "run_client", run_client)
     return flaky_client
 
 
@@ -95,7 +95,7 @@ def test_too_few_clients_stop_the_run_and_keep_the_last_checkpoint(prefect_harne
     _, config = prepare_run(tmp_path, rounds=3, clients_per_round=3, min_clients=3)
     server_like = type("S", (), {"config": config})()
     flaky_client.fail_always = {Server.sample_clients(server_like, 2)[0]}
-    with pytest.raises(training.RoundFailedError, match="min_clients is 3"):
+    with pytest.raises(clients.RoundFailedError, match="min_clients is 3"):
         train_flow(config)
     ckpts = sorted(p.name for p in Path(config.runtime.checkpoints_dir).glob("round_*.pt"))
     assert ckpts == ["round_0001.pt"]

@@ -1,0 +1,84 @@
+"""One experiment = one run folder: its name, its paths, and a lock so two processes never share it.
+
+A training writes its checkpoints, metrics and plots under ``runtime.run_dir`` (the ``*_dir`` settings are
+relative to it). ``null`` gives every experiment its own folder, ``runs/<name>``, named after what decides
+its results (method, density, seed and a digest of the whole identity): two different experiments never
+touch each other, and the same experiment started again finds its own checkpoints and resumes. The DVC
+stages pass ``runtime.run_dir=.`` so the pipeline keeps its fixed output paths.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmef_core.config import ExperimentConfig
+from fedmef_core.errors import UserError
+
+RUNS_ROOT = "runs"
+LOCK_NAME = ".fedmef-run.lock"
+
+
+class RunBusy(UserError):
+    """Another process is writing the same run folder."""
+
+
+def identity_digest(config: ExperimentConfig, length: int = 8) -> str:
+    """A short, stable digest of what determines the results (not where or how the run executes)."""
+    text = json.dumps(config.identity(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def run_name(config: ExperimentConfig) -> str:
+    """``<method>-<arch>-d<density>-s<seed>-<digest>``: readable in MLflow and a folder name."""
+    p = config.pruning
+    return f"{p.method}-{config.model.arch}-d{p.density:g}-s{config.federation.seed}-{identity_digest(config)}"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+    checkpoints: Path
+    metrics: Path
+    plots: Path
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_NAME
+
+
+def run_paths(config: ExperimentConfig) -> RunPaths:
+    rt = config.runtime
+    root = Path(rt.run_dir) if rt.run_dir is not None else Path(RUNS_ROOT) / run_name(config)
+    return RunPaths(root, root / rt.checkpoints_dir, root / rt.metrics_dir, root / rt.plots_dir)
+
+
+@contextmanager
+def run_lock(paths: RunPaths) -> Iterator[None]:
+    """Hold the run folder for this process; a second holder is refused with a clear message.
+
+    An OS file lock: it is released when the process ends, however it ends (``kill -9`` included), so a
+    crashed run never blocks the next one.
+    """
+    paths.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Path(paths.lock).read_text().strip() or "another process"
+            raise RunBusy(
+                f"{paths.root} is being written by another training ({holder}); wait for it to finish, or give "
+                "this run its own folder with runtime.run_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

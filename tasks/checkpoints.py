@@ -1,0 +1,92 @@
+"""The run's checkpoints: where a training resumes from, what each round saves, the final model.
+
+Resume policy: the newest round checkpoint that verifies and was written by the same configuration.
+Checkpoints of a different configuration in the same folder are removed only once the new run has saved
+its own first checkpoint, so a run that fails to start leaves the previous good ones in place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmef_core.algorithms import build_algorithm
+from fedmef_core.checkpoint import (
+    FINAL_NAME,
+    CheckpointError,
+    latest_good_checkpoint,
+    load_checkpoint,
+    remove_checkpoints,
+    round_checkpoint_path,
+    save_checkpoint,
+)
+from fedmef_core.config import ExperimentConfig, identity_of
+from fedmef_core.data import load_dataset
+from fedmef_core.device import resolve_device
+from fedmef_core.engine import Server
+from fedmef_core.models import build_model
+from fedmef_core.runs import RunPaths
+from tasks.clients import cached_partition
+from tasks.masks import save_adjusted_masks
+
+
+def resume_point(config: ExperimentConfig, paths: RunPaths) -> dict | None:
+    """The newest good checkpoint written by this same configuration, or None."""
+    if not config.runtime.resume:
+        return None
+    identity = config.identity()
+    return latest_good_checkpoint(
+        paths.checkpoints,
+        accept=lambda c: identity_of(c["config"]) == identity,
+        on_skip=lambda msg: print(f"checkpoint skipped: {msg}", flush=True),
+    )
+
+
+class RoundSaver:
+    """Saves what a finished round leaves behind: a checkpoint every `checkpoint_every` rounds (and the
+    last), the masks of adjustment rounds; stale checkpoints go once the first new one is safe."""
+
+    def __init__(self, config: ExperimentConfig, paths: RunPaths, extra: dict[str, Any], fresh: bool):
+        self.config, self.paths, self.extra = config, paths, extra
+        self.stale = fresh  # a fresh start replaces whatever an earlier, different run left here
+
+    def __call__(self, server: Server, rnd: int, metrics: dict[str, float], tracker: Any = None) -> None:
+        cfg = self.config
+        if rnd % cfg.runtime.checkpoint_every == 0 or rnd == cfg.federation.rounds:
+            if self.stale:
+                remove_checkpoints(self.paths.checkpoints)
+                self.stale = False
+            save_checkpoint(round_checkpoint_path(self.paths.checkpoints, rnd), server.checkpoint(self.extra))
+        save_adjusted_masks(server, rnd, metrics, self.paths.checkpoints, tracker)
+
+    def final(self, server: Server) -> Path:
+        return save_checkpoint(self.paths.checkpoints / FINAL_NAME, server.checkpoint(self.extra))
+
+
+def load_final_model(config: ExperimentConfig, paths: RunPaths) -> tuple[torch.nn.Module, dict]:
+    """The trained global model from `final.pt`, plus the checkpoint dict."""
+    ckpt = load_checkpoint(paths.checkpoints / FINAL_NAME)
+    if identity_of(ckpt["config"]) != config.identity():
+        raise CheckpointError(
+            f"{paths.checkpoints / FINAL_NAME} was written by a different configuration (e.g. another model.arch "
+            "or pruning.method); evaluate with the config that trained it, or re-run the train stage"
+        )
+    train, _ = load_dataset(config.data)
+    model = build_model(config.model, train.images.shape[1], train.num_classes, train.images.shape[-1])
+    model.load_state_dict(ckpt["model"])
+    build_algorithm(config).bind_state(model, ckpt["server_state"])
+    return model, ckpt
+
+
+def resume_or_start(config: ExperimentConfig, paths: RunPaths) -> tuple[Server, dict | None]:
+    """The server, restored from this run's newest good checkpoint when there is one (also returned)."""
+    train, test = load_dataset(config.data)
+    parts = cached_partition(config.runtime.partitions_dir)
+    server = Server(config, train, test, parts, resolve_device(config.runtime.device))
+    resumed = resume_point(config, paths)
+    if resumed is not None:
+        server.restore(resumed)
+        print(f"resuming from round {server.round} (checkpoint in {paths.checkpoints})", flush=True)
+    return server, resumed
