@@ -22,14 +22,14 @@ from tasks.reporting import publish_summary
 from tasks.tracking import tracked_run
 
 
-@flow(name="train", log_prints=True)
-def train_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
-    """Run federated training and write checkpoints, per-round metrics and the MLflow run."""
+def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
+    """One experiment in its run folder: the round loop. `tags` go on a new MLflow run (e.g. a sweep's
+    parent run id). Called by the train flow and by every cell of a sweep."""
     paths = run_paths(config)
     with run_lock(paths):
         server, resumed = resume_or_start(config, paths)
         run_id = (resumed or {}).get("extra", {}).get("mlflow_run_id") or None
-        with tracked_run(config, run_name(config), run_id) as tracker, client_updates(config) as updates:
+        with tracked_run(config, run_name(config), run_id, tags) as tracker, client_updates(config) as updates:
             log_memory_report(config, server.model, server.train, server.device, paths,
                               tracker if resumed is None else None)
             save = RoundSaver(config, paths, {"mlflow_run_id": tracker.run_id or ""}, fresh=resumed is None)
@@ -44,6 +44,13 @@ def train_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
                 report(server, rnd, metrics)
             save.final(server)
             summary = report.finish(server)
+    return summary
+
+
+@flow(name="train", log_prints=True)
+def train_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
+    """Run federated training and write checkpoints, per-round metrics and the MLflow run."""
+    summary = train(config)
     print(
         f"trained rounds {summary['rounds'] - summary['rounds_run'] + 1}-{summary['rounds']} in "
         f"{summary['seconds']:.0f}s: accuracy {summary['accuracy']:.4f}, "
