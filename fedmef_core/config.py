@@ -10,13 +10,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from fedmef_core.errors import UserError
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+CHECK_RULES = "check_rules"  # validation context flag: also enforce the rules across fields
+
+
+def _enforce_rules(model: Any, info: ValidationInfo) -> Any:
+    """Raise the model's `rule_problems()` when the validation context asks for them."""
+    if (info.context or {}).get(CHECK_RULES) and (problems := model.rule_problems()):
+        raise ValueError("; ".join(dict.fromkeys(problems)))
+    return model
 
 
 DatasetName = Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "cinic10", "tinyimagenet"]
@@ -79,17 +89,20 @@ class FederationConfig(_Section):
         "(fp16 adds gradient scaling). Weights, optimizer and aggregation stay fp32.",
     )
 
-    @model_validator(mode="after")
-    def _k_at_most_n(self) -> FederationConfig:
+    def rule_problems(self) -> list[str]:
+        problems = []
         if self.clients_per_round > self.num_clients:
-            raise ValueError(
-                f"clients_per_round ({self.clients_per_round}) cannot exceed num_clients ({self.num_clients})"
-            )
+            problems.append(f"federation.clients_per_round ({self.clients_per_round}) cannot exceed "
+                            f"federation.num_clients ({self.num_clients})")
         if self.min_clients > self.clients_per_round:
-            raise ValueError(
-                f"min_clients ({self.min_clients}) cannot exceed clients_per_round ({self.clients_per_round})"
-            )
-        return self
+            problems.append(f"federation.min_clients ({self.min_clients}) cannot exceed "
+                            f"federation.clients_per_round ({self.clients_per_round})")
+        return problems
+
+    @model_validator(mode="after")
+    def _rules(self, info: ValidationInfo) -> FederationConfig:
+        return _enforce_rules(self, info)  # here too, so they are reported beside other sections' errors
+
 
 
 PruningMethod = Literal["fedavg", "fedavg_static", "prunefl", "feddst", "fedtiny", "fedmef"]
@@ -234,20 +247,24 @@ class ExperimentConfig(_Section):
             data["pruning"] = _replaced(data.get("pruning"), density=1.0)
         return data
 
+    def rule_problems(self) -> list[str]:
+        """Rules across fields, each broken one as a sentence naming the fields and the fix."""
+        p = self.pruning
+        problems = self.federation.rule_problems()
+        if p.bn_select and not method_traits(p.method).selects_initial_mask:
+            problems.append(f"pruning.bn_select is FedTiny's initial-mask selection: it needs pruning.method "
+                            f"fedtiny or fedmef (got {p.method!r}); set pruning.bn_select: false")
+        elif p.bn_select and self.model.norm != "batch":
+            problems.append("pruning.bn_select adapts BatchNorm statistics but model.norm is 'nsconv' (no "
+                            "BatchNorm); set model.norm: batch or pruning.bn_select: false")
+        return problems
+
     @model_validator(mode="after")
-    def _bn_select_needs_bn(self) -> ExperimentConfig:
-        if self.pruning.bn_select:
-            if not method_traits(self.pruning.method).selects_initial_mask:
-                raise ValueError(
-                    f"pruning.bn_select is FedTiny's initial-mask selection: it needs pruning.method fedtiny or "
-                    f"fedmef (got {self.pruning.method!r}); set pruning.bn_select: false"
-                )
-            if self.model.norm != "batch":
-                raise ValueError(
-                    "pruning.bn_select adapts BatchNorm statistics but model.norm is 'nsconv' (no BatchNorm); "
-                    "set model.norm: batch or pruning.bn_select: false"
-                )
-        return self
+    def _rules_across_fields(self, info: ValidationInfo) -> ExperimentConfig:
+        # enforced where a config enters (parse_config: CLI, DVC) and at the start of every flow (`checked`);
+        # Prefect's own parameter validation skips them, so a form that breaks one fails the run with one
+        # message (flows.cli.fails_cleanly) instead of a validation traceback
+        return _enforce_rules(self, info)
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, for MLflow params."""
@@ -335,10 +352,17 @@ def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return ExperimentConfig.model_validate(raw)
+        return ExperimentConfig.model_validate(raw, context={CHECK_RULES: True})
     except ValidationError as exc:
         lines = [_describe(e) for e in exc.errors()]
         raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+
+
+def checked(config: ExperimentConfig, source: str = "flow parameters") -> ExperimentConfig:
+    """`config` if it keeps every rule across fields, else :class:`ConfigError` naming them."""
+    if problems := config.rule_problems():
+        raise ConfigError(f"{source} are invalid:\n" + "\n".join(f"- {p}" for p in problems))
+    return config
 
 
 def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> ExperimentConfig:

@@ -7,13 +7,14 @@ exit with status 2 — no traceback, nothing written.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import yaml
 
-from fedmef_core.config import ConfigError, ExperimentConfig, load_config
+from fedmef_core.config import ConfigError, ExperimentConfig, checked, load_config
 from fedmef_core.errors import UserError
 
 
@@ -52,3 +53,21 @@ def main(
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept", file=sys.stderr)
         sys.exit(130)
+
+
+def fails_cleanly(body: Callable[..., Any]) -> Callable[..., Any]:
+    """A flow body whose config is checked first (rules across fields: parameters from the UI or the API
+    reach a flow without them) and whose user errors end the run as Failed with their one-line message —
+    no traceback in the run's logs. Callers still get the exception: the Failed state carries it."""
+
+    @functools.wraps(body)
+    def run(config: ExperimentConfig, *args: Any, **kwargs: Any) -> Any:
+        from prefect.states import Failed
+
+        try:
+            return body(checked(config), *args, **kwargs)
+        except UserError as exc:
+            print(f"error: {exc}")
+            return Failed(message=str(exc), data=exc)
+
+    return run

@@ -5,12 +5,13 @@ from __future__ import annotations
 from prefect import flow
 
 from fedmef_core.config import ExperimentConfig
-from flows.cli import main
+from flows.cli import fails_cleanly, main
 from tasks import preflight
 from tasks.evaluation import evaluate_model
 
 
 @flow(name="evaluate", log_prints=True)
+@fails_cleanly
 def evaluate_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
     """Test accuracy and loss, per-class accuracy and a confusion matrix of the final model."""
     result = evaluate_model(config)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from prefect import flow
 
 from fedmef_core.config import ExperimentConfig
-from flows.cli import main
+from flows.cli import fails_cleanly, main
 from tasks import preflight
 from tasks.partitioning import partition_dataset
 
 
 @flow(name="partition", log_prints=True)
+@fails_cleanly
 def partition_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
     """Split the dataset into per-client shards (indices, statistics and a heat map)."""
     summary = partition_dataset(config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from fedmef_core.config import ExperimentConfig
-from flows.cli import main
+from flows.cli import fails_cleanly, main
 from flows.evaluate import evaluate_flow
 from flows.partition import partition_flow
 from flows.train import train_flow
@@ -14,6 +14,7 @@ from tasks.reporting import publish_summary
 
 
 @flow(name="pipeline", log_prints=True)
+@fails_cleanly
 def pipeline_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
     """The whole experiment: partition the data, train federated, evaluate the final model."""
     partition = partition_flow(config)

@@ -12,7 +12,7 @@ from prefect import flow
 
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.runs import run_lock, run_name, run_paths
-from flows.cli import main
+from flows.cli import fails_cleanly, main
 from tasks import preflight
 from tasks.checkpoints import RoundSaver, resume_or_start
 from tasks.clients import client_updates
@@ -48,6 +48,7 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
 
 
 @flow(name="train", log_prints=True)
+@fails_cleanly
 def train_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
     """Run federated training and write checkpoints, per-round metrics and the MLflow run."""
     summary = train(config)

@@ -53,7 +53,7 @@ def test_bad_values_name_key_value_and_what_is_allowed():
     msg = str(err.value)
     assert "partition.scheme" in msg and "'zipf'" in msg and "'dirichlet'" in msg
     assert "partition.alpha" in msg and "-1" in msg
-    assert "clients_per_round (10) cannot exceed num_clients (5)" in msg
+    assert "federation.clients_per_round (10) cannot exceed federation.num_clients (5)" in msg
     assert "Traceback" not in msg
 
 
