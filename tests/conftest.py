@@ -126,6 +126,7 @@ PARTITION_EDITS = {
         _on_json(lambda r: (r["clients"].pop(), r.update(num_clients=len(r["clients"])))),
         r"holds (\d+) client lists, says num_clients=\1 and was made for \d+ clients",
     ),
+    "no clients": (_on_json(lambda r: (r["clients"].clear(), r.update(num_clients=0))), "holds 0 client lists"),
     "no record (older version)": (
         _on_json(lambda r: r.pop("origin")), "does not record which data and settings it was made from"
     ),

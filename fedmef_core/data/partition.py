@@ -192,7 +192,7 @@ def load_partition(out_dir: str | Path, expected: dict[str, Any] | None = None) 
     if expected is not None:
         _check_origin(path, origin, expected)
     count, made_for = len(raw["clients"]), origin["federation.num_clients"]
-    if raw.get("num_clients") != count or count != made_for:
+    if count < 1 or raw.get("num_clients") != count or count != made_for:
         raise PartitionError(
             f"{path} holds {count} client lists, says num_clients={raw.get('num_clients')} and was made for "
             f"{made_for} clients; {RERUN}"
@@ -215,6 +215,9 @@ def partition_digest(out_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
+_COUNTS_RECORDED = ("federation.num_clients", "training samples")  # what the checks without `expected` use
+
+
 def _read_saved(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run the partition stage first "
@@ -232,9 +235,6 @@ def _read_saved(path: Path) -> dict[str, Any]:
             f"or edited), so it cannot be checked against this run; {RERUN}"
         )
     return raw
-
-
-_COUNTS_RECORDED = ("federation.num_clients", "training samples")  # what the checks without `expected` use
 
 
 def _check_origin(path: Path, recorded: dict[str, Any], expected: dict[str, Any]) -> None:
