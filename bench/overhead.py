@@ -24,7 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import flows  # noqa: E402,F401 - quiet Prefect defaults
 from fedmef_core.config import load_config, parse_config  # noqa: E402
-from fedmef_core.data import load_dataset, partition_indices, partition_stats, save_partition  # noqa: E402
+from fedmef_core.data import (  # noqa: E402
+    load_dataset,
+    partition_indices,
+    partition_origin,
+    partition_stats,
+    save_partition,
+)
 from fedmef_core.device import resolve_device  # noqa: E402
 from fedmef_core.engine import Server, run_rounds  # noqa: E402
 
@@ -33,7 +39,7 @@ def _config(params: str, rounds: int, work: Path, **runtime):
     raw = load_config(params).model_dump(mode="json")
     raw["federation"]["rounds"] = rounds
     raw["runtime"].update(
-        partitions_dir=str(work / "partitions"), checkpoints_dir=str(work / "ckpt"),
+        run_dir=str(work), partitions_dir=str(work / "partitions"), checkpoints_dir=str(work / "ckpt"),
         metrics_dir=str(work / "metrics"), plots_dir=str(work / "plots"), **runtime,
     )
     raw["tracking"]["mlflow_uri"] = f"sqlite:///{work / 'mlflow.db'}"
@@ -45,7 +51,7 @@ def prepared(config):
     train, _ = load_dataset(config.data)
     parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
     stats = partition_stats(parts, train.labels.numpy(), train.num_classes)
-    save_partition(parts, stats, config.runtime.partitions_dir)
+    save_partition(parts, stats, config.runtime.partitions_dir, origin=partition_origin(config, train.labels.numpy()))
     return config
 
 

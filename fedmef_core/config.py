@@ -345,14 +345,22 @@ def _describe(err: dict[str, Any]) -> str:
     return f"- {loc}: {msg} (got {got!r}){allowed}"
 
 
+def _sections(raw: Any, source: str) -> dict[str, Any]:
+    """The top level of a config: a mapping of sections (an empty file counts as no sections)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping of sections (data:, federation:, ...), got a {type(raw).__name__}; "
+            "see params.yaml in the repository for the layout"
+        )
+    return raw
+
+
 def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
     """Validate a raw mapping. Raises :class:`ConfigError` naming every bad key and value."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return ExperimentConfig.model_validate(raw, context={CHECK_RULES: True})
+        return ExperimentConfig.model_validate(_sections(raw, source), context={CHECK_RULES: True})
     except ValidationError as exc:
         lines = [_describe(e) for e in exc.errors()]
         raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
@@ -371,14 +379,15 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     if not path.is_file():
         raise ConfigError(f"{path}: no such file. Run from the repository root or pass --params PATH.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _sections(yaml.safe_load(path.read_text()), str(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if not key:
             raise ConfigError(f"override {dotted!r}: use section.key=value, e.g. federation.rounds=5")
-        raw.setdefault(section, {})
+        if raw.get(section) is None:  # absent, or an empty `section:` line
+            raw[section] = {}
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{path}: section {section!r} must be a mapping")
         raw[section][key] = value

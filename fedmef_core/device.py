@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import torch
 
+from fedmef_core.errors import UserError
+
+
+class DeviceUnavailable(UserError, RuntimeError):
+    """The configured device is not on this machine."""
+
 
 def resolve_device(choice: str) -> torch.device:
-    """`auto` picks CUDA when present; `cuda` without a GPU is a clear error."""
+    """`auto` picks CUDA when present; `cuda` without a GPU raises :class:`DeviceUnavailable`."""
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+        raise DeviceUnavailable(
+            "runtime.device is 'cuda' but no CUDA device is visible (check nvidia-smi and "
+            "CUDA_VISIBLE_DEVICES); set runtime.device to 'auto' or 'cpu', e.g. --set runtime.device=cpu"
+        )
     return torch.device(choice)
 
 

@@ -1,13 +1,14 @@
 """Atomic file writes: a temp file beside the target, then `os.replace`.
 
-An interrupted run never leaves a half-written file behind.
+An interrupted run never leaves a half-written file behind. Files get the usual mode of a new file
+(0666 less the umask, e.g. 0644), so a Ray worker or a colleague running as another user can read them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,14 +20,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path in the target's folder; on success it replaces `path` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temp_file(path)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _new_temp_file(path: Path) -> Path:
+    """Create an empty, uniquely named file beside `path` with mode 0666 less the umask.
+
+    (`tempfile.mkstemp` would make it 0600, and `os.replace` keeps that mode.)
+    """
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

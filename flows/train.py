@@ -11,6 +11,7 @@ import time
 from prefect import flow
 
 from fedmef_core.config import ExperimentConfig
+from fedmef_core.data import partition_digest
 from fedmef_core.runs import run_lock, run_name, run_paths
 from flows.cli import fails_cleanly, main
 from tasks import preflight
@@ -32,7 +33,8 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
         with tracked_run(config, run_name(config), run_id, tags) as tracker, client_updates(config) as updates:
             log_memory_report(config, server.model, server.train, server.device, paths,
                               tracker if resumed is None else None)
-            save = RoundSaver(config, paths, {"mlflow_run_id": tracker.run_id or ""}, fresh=resumed is None)
+            extra = {"mlflow_run_id": tracker.run_id or "", "partition": partition_digest(config.runtime.partitions_dir)}
+            save = RoundSaver(config, paths, extra, fresh=resumed is None)
             report = RoundReporter(config, paths, tracker, first_round=server.round + 1)
             report.setup(server.setup(updates))
             for rnd in server.pending_rounds():

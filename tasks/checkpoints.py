@@ -23,23 +23,23 @@ from fedmef_core.checkpoint import (
     save_checkpoint,
 )
 from fedmef_core.config import ExperimentConfig, identity_of
-from fedmef_core.data import load_dataset
+from fedmef_core.data import load_dataset, load_partition, partition_digest, partition_origin
 from fedmef_core.device import resolve_device
 from fedmef_core.engine import Server
 from fedmef_core.models import build_model
 from fedmef_core.runs import RunPaths
-from tasks.clients import cached_partition
 from tasks.masks import save_adjusted_masks
 
 
-def resume_point(config: ExperimentConfig, paths: RunPaths) -> dict | None:
-    """The newest good checkpoint written by this same configuration, or None."""
+def resume_point(config: ExperimentConfig, paths: RunPaths, partition: str) -> dict | None:
+    """The newest good checkpoint written by this same configuration on this same partition (its
+    :func:`partition_digest`), or None."""
     if not config.runtime.resume:
         return None
     identity = config.identity()
     return latest_good_checkpoint(
         paths.checkpoints,
-        accept=lambda c: identity_of(c["config"]) == identity,
+        accept=lambda c: identity_of(c["config"]) == identity and c["extra"].get("partition") == partition,
         on_skip=lambda msg: print(f"checkpoint skipped: {msg}", flush=True),
     )
 
@@ -81,11 +81,12 @@ def load_final_model(config: ExperimentConfig, paths: RunPaths) -> tuple[torch.n
 
 
 def resume_or_start(config: ExperimentConfig, paths: RunPaths) -> tuple[Server, dict | None]:
-    """The server, restored from this run's newest good checkpoint when there is one (also returned)."""
+    """The server, restored from this run's newest good checkpoint when there is one (also returned).
+    The partition is validated against this dataset and config first (whichever way the run started)."""
     train, test = load_dataset(config.data)
-    parts = cached_partition(config.runtime.partitions_dir)
+    parts = load_partition(config.runtime.partitions_dir, expected=partition_origin(config, train.labels.numpy()))
     server = Server(config, train, test, parts, resolve_device(config.runtime.device))
-    resumed = resume_point(config, paths)
+    resumed = resume_point(config, paths, partition_digest(config.runtime.partitions_dir))
     if resumed is not None:
         server.restore(resumed)
         print(f"resuming from round {server.round} (checkpoint in {paths.checkpoints})", flush=True)

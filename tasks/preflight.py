@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from fedmef_core.checkpoint import FINAL_NAME, load_checkpoint
 from fedmef_core.config import ExperimentConfig
-from fedmef_core.data import load_dataset, partition_indices
+from fedmef_core.data import load_dataset, load_partition, partition_indices, partition_origin
+from fedmef_core.device import resolve_device
 from fedmef_core.errors import UserError
 from fedmef_core.runs import run_paths
 from tasks.clients import cached_partition
@@ -22,16 +23,17 @@ def check_dataset(config: ExperimentConfig) -> None:
     load_dataset(config.data)  # cached: the flow reuses what this loads
 
 
+def check_device(config: ExperimentConfig) -> None:
+    resolve_device(config.runtime.device)
+
+
 def check_partition(config: ExperimentConfig) -> None:
+    """The saved split is well formed and was made from this dataset, limit and partition settings."""
+    train, _ = load_dataset(config.data)
     try:
-        parts = cached_partition(config.runtime.partitions_dir)  # the train flow reuses it
+        load_partition(config.runtime.partitions_dir, expected=partition_origin(config, train.labels.numpy()))
     except FileNotFoundError as exc:
         raise MissingInput(str(exc)) from None
-    if len(parts) != config.federation.num_clients:
-        raise MissingInput(
-            f"{config.runtime.partitions_dir} holds {len(parts)} clients but federation.num_clients is "
-            f"{config.federation.num_clients}; re-run the partition stage (`dvc repro partition`)"
-        )
 
 
 def check_checkpoint(config: ExperimentConfig) -> None:
@@ -45,16 +47,19 @@ def for_partition(config: ExperimentConfig) -> None:
 
 
 def for_train(config: ExperimentConfig) -> None:
+    check_device(config)
     check_dataset(config)
     check_partition(config)
     Tracker(config.tracking).check_reachable()
 
 
 def for_evaluate(config: ExperimentConfig) -> None:
+    check_device(config)
     check_dataset(config)
     check_checkpoint(config)
 
 
 def for_pipeline(config: ExperimentConfig) -> None:
+    check_device(config)
     check_dataset(config)
     Tracker(config.tracking).check_reachable()

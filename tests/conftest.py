@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from fedmef_core.config import parse_config
-from fedmef_core.data import load_dataset, partition_indices, partition_stats, save_partition
+from fedmef_core.data import load_dataset, partition_indices, partition_origin, partition_stats, save_partition
 from fedmef_core.device import resolve_device
 from fedmef_core.engine import Server, run_rounds
 
@@ -70,12 +72,20 @@ def prepare_run(tmp_path: Path, **federation) -> tuple[Path, object]:
     raw["tracking"] = {"enabled": True, "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "resume"}
     config = parse_config(raw)
     (tmp_path / "params.yaml").write_text(config.to_yaml())
-    train, _ = load_dataset(config.data)
-    parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
-    save_partition(
-        parts, partition_stats(parts, train.labels.numpy(), train.num_classes), config.runtime.partitions_dir
-    )
+    save_partition_of(config)
     return tmp_path / "params.yaml", config
+
+
+def save_partition_of(config) -> list:
+    """Split the training set as the partition stage does and save it where the train flow reads it."""
+    train, _ = load_dataset(config.data)
+    labels = train.labels.numpy()
+    parts = partition_indices(labels, config.federation.num_clients, config.partition)
+    save_partition(
+        parts, partition_stats(parts, labels, train.num_classes), config.runtime.partitions_dir,
+        origin=partition_origin(config, labels),
+    )
+    return parts
 
 
 def uninterrupted_metrics(config) -> list[tuple]:
@@ -84,3 +94,47 @@ def uninterrupted_metrics(config) -> list[tuple]:
     parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
     history = run_rounds(Server(config, train, test, parts, resolve_device("cpu")))
     return [(h["round"], h["accuracy"], h["loss"]) for h in history]
+
+
+# --- hand-edited partition files: each edit of clients.json and the message that must refuse it ------------
+
+RERUN_PARTITION = re.escape("re-run the partition stage (`dvc repro partition` or `python -m flows.partition`)")
+
+
+def _on_json(change):
+    def edit(text: str) -> str:
+        raw = json.loads(text)
+        change(raw)
+        return json.dumps(raw)
+
+    return edit
+
+
+PARTITION_EDITS = {
+    "invalid JSON": (lambda text: text[: len(text) // 2], "is not valid JSON"),
+    "string index": (_on_json(lambda r: r["clients"][0].__setitem__(0, "7")), "client 0 holds '7', not an integer"),
+    "float index": (_on_json(lambda r: r["clients"][0].__setitem__(0, 7.0)), "client 0 holds 7.0, not an integer"),
+    "empty client": (_on_json(lambda r: r["clients"].__setitem__(3, [])), "client 3 holds no samples"),
+    "negative index": (
+        _on_json(lambda r: r["clients"][2].__setitem__(0, -1)), r"client 2 holds sample -1, outside the \d+ training"
+    ),
+    "out-of-range index": (
+        _on_json(lambda r: r["clients"][1].append(10**6)), r"client 1 holds sample 1000000, outside the \d+ training"
+    ),
+    "overlapping clients": (
+        _on_json(lambda r: r["clients"][4].append(r["clients"][1][0])), r"sample \d+ is held by clients 1 and 4"
+    ),
+    "a client removed": (
+        _on_json(lambda r: (r["clients"].pop(), r.update(num_clients=len(r["clients"])))),
+        r"holds (\d+) client lists, says num_clients=\1 and was made for \d+ clients",
+    ),
+    "no clients": (_on_json(lambda r: (r["clients"].clear(), r.update(num_clients=0))), "holds 0 client lists"),
+    "no record (older version)": (
+        _on_json(lambda r: r.pop("origin")), "does not record which data and settings it was made from"
+    ),
+}
+
+
+def edit_partition(folder: Path, edit) -> None:
+    path = Path(folder) / "clients.json"
+    path.write_text(edit(path.read_text()))

@@ -5,7 +5,9 @@ from fedmef_core.data.datasets import DatasetUnavailable, ImageData, load_datase
 from fedmef_core.data.partition import (
     PartitionError,
     load_partition,
+    partition_digest,
     partition_indices,
+    partition_origin,
     partition_stats,
     save_partition,
 )
@@ -17,7 +19,9 @@ __all__ = [
     "iterate_batches",
     "load_dataset",
     "load_partition",
+    "partition_digest",
     "partition_indices",
+    "partition_origin",
     "partition_stats",
     "save_partition",
 ]

@@ -17,6 +17,7 @@ import functools
 import gzip
 import os
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,31 +167,52 @@ def _read_idx_split(folder: Path, images_file: str, labels_file: str) -> tuple[t
     labels = read_idx(folder / labels_file, expect_ndim=1)
     if images.shape[0] != labels.shape[0]:
         raise DatasetUnavailable(
-            f"{folder}: {images_file} has {images.shape[0]} images but {labels_file} has {labels.shape[0]} labels"
+            f"{folder}: {images_file} has {images.shape[0]} images but {labels_file} has {labels.shape[0]} "
+            f"labels; {CORRUPT_FIX}"
         )
     if labels.size and labels.max() >= 10:
-        raise DatasetUnavailable(f"{folder / labels_file}: label {labels.max()} out of range 0..9")
+        raise DatasetUnavailable(f"{folder / labels_file}: label {labels.max()} out of range 0..9; {CORRUPT_FIX}")
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
+CORRUPT_FIX = (
+    "the file is corrupt (truncated or overwritten): reinstall it (`sudo apt-get install --reinstall "
+    f"dataset-fashion-mnist`) or point ${FASHION_MNIST_ENV} at a folder holding intact copies"
+)
+
+
 def read_idx(path: Path, expect_ndim: int) -> np.ndarray:
-    """Parse a (gzipped) unsigned-byte IDX file, checking its magic number and size."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
+    """Parse a (gzipped) unsigned-byte IDX file, checking its magic number and size.
+
+    Every way the file can be damaged (bad gzip stream, truncation, wrong header or size) raises
+    :class:`DatasetUnavailable` naming the file and the fix.
+    """
+    raw = _read_maybe_gzipped(path)
     header = 4 + 4 * expect_ndim
     if len(raw) < header or raw[:2] != b"\0\0" or raw[2] != 0x08 or raw[3] != expect_ndim:
         magic = raw[:4].hex() if len(raw) >= 4 else "nothing"
         raise DatasetUnavailable(
             f"{path}: not an unsigned-byte IDX file with {expect_ndim} dims "
-            f"(magic 0x{magic}, expected 0x000008{expect_ndim:02x}); the file is corrupt"
+            f"(magic 0x{magic}, expected 0x000008{expect_ndim:02x}); {CORRUPT_FIX}"
         )
     dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=expect_ndim, offset=4))
     if len(raw) - header != int(np.prod(dims)):
         raise DatasetUnavailable(
-            f"{path}: header says {dims} ({np.prod(dims)} bytes), found {len(raw) - header}"
+            f"{path}: header says {dims} ({np.prod(dims)} bytes), found {len(raw) - header}; {CORRUPT_FIX}"
         )
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def _read_maybe_gzipped(path: Path) -> bytes:
+    if path.suffix != ".gz":
+        return path.read_bytes()
+    try:
+        with gzip.open(path, "rb") as fh:
+            return fh.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # truncated; not gzip or bad CRC; bad deflate data
+        raise DatasetUnavailable(
+            f"{path}: cannot be decompressed ({type(exc).__name__}: {exc}); {CORRUPT_FIX}"
+        ) from None
 
 
 # --- torchvision datasets -----------------------------------------------------------------------------

@@ -2,15 +2,21 @@
 
 Every partition is a list of disjoint, sorted int64 index arrays whose union is every sample, and depends
 only on the labels, the number of clients and `PartitionConfig` (its `seed` drives a numpy Generator).
+
+A saved partition (`clients.json`) records what it was made from (:func:`partition_origin`); loading it
+checks the indices against that record, and against the current run's when given, so an edited or stale
+file is refused before any round with a message saying to re-run the partition stage.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from fedmef_core.config import PartitionConfig
+from fedmef_core.config import ExperimentConfig, PartitionConfig
 from fedmef_core.errors import UserError
 from fedmef_core.io import read_json, write_json
 
@@ -139,27 +145,134 @@ def partition_stats(parts: list[np.ndarray], labels: np.ndarray, num_classes: in
     }
 
 
-def save_partition(parts: list[np.ndarray], stats: dict, out_dir: str | Path) -> None:
-    """Write out_dir/clients.json ({"num_clients", "clients": [[idx, ...], ...]}) and out_dir/stats.json."""
+# --- persistence: clients.json records what the split was made from, and is checked before use ------------
+
+RERUN = "re-run the partition stage (`dvc repro partition` or `python -m flows.partition`)"
+
+
+def partition_origin(config: ExperimentConfig, labels: np.ndarray) -> dict[str, Any]:
+    """What a split is made from, keyed like the config: written with it, compared before training uses it.
+
+    The keys are checked in this order, so a changed `data.train_limit` is named before its consequences.
+    """
+    labels = np.ascontiguousarray(labels, dtype="<i8")
+    return {
+        "data.name": config.data.name,
+        "data.train_limit": config.data.train_limit,
+        "federation.num_clients": config.federation.num_clients,
+        **{f"partition.{k}": v for k, v in config.partition.model_dump(mode="json").items()},
+        "training samples": int(labels.size),
+        "training labels sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
+    }
+
+
+def save_partition(parts: list[np.ndarray], stats: dict, out_dir: str | Path, origin: dict[str, Any]) -> None:
+    """Write out_dir/clients.json ({"num_clients", "clients": [[idx, ...], ...], "origin"}) and stats.json.
+
+    `origin` is :func:`partition_origin` of the config and labels the split was made from.
+    """
     out_dir = Path(out_dir)
     clients = [np.asarray(p, dtype=np.int64).tolist() for p in parts]
-    write_json(out_dir / "clients.json", {"num_clients": len(clients), "clients": clients})
+    write_json(out_dir / "clients.json", {"num_clients": len(clients), "clients": clients, "origin": origin})
     write_json(out_dir / "stats.json", stats)
 
 
-def load_partition(out_dir: str | Path) -> list[np.ndarray]:
-    """Read out_dir/clients.json back into sorted int64 arrays."""
+def load_partition(out_dir: str | Path, expected: dict[str, Any] | None = None) -> list[np.ndarray]:
+    """Read out_dir/clients.json back into int64 arrays, refusing anything training could trip over.
+
+    Always checked: valid JSON with a recorded origin; one non-empty list of integer indices per recorded
+    client; every index within the recorded training set; no index in two clients. With `expected`
+    (:func:`partition_origin` of this run) the record must also match it: same dataset, limit, labels,
+    partition settings and number of clients. Every failure is a :class:`PartitionError` saying to
+    re-run the partition stage.
+    """
     path = Path(out_dir) / "clients.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} does not exist: run the partition stage first (`dvc repro partition`)"
-        )
-    raw = read_json(path)
-    if not isinstance(raw, dict) or not isinstance(raw.get("clients"), list):
+    raw = _read_saved(path)
+    origin = raw["origin"]
+    if expected is not None:
+        _check_origin(path, origin, expected)
+    count, made_for = len(raw["clients"]), origin["federation.num_clients"]
+    if count < 1 or raw.get("num_clients") != count or count != made_for:
         raise PartitionError(
-            f"{path}: expected {{'num_clients': N, 'clients': [[...], ...]}}; rerun the partition stage"
+            f"{path} holds {count} client lists, says num_clients={raw.get('num_clients')} and was made for "
+            f"{made_for} clients; {RERUN}"
         )
-    parts = [np.asarray(c, dtype=np.int64) for c in raw["clients"]]
-    if raw.get("num_clients") != len(parts):
-        raise PartitionError(f"{path}: num_clients={raw.get('num_clients')} but {len(parts)} client lists")
+    parts = [_client_indices(path, i, c, origin["training samples"]) for i, c in enumerate(raw["clients"])]
+    _check_disjoint(path, parts)
     return parts
+
+
+def partition_digest(out_dir: str | Path) -> str:
+    """A sha256 of the saved split (which samples each client holds, in client order), hex.
+
+    It depends only on the index lists: not on JSON formatting nor on the recorded origin, so two saves of
+    the same split agree, and any moved, added or removed sample changes it.
+    """
+    digest = hashlib.sha256()
+    for part in load_partition(out_dir):
+        digest.update(np.int64(part.size).astype("<i8").tobytes())
+        digest.update(part.astype("<i8").tobytes())
+    return digest.hexdigest()
+
+
+_COUNTS_RECORDED = ("federation.num_clients", "training samples")  # what the checks without `expected` use
+
+
+def _read_saved(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the partition stage first "
+                                "(`dvc repro partition` or `python -m flows.partition`)")
+    try:
+        raw = read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise PartitionError(f"{path} is not valid JSON ({exc}); {RERUN}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("clients"), list):
+        raise PartitionError(f"{path}: expected {{'num_clients': N, 'clients': [[...], ...], ...}}; {RERUN}")
+    origin = raw.get("origin")
+    if not isinstance(origin, dict) or not all(type(origin.get(k)) is int for k in _COUNTS_RECORDED):
+        raise PartitionError(
+            f"{path} does not record which data and settings it was made from (written by an older version, "
+            f"or edited), so it cannot be checked against this run; {RERUN}"
+        )
+    return raw
+
+
+def _check_origin(path: Path, recorded: dict[str, Any], expected: dict[str, Any]) -> None:
+    for key, want in expected.items():
+        got = recorded.get(key)
+        if got != want:
+            raise PartitionError(
+                f"{path} was made for {key}={_shown(got)} but this run has {key}={_shown(want)}; {RERUN}"
+            )
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def _client_indices(path: Path, client: int, indices: Any, num_samples: int) -> np.ndarray:
+    if not isinstance(indices, list) or not all(type(i) is int for i in indices):  # bool, float, str: no
+        bad = indices if not isinstance(indices, list) else next(i for i in indices if type(i) is not int)
+        raise PartitionError(f"{path}: client {client} holds {bad!r}, not an integer sample index; {RERUN}")
+    if not indices:
+        raise PartitionError(f"{path}: client {client} holds no samples; {RERUN}")
+    low, high = min(indices), max(indices)
+    if low < 0 or high >= num_samples:
+        bad = low if low < 0 else high
+        raise PartitionError(
+            f"{path}: client {client} holds sample {bad}, outside the {num_samples} training samples "
+            f"(0..{num_samples - 1}) it was made for; {RERUN}"
+        )
+    return np.asarray(indices, dtype=np.int64)
+
+
+def _check_disjoint(path: Path, parts: list[np.ndarray]) -> None:
+    owners = np.repeat(np.arange(len(parts)), [p.size for p in parts])
+    flat = np.concatenate(parts)
+    order = np.argsort(flat, kind="stable")
+    repeated = np.flatnonzero(flat[order][1:] == flat[order][:-1])
+    if repeated.size:
+        first, second = order[repeated[0]], order[repeated[0] + 1]
+        where = (f"clients {owners[first]} and {owners[second]}" if owners[first] != owners[second]
+                 else f"client {owners[first]} (twice)")
+        raise PartitionError(f"{path}: sample {flat[first]} is held by {where}; {RERUN}")

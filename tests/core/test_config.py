@@ -85,3 +85,19 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="expected a mapping"):
         parse_config([1, 2])
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "federation:\n"])
+def test_overrides_on_an_empty_file_or_section(tmp_path, text):
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    assert load_config(p, {"federation.rounds": 7}).federation.rounds == 7
+
+
+@pytest.mark.parametrize("text", ["- federation\n- data\n", "42\n", "just a sentence\n"])
+def test_a_file_that_is_not_a_mapping_is_one_clear_message(tmp_path, text):
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    for overrides in (None, {"federation.rounds": 7}):
+        with pytest.raises(ConfigError, match=f"{p}: expected a mapping of sections"):
+            load_config(p, overrides)

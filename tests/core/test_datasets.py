@@ -329,3 +329,59 @@ def test_image_data_validates_its_fields():
         ImageData(images.float(), labels, 1, ("a",), (0.5,), (0.5,))
     with pytest.raises(ValueError, match="per channel"):
         ImageData(images, labels, 1, ("a",), (0.5, 0.5), (0.5,))
+
+
+# --- damaged copies of the real Debian files --------------------------------------------------------------
+
+
+def _truncate(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _garble_middle(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes(range(256)) * 4 + data[middle + 1024 :]
+
+
+def _not_gzip(data: bytes) -> bytes:
+    return b"<html>404 Not Found</html>\n" * 40
+
+
+def _empty(data: bytes) -> bytes:
+    return b""
+
+
+def _gzip_of_garbage(data: bytes) -> bytes:
+    return gzip.compress(b"\x01\x02\x03\x04" * 100)
+
+
+@needs_debian
+@pytest.mark.parametrize(
+    "name, damage",
+    [
+        ("train-labels-idx1-ubyte.gz", _truncate),  # EOFError inside gzip today
+        ("t10k-labels-idx1-ubyte.gz", _garble_middle),  # zlib.error / bad CRC today
+        ("train-labels-idx1-ubyte.gz", _not_gzip),  # BadGzipFile today
+        ("t10k-labels-idx1-ubyte.gz", _empty),
+        ("train-labels-idx1-ubyte.gz", _gzip_of_garbage),  # decompresses, but is no IDX file
+    ],
+    ids=["truncated", "garbled", "not-gzip", "empty", "gzip-of-garbage"],
+)
+def test_damaged_real_file_is_one_clear_message(tmp_path, monkeypatch, name, damage):
+    folder = tmp_path / "fm"  # a new folder per test: load_dataset's cache cannot answer from memory
+    folder.mkdir()
+    for pair in (("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                 ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")):
+        for f in pair:
+            if f == name:
+                (folder / f).write_bytes(damage((DEBIAN / f).read_bytes()))
+            else:
+                (folder / f).symlink_to(DEBIAN / f)
+    monkeypatch.setenv(FASHION_MNIST_ENV, str(folder))
+    with pytest.raises(DatasetUnavailable) as info:
+        load_dataset(DataConfig(root=str(tmp_path / "empty")))
+    message = str(info.value)
+    assert message.startswith(f"{folder / name}: ") and "corrupt" in message
+    assert "apt-get install --reinstall dataset-fashion-mnist" in message and FASHION_MNIST_ENV in message
+    error = info.value  # nothing chained to print under the message
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)

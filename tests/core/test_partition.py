@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fedmef_core.config import DataConfig, PartitionConfig
-from fedmef_core.data import load_partition, partition_indices, partition_stats, save_partition
+from fedmef_core.config import DataConfig, PartitionConfig, parse_config
+from fedmef_core.data import (
+    PartitionError,
+    load_partition,
+    partition_digest,
+    partition_indices,
+    partition_origin,
+    partition_stats,
+    save_partition,
+)
 from fedmef_core.data.datasets import FASHION_MNIST_DEBIAN_DIR
 from fedmef_core.plots import plot_partition_heatmap
+from tests.conftest import PARTITION_EDITS, RERUN_PARTITION, edit_partition
 
 SCHEMES = ["iid", "dirichlet", "shards"]
 
@@ -127,27 +137,92 @@ def test_stats():
     json.dumps(stats)  # plain JSON types
 
 
+def saved(tmp_path, labels=None, num_clients=8, **data) -> tuple[Path, list[np.ndarray], dict]:
+    """A split saved as the partition stage saves it; returns (folder, parts, origin)."""
+    labels = balanced_labels() if labels is None else labels
+    config = parse_config({"data": data, "federation": {"num_clients": num_clients, "clients_per_round": 1}})
+    parts = partition_indices(labels, num_clients, config.partition)
+    origin = partition_origin(config, labels)
+    save_partition(parts, partition_stats(parts, labels, 10), tmp_path / "parts", origin=origin)
+    return tmp_path / "parts", parts, origin
+
+
 def test_save_load_roundtrip(tmp_path):
-    labels = balanced_labels()
-    parts = partition_indices(labels, 8, PartitionConfig())
-    stats = partition_stats(parts, labels, 10)
-    save_partition(parts, stats, tmp_path / "parts")
-    loaded = load_partition(tmp_path / "parts")
+    folder, parts, origin = saved(tmp_path)
+    loaded = load_partition(folder, expected=origin)
     assert len(loaded) == 8 and all(
         np.array_equal(a, b) and b.dtype == np.int64 for a, b in zip(parts, loaded)
     )
-    raw = json.loads((tmp_path / "parts" / "clients.json").read_text())
-    assert raw["num_clients"] == 8
-    assert json.loads((tmp_path / "parts" / "stats.json").read_text()) == stats
-    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["clients.json", "stats.json"]
+    raw = json.loads((folder / "clients.json").read_text())
+    assert raw["num_clients"] == 8 and raw["origin"] == origin
+    assert origin["data.train_limit"] is None and origin["training samples"] == 1000
+    assert origin["partition.alpha"] == 0.5 and origin["federation.num_clients"] == 8
+    assert sorted(p.name for p in folder.iterdir()) == ["clients.json", "stats.json"]
 
 
 def test_load_missing_partition_says_how_to_make_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="dvc repro partition"):
         load_partition(tmp_path)
-    (tmp_path / "clients.json").write_text('{"num_clients": 3, "clients": [[0], [1]]}')
-    with pytest.raises(ValueError, match="num_clients"):
-        load_partition(tmp_path)
+
+
+@pytest.mark.parametrize("edit", PARTITION_EDITS.values(), ids=PARTITION_EDITS.keys())
+def test_edited_partition_is_refused_on_load(tmp_path, edit):
+    """What the training path (`load_partition` without `expected`) refuses on its own."""
+    change, message = edit
+    folder, _, _ = saved(tmp_path)
+    edit_partition(folder, change)
+    with pytest.raises(PartitionError, match=f"clients.json.*{message}.*{RERUN_PARTITION}"):
+        load_partition(folder)
+
+
+def test_the_first_index_past_the_end_is_refused(tmp_path):
+    folder, parts, _ = saved(tmp_path)
+    assert max(p.max() for p in parts) == 999  # the last sample is in range and used
+    edit_partition(folder, lambda text: text.replace("[\n      0,", "[\n      1000,", 1))
+    with pytest.raises(PartitionError, match="holds sample 1000, outside the 1000 training samples .0..999."):
+        load_partition(folder)
+
+
+@pytest.mark.parametrize(
+    "now, message",
+    [
+        ({"data": {"train_limit": 900}}, "made for data.train_limit=null but this run has data.train_limit=900"),
+        ({"federation": {"num_clients": 6}}, "federation.num_clients=8 but this run has federation.num_clients=6"),
+        ({"partition": {"alpha": 0.1}}, "partition.alpha=0.5 but this run has partition.alpha=0.1"),
+        ({"labels": balanced_labels(seed=1)}, "training labels sha256="),
+        ({"labels": balanced_labels(per_class=99)}, "training samples=1000 but this run has training samples=990"),
+    ],
+    ids=["train_limit", "num_clients", "alpha", "other labels", "other size"],
+)
+def test_partition_made_for_another_run_is_refused(tmp_path, now, message):
+    folder, _, _ = saved(tmp_path)
+    labels = now.pop("labels", balanced_labels())
+    raw = {"federation": {"num_clients": 8, "clients_per_round": 1}}
+    for section, values in now.items():
+        raw.setdefault(section, {}).update(values)
+    expected = partition_origin(parse_config(raw), labels)
+    with pytest.raises(PartitionError, match=f"{re.escape(message)}.*{RERUN_PARTITION}"):
+        load_partition(folder, expected=expected)
+
+
+def test_partition_digest_names_the_split_not_the_file(tmp_path):
+    folder, parts, _ = saved(tmp_path)
+    digest = partition_digest(folder)
+    assert len(digest) == 64 and digest == partition_digest(folder)
+    other, _, _ = saved(tmp_path / "other", train_limit=5000)  # same split, another record
+    raw = json.loads((other / "clients.json").read_text())
+    (other / "clients.json").write_text(json.dumps(raw, indent=None))  # reformatted
+    assert partition_digest(other) == digest
+    moved = [p.copy() for p in parts]
+    moved[1], moved[0] = np.sort(np.append(moved[1], moved[0][-1])), moved[0][:-1]  # one sample changes hands
+    save_partition(moved, {}, tmp_path / "moved", origin=raw["origin"])
+    assert partition_digest(tmp_path / "moved") != digest
+    swapped = [parts[1], parts[0], *parts[2:]]  # the same sets, dealt to other clients
+    save_partition(swapped, {}, tmp_path / "swapped", origin=raw["origin"])
+    assert partition_digest(tmp_path / "swapped") != digest
+    edit_partition(folder, PARTITION_EDITS["overlapping clients"][0])
+    with pytest.raises(PartitionError):
+        partition_digest(folder)
 
 
 @pytest.mark.parametrize("num_clients", [8, 120])

@@ -1,0 +1,105 @@
+"""Hostile input files, through the real CLI entry: one clear message, exit 2, refused before round 1.
+
+The partition is written by the real partition stage, then edited or mismatched as a user might; the
+train command must refuse it in its preflight, before Prefect starts and before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedmef_core.config import parse_config
+from flows.cli import main
+from flows.train import train_flow
+from tasks import preflight
+from tasks.partitioning import partition_dataset
+from tests.conftest import PARTITION_EDITS, RERUN_PARTITION, edit_partition, tiny_raw
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory) -> tuple[Path, Path]:
+    """params.yaml of a tiny experiment and the partition its partition stage wrote."""
+    work = tmp_path_factory.mktemp("partitioned")
+    config = parse_config(tiny_raw(work))
+    (work / "params.yaml").write_text(config.to_yaml())
+    partition_dataset.fn(config)
+    return work / "params.yaml", Path(config.runtime.partitions_dir)
+
+
+@pytest.fixture
+def train_cli(stage, tmp_path, capsys):
+    """(partition folder, run): `run(*overrides)` runs `python -m flows.train` in-process on a fresh copy of
+    the partition and returns its stderr, after checking exit 2, no traceback and nothing written."""
+    params, made = stage
+    parts = tmp_path / "partitions"
+    shutil.copytree(made, parts)
+    outputs = {key: tmp_path / key for key in ("checkpoints_dir", "metrics_dir", "plots_dir")}
+    argv = ["--params", str(params), "--set", f"runtime.partitions_dir={parts}"]
+    for key, path in outputs.items():
+        argv += ["--set", f"runtime.{key}={path}"]
+
+    def run(*overrides: str) -> str:
+        with pytest.raises(SystemExit) as info:
+            main(train_flow, preflight.for_train, argv=argv + [a for o in overrides for a in ("--set", o)])
+        err = capsys.readouterr().err
+        assert info.value.code == 2, err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+        assert list(tmp_path.iterdir()) == [parts]  # no checkpoint, metric or plot: no round ran
+        return err
+
+    return parts, run
+
+
+@pytest.mark.parametrize("edit", PARTITION_EDITS.values(), ids=PARTITION_EDITS.keys())
+def test_edited_partition_is_refused_before_round_1(train_cli, edit):
+    change, message = edit
+    parts, run = train_cli
+    edit_partition(parts, change)
+    assert_says(run(), f"{parts / 'clients.json'}.*{message}")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.train_limit=1000", "made for data.train_limit=1200 but this run has data.train_limit=1000"),
+        ("data.train_limit=null", "made for data.train_limit=1200 but this run has data.train_limit=null"),
+        ("federation.num_clients=5", "made for federation.num_clients=6 but this run has federation.num_clients=5"),
+        ("partition.seed=2", "made for partition.seed=1 but this run has partition.seed=2"),
+    ],
+)
+def test_partition_made_for_other_settings_is_refused_before_round_1(train_cli, override, message):
+    _, run = train_cli
+    assert_says(run(override), message)
+
+
+def assert_says(err: str, pattern: str) -> None:
+    assert re.search(f"{pattern}.*{RERUN_PARTITION}", err), err
+
+
+def test_cuda_without_a_gpu_is_one_message_before_prefect_starts(stage, tmp_path):
+    """A real subprocess with no GPU visible (CUDA_VISIBLE_DEVICES empty), whatever this machine has."""
+    params, made = stage
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
+           "CUDA_VISIBLE_DEVICES": ""}
+    for flow in ("flows.train", "flows.evaluate"):
+        proc = subprocess.run(
+            [sys.executable, "-m", flow, "--params", str(params), "--set", "runtime.device=cuda"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
+        )
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert proc.stderr.startswith("error: runtime.device is 'cuda' but no CUDA device is visible")
+        assert "runtime.device=cpu" in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+    assert sorted(p.name for p in made.parent.iterdir()) == ["params.yaml", "partitions", "plots"]  # as staged
