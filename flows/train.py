@@ -26,15 +26,15 @@ from tasks.tracking import tracked_run
 def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
     """One experiment in its run folder: the round loop. `tags` go on a new MLflow run (e.g. a sweep's
     parent run id). Called by the train flow and by every cell of a sweep."""
-    paths = run_paths(config)
+    paths, rt = run_paths(config), config.runtime
     with run_lock(paths):
         server, resumed = resume_or_start(config, paths)
         run_id = (resumed or {}).get("extra", {}).get("mlflow_run_id") or None
         with tracked_run(config, run_name(config), run_id, tags) as tracker, client_updates(config) as updates:
             log_memory_report(config, server.model, server.train, server.device, paths,
                               tracker if resumed is None else None)
-            extra = {"mlflow_run_id": tracker.run_id or "", "partition": partition_digest(config.runtime.partitions_dir)}
-            save = RoundSaver(config, paths, extra, fresh=resumed is None)
+            identity = {"mlflow_run_id": tracker.run_id or "", "partition": partition_digest(rt.partitions_dir)}
+            save = RoundSaver(config, paths, identity, fresh=resumed is None)
             report = RoundReporter(config, paths, tracker, first_round=server.round + 1)
             report.setup(server.setup(updates))
             for rnd in server.pending_rounds():

@@ -11,7 +11,6 @@ from fedmef_core.data import load_dataset, load_partition, partition_indices, pa
 from fedmef_core.device import resolve_device
 from fedmef_core.errors import UserError
 from fedmef_core.runs import run_paths
-from tasks.clients import cached_partition
 from tasks.tracking import Tracker
 
 
