@@ -1,7 +1,8 @@
 """Command-line entry shared by every flow: `python -m flows.<name> [--params FILE] [--set k=v ...]`.
 
 User mistakes (bad config, missing dataset, missing partition or checkpoint) print one message and
-exit with status 2 — no traceback, nothing written.
+exit with status 2 — no traceback, nothing written. Ctrl-C (SIGINT) and SIGTERM stop the flow with
+"interrupted: the last checkpoint is kept" and exit 130 / 143 (see `flows.lifecycle`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 
 from fedmef_core.config import ConfigError, ExperimentConfig, checked, load_config
 from fedmef_core.errors import UserError
+from flows.lifecycle import EXIT_CODES, Interrupted, detach_temporary_server, signals_interrupt
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -43,16 +45,20 @@ def main(
     argv: list[str] | None = None,
 ) -> Any:
     """Validate the config, check the flow's inputs, run `flow`; user errors become one clear line."""
+    from prefect.exceptions import TerminationSignal
+
     try:
         config = config_from_args(argv, getattr(flow, "description", None) or flow.__doc__ or "")
         preflight(config)
-        return flow(config)
+        detach_temporary_server()
+        with signals_interrupt():
+            return flow(config)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TerminationSignal) as exc:
         print("interrupted: the last checkpoint is kept", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(exc.exit_code if isinstance(exc, Interrupted) else EXIT_CODES.get(getattr(exc, "signal", 2), 130))
 
 
 def fails_cleanly(body: Callable[..., Any]) -> Callable[..., Any]:

@@ -14,6 +14,7 @@ from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import partition_digest
 from fedmef_core.runs import run_lock, run_name, run_paths
 from flows.cli import fails_cleanly, main
+from flows.lifecycle import safe_points
 from tasks import preflight
 from tasks.checkpoints import RoundSaver, resume_or_start
 from tasks.clients import client_updates
@@ -30,20 +31,22 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
     with run_lock(paths):
         server, resumed = resume_or_start(config, paths)
         run_id = (resumed or {}).get("extra", {}).get("mlflow_run_id") or None
-        with tracked_run(config, run_name(config), run_id, tags) as tracker, client_updates(config) as updates:
+        with tracked_run(config, run_name(config), run_id, tags) as tracker, client_updates(config, paths) as updates:
             log_memory_report(config, server.model, server.train, server.device, paths,
                               tracker if resumed is None else None)
             identity = {"mlflow_run_id": tracker.run_id or "", "partition": partition_digest(rt.partitions_dir)}
             save = RoundSaver(config, paths, identity, fresh=resumed is None)
             report = RoundReporter(config, paths, tracker, first_round=server.round + 1)
             report.setup(server.setup(updates))
-            for rnd in server.pending_rounds():
-                started = time.perf_counter()
-                results = updates(server.broadcast(rnd), server.sample_clients(rnd))
-                metrics = server.finish_round(rnd, results, time.perf_counter() - started)
-                metrics["dropped_clients"] = updates.dropped.pop(rnd, 0)
-                save(server, rnd, metrics, tracker)
-                report(server, rnd, metrics)
+            with safe_points() as stop:  # Ctrl-C / SIGTERM: at once while clients train, else after the writes
+                for rnd in server.pending_rounds():
+                    started = time.perf_counter()
+                    with stop.interruptible():
+                        results = updates(server.broadcast(rnd), server.sample_clients(rnd))
+                    metrics = server.finish_round(rnd, results, time.perf_counter() - started)
+                    metrics["dropped_clients"] = updates.dropped.pop(rnd, 0)
+                    save(server, rnd, metrics, tracker)
+                    report(server, rnd, metrics)
             save.final(server)
             summary = report.finish(server)
     return summary

@@ -6,6 +6,7 @@ an executor, ``updates(broadcast, clients) -> [ClientResult]``, that the train f
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import load_dataset, load_partition
 from fedmef_core.device import resolve_device
 from fedmef_core.errors import UserError
+from fedmef_core.runs import RunPaths
 from tasks.runners import Submit, task_runner
 
 
@@ -116,12 +118,30 @@ class ClientUpdates:
             )
 
 
+EXCHANGE_NAME = ".exchange"
+
+
 @contextmanager
-def client_updates(config: ExperimentConfig) -> Iterator[ClientUpdates]:
-    """The executor of client updates, with its exchange folder (removed afterwards) and task runner."""
-    exchange_dir = config.runtime.exchange_dir
-    if exchange_dir:
-        Path(exchange_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fedmef-exchange-", dir=exchange_dir) as exchange:
-        with task_runner(config) as submit:
-            yield ClientUpdates(config, Path(exchange), submit)
+def exchange_folder(config: ExperimentConfig, paths: RunPaths) -> Iterator[Path]:
+    """Where broadcasts and updates pass between the flow and its workers: `<run folder>/.exchange` (what a
+    killed run left there is cleared first: the caller holds the folder's lock), or a fresh folder inside
+    `runtime.exchange_dir` (storage every Ray node shares). Removed afterwards."""
+    if config.runtime.exchange_dir:
+        Path(config.runtime.exchange_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="fedmef-exchange-", dir=config.runtime.exchange_dir) as tmp:
+            yield Path(tmp)
+        return
+    folder = paths.root / EXCHANGE_NAME
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def client_updates(config: ExperimentConfig, paths: RunPaths) -> Iterator[ClientUpdates]:
+    """The executor of client updates, with its exchange folder and task runner."""
+    with exchange_folder(config, paths) as exchange, task_runner(config) as submit:
+        yield ClientUpdates(config, exchange, submit)

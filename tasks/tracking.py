@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from prefect.exceptions import TerminationSignal
+
 from fedmef_core.config import ExperimentConfig, TrackingConfig
 from fedmef_core.errors import UserError
 
@@ -172,7 +174,7 @@ def tracked_run(config: ExperimentConfig, run_name: str, run_id: str | None = No
         tracker.start(config, run_name=run_name, tags=tags)
     try:
         yield tracker
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, or SIGTERM inside a Prefect flow run
         tracker.end("KILLED")
         raise
     except BaseException:

@@ -102,4 +102,4 @@ def test_cuda_without_a_gpu_is_one_message_before_prefect_starts(stage, tmp_path
         assert "runtime.device=cpu" in proc.stderr and "Traceback" not in proc.stderr
         assert proc.stderr.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
-    assert sorted(p.name for p in made.parent.iterdir()) == ["params.yaml", "partitions", "plots"]  # as staged
+    assert sorted(p.name for p in made.parent.iterdir()) == ["params.yaml", "partitions"]  # as staged

@@ -1,0 +1,101 @@
+"""Signals as people send them: Ctrl-C to the terminal's process group, SIGTERM to the process, kill -9.
+
+Each run is a real `python -m flows.train` subprocess in its own session (so the group signal reaches it
+and its children, not pytest), with Prefect's temporary server and a real sqlite MLflow store.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import prepare_run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _processes_with_home(home: Path) -> list[int]:
+    """Live processes whose environment has PREFECT_HOME=home (the flow and its temporary server)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"PREFECT_HOME={home}".encode() in env and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _start(tmp_path: Path, params: Path) -> tuple[subprocess.Popen, Path]:
+    home = tmp_path / "prefect-home"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.train", "--params", str(params)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return proc, home
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"training ended early:\n{proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {path.name} after {timeout} s"
+        time.sleep(0.05)
+
+
+def _no_orphans(home: Path, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while (left := _processes_with_home(home)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.mark.parametrize(
+    ("send", "code"),
+    [
+        (lambda p: os.killpg(p.pid, signal.SIGINT), 130),  # Ctrl-C in a terminal: the whole process group
+        (lambda p: p.send_signal(signal.SIGTERM), 143),  # kill, timeout, systemd, Kubernetes
+    ],
+    ids=["sigint-to-group", "sigterm"],
+)
+def test_interrupt_stops_cleanly_and_the_run_resumes(tmp_path, send, code):
+    params, config = prepare_run(tmp_path, rounds=4)
+    proc, home = _start(tmp_path, params)
+    _wait_for(Path(config.runtime.checkpoints_dir) / "round_0002.pt.sha256", proc)
+    send(proc)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-3000:]
+    assert "interrupted: the last checkpoint is kept" in err
+    assert "Traceback" not in err and "ConnectError" not in err, err[-3000:]
+    _no_orphans(home)
+    assert not (tmp_path / ".exchange").exists()
+    client = MlflowClient(config.tracking.mlflow_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "KILLED"
+
+    again, home = _start(tmp_path, params)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert "resuming from round" in out + err
+    _no_orphans(home)
+
+
+def test_kill_9_leaves_no_temporary_server_behind(tmp_path):
+    params, config = prepare_run(tmp_path, rounds=4)
+    proc, home = _start(tmp_path, params)
+    _wait_for(Path(config.runtime.checkpoints_dir) / "round_0001.pt.sha256", proc)
+    assert len(_processes_with_home(home)) >= 2  # the flow and its temporary Prefect server
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    _no_orphans(home)
