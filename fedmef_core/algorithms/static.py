@@ -16,7 +16,7 @@ from torch import nn
 from fedmef_core.aggregation import weighted_average
 from fedmef_core.algorithms.base import Batches, ClientResult, FederatedAlgorithm
 from fedmef_core.models import prunable_weights
-from fedmef_core.models.nsconv import attach_masks
+from fedmef_core.models.nsconv import attach_masks, effective_grads, recording_effective_grads
 from fedmef_core.sparse import (
     Masks,
     active_counts,
@@ -43,8 +43,17 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
+def growth_scores(model: nn.Module, weights: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The per-weight gradients growth ranks, after a backward: ``weight.grad`` of a plain Conv2d/Linear,
+    ``dL/dW_hat`` of an NSConv (its raw gradient ties across each output channel's inactive positions;
+    the model must have run under :func:`recording_effective_grads`). Masked positions included."""
+    standardized = effective_grads(model)
+    grads = {k: standardized.get(k, w.grad) for k, w in weights.items()}
+    return {k: g.detach() for k, g in grads.items() if g is not None}
+
+
 def batch_gradients(model: nn.Module, batches: Batches) -> dict[str, torch.Tensor]:
-    """Gradients of the task loss on one mini-batch w.r.t. every prunable weight, masked ones included.
+    """:func:`growth_scores` of the task loss on one mini-batch, for every prunable weight (on CPU).
 
     The model's buffers (BatchNorm statistics) are restored afterwards, so the upload does not change
     the client's state.
@@ -53,8 +62,9 @@ def batch_gradients(model: nn.Module, batches: Batches) -> dict[str, torch.Tenso
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     weights = prunable_weights(model)
     model.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    grads = {k: w.grad.detach().cpu().clone() for k, w in weights.items()}
+    with recording_effective_grads(model):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads = {k: g.cpu().clone() for k, g in growth_scores(model, weights).items()}
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         for k, v in model.named_buffers():

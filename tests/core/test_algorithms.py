@@ -341,3 +341,41 @@ def test_bn_selection_config_errors_name_the_fix(pruning, model, needle):
     with pytest.raises(ConfigError, match=needle) as err:
         parse_config(raw)
     assert "bn_select: false" in str(err.value) and "got {" not in str(err.value)
+
+
+def _nsconv_config(method, norm="nsconv"):
+    config = _config(method, density=0.2, **({"prunefl_reallocate": False} if method == "prunefl" else {}))
+    return config.model_copy(update={"model": config.model.model_copy(update={"norm": norm})})
+
+
+def _grown_channels(method, norm, data):
+    """Output channels of conv2 that one server adjustment (round 1) grew weights into, and the count."""
+    config = _nsconv_config(method, norm)
+    server = _server(config, data)
+    old = server.state["masks"]["conv2.weight"].clone()
+    server.finish_round(1, local_executor(server)(server.broadcast(1), server.sample_clients(1)), 0.0)
+    grown = server.state["masks"]["conv2.weight"] & ~old
+    return grown.flatten(1).any(1).sum().item(), int(grown.sum())
+
+
+@pytest.mark.parametrize("method", ["fedtiny", "prunefl"])
+def test_nsconv_growth_spreads_over_output_channels_like_batchnorm(method, data):
+    """An NSConv's masked raw weights share one gradient per output channel; growth must rank the
+    standardized weight's per-weight gradient, or a stable sort fills the first few channels."""
+    ns_channels, ns_grown = _grown_channels(method, "nsconv", data)
+    bn_channels, bn_grown = _grown_channels(method, "batch", data)
+    assert ns_grown > 100 and bn_grown > 100
+    assert ns_channels >= max(0.5 * bn_channels, 16), (ns_channels, bn_channels)
+
+
+@pytest.mark.parametrize("method", ["fedtiny", "prunefl"])
+def test_nsconv_growth_scores_of_inactive_weights_are_distinct(method, data):
+    server = _server(_nsconv_config(method), data)
+    result = local_executor(server)(server.broadcast(1), [0])[0]
+    inactive = ~server.state["masks"]["conv2.weight"]
+    if method == "prunefl":
+        scores = result.upload["grad2"]["conv2.weight"][inactive]
+    else:  # the uploaded top-k gradients of inactive positions
+        scores = result.upload["grad_val"]["conv2.weight"]
+    assert scores.numel() > 100
+    assert scores.unique().numel() >= 0.99 * scores.numel()
