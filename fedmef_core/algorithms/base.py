@@ -110,6 +110,12 @@ class FederatedAlgorithm:
     def on_after_step(self, model: nn.Module, payload: dict[str, Any]) -> None:
         """Called after every optimizer step (e.g. re-zero masked weights)."""
 
+    def on_step_end(self, model: nn.Module, payload: dict[str, Any], steps_done: int, total_steps: int,
+                    batches: BatchSource) -> None:
+        """Called after every local step (after :meth:`on_after_step`) with the steps done so far out of
+        `total_steps`; ``batches()`` is a fresh pass over the client's data (e.g. FedDST's mid-training
+        prune-and-grow)."""
+
     def client_upload(self, model: nn.Module, payload: dict[str, Any], batches: Batches) -> dict[str, Any]:
         """Extra data the client sends back (e.g. top-k gradients of inactive weights)."""
         return {}

@@ -125,7 +125,7 @@ def _train(config, data, model, algorithm, payload, check_steps=True):
         def checked(m, p):
             original(m, p)
             weights = prunable_weights(m)
-            for k, mask in p["masks"].items():
+            for k, mask in algorithm._masks.items():  # the client's current mask (FedDST changes it midway)
                 assert torch.all(weights[k][~mask] == 0)
 
         algorithm.on_after_step = checked
@@ -379,3 +379,65 @@ def test_nsconv_growth_scores_of_inactive_weights_are_distinct(method, data):
         scores = result.upload["grad_val"]["conv2.weight"]
     assert scores.numel() > 100
     assert scores.unique().numel() >= 0.99 * scores.numel()
+
+
+def _feddst_round(data, local_epochs):
+    """One FedDST adjustment round by hand: (old masks, client results, server after aggregation)."""
+    config = _config("feddst", density=0.2)
+    config = config.model_copy(update={"federation": config.federation.model_copy(
+        update={"local_epochs": local_epochs, "clients_per_round": 3})})
+    server = _server(config, data)
+    old = {k: m.clone() for k, m in server.state["masks"].items()}
+    results = local_executor(server)(server.broadcast(1), server.sample_clients(1))
+    server.finish_round(1, results, 0.0)
+    return old, results, server
+
+
+@pytest.mark.parametrize("local_epochs", [1, 2])
+def test_feddst_grown_weights_train_before_upload_and_survive_aggregation(local_epochs, data):
+    old, results, server = _feddst_round(data, local_epochs)
+    grown_total = nonzero = survived = 0
+    for r in results:
+        for k, m in r.upload["mask"].items():
+            grown = m & ~old[k]
+            assert int(m.sum()) == int(old[k].sum())  # each client moved exactly k_l
+            grown_total += int(grown.sum())
+            nonzero += int((r.state[k][grown] != 0).sum())  # they trained after the adjustment
+            assert torch.all(r.state[k][~m] == 0)  # the new mask held for the rest of training
+            survived += int((grown & server.state["masks"][k]).sum())
+    assert grown_total > 100
+    assert nonzero >= 0.95 * grown_total
+    assert survived >= 0.2 * grown_total, (survived, grown_total)  # a meaningful share is kept
+    weights = prunable_weights(server.model)
+    moved_in = [weights[k][m & ~old[k]] for k, m in server.state["masks"].items()]
+    moved_in = torch.cat([w.flatten() for w in moved_in])
+    assert moved_in.numel() > 100 and torch.all(moved_in != 0)  # the global model's grown weights carry learning
+    total = sum(m.numel() for m in old.values())
+    assert sum(int(m.sum()) for m in server.state["masks"].values()) == round(0.2 * total)
+
+
+def test_feddst_adjusts_after_half_the_local_epochs(data):
+    """With local_epochs >= 2 the mask changes once, right after epoch E // 2 (else after half the steps)."""
+    from fedmef_core.algorithms.feddst import FedDST
+
+    config = _config("feddst", density=0.2)
+    algorithm = FedDST(config.model_copy(update={"federation": config.federation.model_copy(
+        update={"local_epochs": 3})}))
+    assert algorithm.adjust_step(30) == 10
+    assert FedDST(config).adjust_step(9) == 4 and FedDST(config).adjust_step(1) == 1
+    server = _server(config, data)
+    payload = server.algorithm.round_payload(1, server.model, server.state)
+    seen = []
+    original = algorithm.on_step_end
+
+    def watch(model, p, steps_done, total, batches):
+        before = algorithm._masks
+        original(model, p, steps_done, total, batches)
+        if algorithm._masks is not before:
+            seen.append((steps_done, total))
+
+    algorithm.on_step_end = watch
+    model = type(server.model)(1, 10, 28, lambda c: torch.nn.BatchNorm2d(c))
+    model.load_state_dict(server.model.state_dict())
+    _train(algorithm.config, data, model, algorithm, payload, check_steps=False)
+    assert len(seen) == 1 and seen[0][0] == seen[0][1] // 3
