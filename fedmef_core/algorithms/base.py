@@ -70,9 +70,14 @@ class FederatedAlgorithm:
         return {}
 
     def aggregate(
-        self, rnd: int, model: nn.Module, results: list[ClientResult], state: dict[str, Any]
+        self, rnd: int, model: nn.Module, results: list[ClientResult], state: dict[str, Any],
+        before_adjust: Callable[[], None] | None = None,
     ) -> dict[str, float]:
-        """Fold the client results into the global `model` (in place); return metrics to log."""
+        """Fold the client results into the global `model` (in place); return metrics to log.
+
+        A method that prunes the averaged model on the server calls ``before_adjust()`` between the
+        averaging and its prune-and-grow (the engine measures the prune drop there); others never do.
+        """
         averaged = weighted_average([r.state for r in results], [r.num_samples for r in results])
         model.load_state_dict(averaged)
         dense = float(len(results) * state_bytes(averaged))  # every client sends and receives the dense model

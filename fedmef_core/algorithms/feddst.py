@@ -15,6 +15,7 @@ lower index).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,8 +61,10 @@ class FedDST(MaskedAlgorithm):
             return {}
         return {"mask": {k: m.cpu() for k, m in self._masks.items()}}
 
-    def adjust_aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult],
-                         state: dict[str, Any]) -> dict[str, float]:
+    def adjust_aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult], state: dict[str, Any],
+                         before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
+        """Union, coordinate-wise average and prune-back in one pass (no separate averaged model, so
+        ``before_adjust`` is not called)."""
         old = state["masks"]
         total = float(sum(r.num_samples for r in results))
         averaged = weighted_average([r.state for r in results], [r.num_samples for r in results])

@@ -8,6 +8,7 @@ aggregation re-applies the mask. Subclasses set ``adjusts = True`` and implement
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -124,8 +125,8 @@ class MaskedAlgorithm(FederatedAlgorithm):
         """Bytes of :meth:`adjust_payload` per client (the mask itself travels as the sparse weights' index)."""
         return 0
 
-    def aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult],
-                  state: dict[str, Any]) -> dict[str, float]:
+    def aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult], state: dict[str, Any],
+                  before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
         masks = state["masks"]
         adjust = self.adjusting(rnd)
         extra = self.adjust_download_bytes(self.move_counts(rnd, masks)) if adjust else 0
@@ -133,7 +134,7 @@ class MaskedAlgorithm(FederatedAlgorithm):
         upload = sum(state_bytes(r.state, masks) + tensor_bytes(r.upload) for r in results)
         metrics: dict[str, float] = {}
         if adjust:
-            metrics.update(self.adjust_aggregate(rnd, model, results, state))
+            metrics.update(self.adjust_aggregate(rnd, model, results, state, before_adjust))
             metrics.update(adjusted=1.0, alpha=self.alpha(rnd))
         else:
             self.average(model, results, masks)
@@ -147,11 +148,13 @@ class MaskedAlgorithm(FederatedAlgorithm):
         model.load_state_dict(weighted_average([r.state for r in results], [r.num_samples for r in results]))
         apply_masks(prunable_weights(model), masks)
 
-    def adjust_aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult],
-                         state: dict[str, Any]) -> dict[str, float]:
+    def adjust_aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult], state: dict[str, Any],
+                         before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
         """Aggregate an adjustment round and replace ``state["masks"]``; return pruned/grown counts.
-        The default averages and then calls :meth:`adjust`."""
+        The default averages, calls ``before_adjust()`` and then :meth:`adjust`."""
         self.average(model, results, state["masks"])
+        if before_adjust is not None:
+            before_adjust()
         return self.adjust(rnd, model, results, state)
 
     def adjust(self, rnd: int, model: nn.Module, results: list[ClientResult],

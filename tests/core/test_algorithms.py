@@ -441,3 +441,58 @@ def test_feddst_adjusts_after_half_the_local_epochs(data):
     model.load_state_dict(server.model.state_dict())
     _train(algorithm.config, data, model, algorithm, payload, check_steps=False)
     assert len(seen) == 1 and seen[0][0] == seen[0][1] // 3
+
+
+def _bae_server(data, **pruning):
+    """FedMef without SAP, adjusting in round 2 only (round 1 is a normal round)."""
+    config = _config("fedmef", adjust_interval=2, adjust_until=4, **pruning)
+    return _server(config.model_copy(update={"sap": config.sap.model_copy(update={"enabled": False})}), data)
+
+
+def test_bae_norms_are_reported_on_adjustment_rounds_and_extrusion_shrinks_them(data):
+    server = _bae_server(data, bae_lambda=1.0)
+    history = run_rounds(server)
+    normal, adjusted = history
+    assert adjusted.get("adjusted") and not normal.get("adjusted")
+    keys = ("bae/low_norm_start", "bae/low_norm_end", "bae/low_norm_global", "prune_drop")
+    assert not any(k in normal for k in keys) and all(k in adjusted for k in keys)
+    assert adjusted["bae/low_norm_end"] < 0.5 * adjusted["bae/low_norm_start"]  # extrusion works
+    assert 0 <= adjusted["bae/low_norm_global"] <= adjusted["bae/low_norm_start"]
+    assert "marked" not in server.state  # nothing transient is checkpointed
+
+
+def test_bae_start_norm_is_the_global_models_and_the_mean_is_sample_weighted(data):
+    server = _bae_server(data)
+    server.finish_round(1, local_executor(server)(server.broadcast(1), server.sample_clients(1)), 0.0)
+    payload = server.algorithm.round_payload(2, server.model, server.state)
+    start = _low_norm(server.model, payload)
+    results = local_executor(server)(server.broadcast(2), server.sample_clients(2))
+    assert all(r.upload["low_norm_start"] == pytest.approx(start, rel=1e-6) for r in results)
+    n = sum(r.num_samples for r in results)
+    end = sum(r.upload["low_norm_end"] * r.num_samples for r in results) / n
+    metrics = server.finish_round(2, results, 0.0)
+    assert metrics["bae/low_norm_end"] == pytest.approx(end)
+
+
+@pytest.mark.parametrize("method", ["fedtiny", "fedmef", "prunefl", "feddst", "fedavg_static"])
+def test_prune_drop_is_the_accuracy_of_the_averaged_model_minus_the_pruned_one(method, data):
+    """Measured only where the server prunes the averaged model (FedTiny, FedMef, PruneFL)."""
+    import copy
+
+    from fedmef_core.evaluation import evaluate
+
+    config = _config(method)
+    server = _server(config, data)
+    results = local_executor(server)(server.broadcast(1), server.sample_clients(1))
+    averaged = copy.deepcopy(server.model)
+    server.algorithm.average(averaged, sorted(results, key=lambda r: r.client_id), server.state["masks"])
+    before = evaluate(averaged, server.test, server.device).accuracy
+    metrics = server.finish_round(1, results, 0.0)
+    if method in ("fedavg_static", "feddst"):
+        assert "prune_drop" not in metrics
+        return
+    after = evaluate(server.model, server.test, server.device).accuracy
+    assert metrics["accuracy"] == after
+    assert metrics["prune_drop"] == before - after
+    assert any(not torch.equal(a, b) for a, b in zip(averaged.state_dict().values(),
+                                                     server.model.state_dict().values()))  # it did prune
