@@ -65,6 +65,10 @@ def local_train(
     )
     scaler = grad_scaler(device, fed.precision)
     total_steps = fed.local_epochs * math.ceil(len(indices) / fed.batch_size)
+
+    def fresh_batches():  # for hooks that need data of their own (no augmentation)
+        return iterate_batches(data, indices, fed.batch_size, generator=generator, shuffle=True, device=device)
+
     step, loss_sum, seen = 0, 0.0, 0
     for _ in range(fed.local_epochs):
         batches = iterate_batches(
@@ -93,10 +97,8 @@ def local_train(
             loss_sum += loss.item() * len(y)
             seen += len(y)
             step += 1
-    upload_batches = iterate_batches(
-        data, indices, fed.batch_size, generator=generator, shuffle=True, device=device
-    )
-    upload = algorithm.client_upload(model, payload, upload_batches)
+            algorithm.on_step_end(model, payload, step, total_steps, fresh_batches)
+    upload = algorithm.client_upload(model, payload, fresh_batches())
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     return ClientResult(
         client_id=client_id,

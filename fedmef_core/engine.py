@@ -3,6 +3,11 @@
 `run_rounds` is the whole story: sample clients, broadcast, let an executor run the client
 updates (in-process here; Prefect tasks or Ray workers in the pipeline), aggregate, evaluate,
 checkpoint. Methods vary it only through the hooks of `FederatedAlgorithm`.
+
+On adjustment rounds of methods that prune the averaged model on the server (FedTiny, FedMef, PruneFL)
+the engine also tests the averaged model right before the prune-and-grow and reports
+``prune_drop`` = its test accuracy minus the accuracy right after (one extra evaluation; none on
+other rounds or methods).
 """
 
 from __future__ import annotations
@@ -81,7 +86,9 @@ class Server:
 
     def finish_round(self, rnd: int, results: list[ClientResult], seconds: float) -> dict[str, float]:
         results = sorted(results, key=lambda r: r.client_id)  # aggregation order never depends on timing
-        method_metrics = self.algorithm.aggregate(rnd, self.model, results, self.state)
+        before: list[EvalResult] = []  # the averaged model's test result, where the method prunes it after
+        method_metrics = self.algorithm.aggregate(rnd, self.model, results, self.state,
+                                                  before_adjust=lambda: before.append(self._evaluate()))
         self.algorithm.bind_state(self.model, self.state)
         n = sum(r.num_samples for r in results)
         metrics: dict[str, float] = {
@@ -93,13 +100,20 @@ class Server:
             **method_metrics,
         }
         run = self.config.runtime
-        if rnd % run.eval_every == 0 or rnd == self.config.federation.rounds:
-            self.last_eval = evaluate(self.model, self.test, self.device)
-            metrics["accuracy"] = self.last_eval.accuracy
-            metrics["loss"] = self.last_eval.loss
+        scheduled = rnd % run.eval_every == 0 or rnd == self.config.federation.rounds
+        after = self._evaluate() if scheduled or before else None
+        if scheduled:
+            self.last_eval = after
+            metrics["accuracy"] = after.accuracy
+            metrics["loss"] = after.loss
+        if before:  # what the server's prune-and-grow cost
+            metrics["prune_drop"] = before[0].accuracy - after.accuracy
         self.round = rnd
         self.history.append(metrics)
         return metrics
+
+    def _evaluate(self) -> EvalResult:
+        return evaluate(self.model, self.test, self.device)
 
     def setup(self, executor: ClientExecutor) -> dict[str, float]:
         """The method's one-off exchange with clients before round 1, if it has one (else ``{}``)."""

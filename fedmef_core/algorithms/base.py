@@ -81,9 +81,14 @@ class FederatedAlgorithm:
         return {}
 
     def aggregate(
-        self, rnd: int, model: nn.Module, results: list[ClientResult], state: dict[str, Any]
+        self, rnd: int, model: nn.Module, results: list[ClientResult], state: dict[str, Any],
+        before_adjust: Callable[[], None] | None = None,
     ) -> dict[str, float]:
-        """Fold the client results into the global `model` (in place); return metrics to log."""
+        """Fold the client results into the global `model` (in place); return metrics to log.
+
+        A method that prunes the averaged model on the server calls ``before_adjust()`` between the
+        averaging and its prune-and-grow (the engine measures the prune drop there); others never do.
+        """
         averaged = weighted_average([r.state for r in results], [r.num_samples for r in results])
         model.load_state_dict(averaged)
         dense = float(len(results) * state_bytes(averaged))  # every client sends and receives the dense model
@@ -120,6 +125,12 @@ class FederatedAlgorithm:
 
     def on_after_step(self, model: nn.Module, payload: dict[str, Any]) -> None:
         """Called after every optimizer step (e.g. re-zero masked weights)."""
+
+    def on_step_end(self, model: nn.Module, payload: dict[str, Any], steps_done: int, total_steps: int,
+                    batches: BatchSource) -> None:
+        """Called after every local step (after :meth:`on_after_step`) with the steps done so far out of
+        `total_steps`; ``batches()`` is a fresh pass over the client's data (e.g. FedDST's mid-training
+        prune-and-grow)."""
 
     def client_upload(self, model: nn.Module, payload: dict[str, Any], batches: Batches) -> dict[str, Any]:
         """Extra data the client sends back (e.g. top-k gradients of inactive weights)."""

@@ -1,8 +1,12 @@
 """FedDST (Bibikar et al., AAAI 2022): client-side prune-and-grow, server-side union and prune-back.
 
-On an adjustment round each client, after local training, removes its k_l smallest-magnitude active
-weights per layer and activates as many previously inactive positions with the largest gradient
-magnitude on one mini-batch (new weights = 0), then uploads its weights and its new mask (bitmap).
+On an adjustment round each client adjusts its mask part-way through local training: after half its
+local epochs (rounded down) when ``local_epochs >= 2``, else after half its local steps (rounded down,
+at least one). It removes its k_l smallest-magnitude active weights per layer and activates as many
+previously inactive positions with the largest gradient magnitude on one mini-batch (per weight, see
+:func:`~fedmef_core.algorithms.static.growth_scores`; new weights = 0), then keeps training on the new
+mask, so the grown weights learn before it uploads its weights and its new mask (bitmap). (The
+authors' code adjusts after half the local epochs.)
 The server averages each coordinate over the clients whose mask holds it (sample-weighted), takes
 the union of the client masks and prunes it back, per layer, to the layer's previous number of
 active weights by magnitude (ties: the coordinate held by more clients' samples wins, then the
@@ -11,35 +15,56 @@ lower index).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from fedmef_core.aggregation import weighted_average
-from fedmef_core.algorithms.base import Batches, ClientResult
+from fedmef_core.algorithms.base import Batches, BatchSource, ClientResult
 from fedmef_core.algorithms.static import MaskedAlgorithm, batch_gradients
 from fedmef_core.models import prunable_weights
-from fedmef_core.sparse import apply_masks, prune_and_grow
+from fedmef_core.models.nsconv import attach_masks
+from fedmef_core.sparse import Masks, apply_masks, prune_and_grow
 
 
 class FedDST(MaskedAlgorithm):
     name = "feddst"
     adjusts = True
 
+    def adjust_step(self, total_steps: int) -> int:
+        """The number of local steps after which a client adjusts its mask (see the module doc)."""
+        epochs = self.config.federation.local_epochs
+        if epochs >= 2:
+            return epochs // 2 * (total_steps // epochs)
+        return max(1, total_steps // 2)
+
+    def on_step_end(self, model: nn.Module, payload: dict[str, Any], steps_done: int, total_steps: int,
+                    batches: BatchSource) -> None:
+        if payload.get("adjust") and steps_done == self.adjust_step(total_steps):
+            self._masks = self.client_adjust(model, payload, batches())
+
+    def client_adjust(self, model: nn.Module, payload: dict[str, Any], batches: Batches) -> Masks:
+        """Prune the k_l smallest active weights, grow the k_l best-scored inactive ones (at 0); the
+        masking hooks and the NSConv layers use the returned mask from the next step on."""
+        grads = batch_gradients(model, batches)
+        new_masks = {}
+        for name, mask in self._masks.items():
+            new, _, _ = prune_and_grow(self._weights[name], mask, grads[name].abs(), int(payload["k"][name]))
+            new_masks[name] = new.to(mask.device)
+        attach_masks(model, new_masks)
+        return new_masks
+
     def client_upload(self, model: nn.Module, payload: dict[str, Any], batches: Batches) -> dict[str, Any]:
         if not payload.get("adjust"):
             return {}
-        grads = batch_gradients(model, batches)
-        new_masks = {}
-        for name, mask in payload["masks"].items():
-            w = self._weights[name]
-            new, _, _ = prune_and_grow(w, mask.cpu(), grads[name].abs(), int(payload["k"][name]))
-            new_masks[name] = new
-        return {"mask": new_masks}
+        return {"mask": {k: m.cpu() for k, m in self._masks.items()}}
 
-    def adjust_aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult],
-                         state: dict[str, Any]) -> dict[str, float]:
+    def adjust_aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult], state: dict[str, Any],
+                         before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
+        """Union, coordinate-wise average and prune-back in one pass (no separate averaged model, so
+        ``before_adjust`` is not called)."""
         old = state["masks"]
         total = float(sum(r.num_samples for r in results))
         averaged = weighted_average([r.state for r in results], [r.num_samples for r in results])

@@ -10,6 +10,11 @@ indices. During that round's local training clients add
 
 (T = local steps of the round, eta_0 = `federation.lr`, eta_t the round's scheduled lr). Upload,
 prune and grow are FedTiny's. Scaled activation pruning lives in the SAP modules, not here.
+
+Instrumentation (round metrics of adjustment rounds): ``bae/low_norm_start`` and ``bae/low_norm_end``,
+sum_l ||theta_low,l||_2 at the start and the end of local training (two floats per client, not counted
+as communication; the sample-weighted mean over clients), and ``bae/low_norm_global``, the same norm in
+the averaged global model right before the prune.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedmef_core.algorithms.base import MethodTraits
+from fedmef_core.algorithms.base import Batches, ClientResult, MethodTraits
 from fedmef_core.algorithms.fedtiny import FedTiny
 from fedmef_core.models import prunable_weights
 from fedmef_core.sparse import INDEX_BYTES, smallest_active
@@ -39,10 +44,33 @@ class FedMef(FedTiny):
     def adjust_payload(self, rnd: int, model: nn.Module, state: dict[str, Any],
                        counts: dict[str, int]) -> dict[str, Any]:
         weights = prunable_weights(model)
-        return {"low": {k: smallest_active(weights[k], m, counts[k]) for k, m in state["masks"].items()}}
+        low = {k: smallest_active(weights[k], m, counts[k]) for k, m in state["masks"].items()}
+        state["marked"] = low  # for bae/low_norm_global; taken out again by adjust
+        return {"low": low}
+
+    def adjust(self, rnd: int, model: nn.Module, results: list[ClientResult],
+               state: dict[str, Any]) -> dict[str, float]:
+        weights = prunable_weights(model)
+        marked = state.pop("marked")
+        total = float(sum(r.num_samples for r in results))
+        metrics = {f"bae/{key}": sum(r.upload[key] * r.num_samples for r in results) / total
+                   for key in ("low_norm_start", "low_norm_end")}
+        metrics["bae/low_norm_global"] = float(sum(weights[k].detach().flatten()[i].norm() for k, i in marked.items()))
+        return {**metrics, **super().adjust(rnd, model, results, state)}
 
     def adjust_download_bytes(self, counts: dict[str, int]) -> int:
         return INDEX_BYTES * sum(counts.values())
+
+    def on_client_start(self, model: nn.Module, payload: dict[str, Any]) -> None:
+        super().on_client_start(model, payload)
+        if "low" in payload:
+            self._low_norm_start = self.measured_low_norm(payload)
+
+    def client_upload(self, model: nn.Module, payload: dict[str, Any], batches: Batches) -> dict[str, Any]:
+        upload = super().client_upload(model, payload, batches)
+        if "low" in payload:
+            upload.update(low_norm_start=self._low_norm_start, low_norm_end=self.measured_low_norm(payload))
+        return upload
 
     def _low(self, payload: dict[str, Any]):
         return [(self._weights[k].flatten(), idx.to(self._weights[k].device)) for k, idx in payload["low"].items()]
@@ -50,6 +78,10 @@ class FedMef(FedTiny):
     def low_norm(self, payload: dict[str, Any], p: int = 2) -> torch.Tensor:
         """sum_l ||theta_low,l||_p of the client's current weights."""
         return sum((w[i].norm(p=p) for w, i in self._low(payload)))
+
+    @torch.no_grad()
+    def measured_low_norm(self, payload: dict[str, Any]) -> float:
+        return float(self.low_norm(payload))
 
     def extra_loss(self, model: nn.Module, payload: dict[str, Any]) -> torch.Tensor | None:
         if "low" not in payload:

@@ -2,7 +2,10 @@
 
 What is implemented: on an adjustment round every client accumulates the squared gradient of every
 prunable weight (masked ones included, before the gradient is masked) over all its local steps and
-uploads it densely (fp32). The server averages these importances (sample-weighted) and swaps the
+uploads it densely (fp32). On an NSConv layer that is the gradient w.r.t. the standardized weight
+(see :func:`~fedmef_core.algorithms.static.growth_scores`; the raw one ties within each output
+channel); under fp16 loss scaling those NSConv scores keep the loss scale (they are not optimizer
+gradients, which the loop unscales), so use fp32 or bf16 for PruneFL on NSConv models. The server averages these importances (sample-weighted) and swaps the
 k = sum_l k_l least important active weights for the k most important inactive ones (new weights = 0).
 With `pruning.prunefl_reallocate` (default) the ranking is global over all layers, so weights move
 between layers while the global density stays exactly d (each layer keeps at least its most important
@@ -21,8 +24,9 @@ import torch
 from torch import nn
 
 from fedmef_core.algorithms.base import Batches, ClientResult
-from fedmef_core.algorithms.static import MaskedAlgorithm
+from fedmef_core.algorithms.static import MaskedAlgorithm, growth_scores
 from fedmef_core.models import prunable_weights
+from fedmef_core.models.nsconv import record_effective_grads
 from fedmef_core.sparse import apply_masks, grow, mask_gradients, prune
 
 
@@ -33,17 +37,18 @@ class PruneFL(MaskedAlgorithm):
     def on_client_start(self, model: nn.Module, payload: dict[str, Any]) -> None:
         super().on_client_start(model, payload)
         self._grad2 = {k: torch.zeros_like(w) for k, w in self._weights.items()} if payload.get("adjust") else None
+        record_effective_grads(model, self._grad2 is not None)  # every step of the round is a scoring step
 
     def on_before_step(self, model: nn.Module, payload: dict[str, Any]) -> None:
         if self._grad2 is not None:
-            for k, w in self._weights.items():
-                if w.grad is not None:
-                    self._grad2[k] += w.grad.detach() ** 2
+            for k, g in growth_scores(model, self._weights).items():
+                self._grad2[k] += g ** 2
         mask_gradients(self._weights, self._masks)
 
     def client_upload(self, model: nn.Module, payload: dict[str, Any], batches: Batches) -> dict[str, Any]:
         if self._grad2 is None:
             return {}
+        record_effective_grads(model, False)
         return {"grad2": {k: v.detach().cpu().float() for k, v in self._grad2.items()}}
 
     def adjust(self, rnd: int, model: nn.Module, results: list[ClientResult],

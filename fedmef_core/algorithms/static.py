@@ -8,6 +8,7 @@ aggregation re-applies the mask. Subclasses set ``adjusts = True`` and implement
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from fedmef_core.aggregation import weighted_average
 from fedmef_core.algorithms.base import Batches, ClientResult, FederatedAlgorithm, MethodTraits
 from fedmef_core.models import prunable_weights
-from fedmef_core.models.nsconv import attach_masks
+from fedmef_core.models.nsconv import attach_masks, effective_grads, recording_effective_grads
 from fedmef_core.sparse import (
     Masks,
     active_counts,
@@ -43,8 +44,17 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
+def growth_scores(model: nn.Module, weights: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The per-weight gradients growth ranks, after a backward: ``weight.grad`` of a plain Conv2d/Linear,
+    ``dL/dW_hat`` of an NSConv (its raw gradient ties across each output channel's inactive positions;
+    the model must have run under :func:`recording_effective_grads`). Masked positions included."""
+    standardized = effective_grads(model)
+    grads = {k: standardized.get(k, w.grad) for k, w in weights.items()}
+    return {k: g.detach() for k, g in grads.items() if g is not None}
+
+
 def batch_gradients(model: nn.Module, batches: Batches) -> dict[str, torch.Tensor]:
-    """Gradients of the task loss on one mini-batch w.r.t. every prunable weight, masked ones included.
+    """:func:`growth_scores` of the task loss on one mini-batch, for every prunable weight (on CPU).
 
     The model's buffers (BatchNorm statistics) are restored afterwards, so the upload does not change
     the client's state.
@@ -53,8 +63,9 @@ def batch_gradients(model: nn.Module, batches: Batches) -> dict[str, torch.Tenso
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     weights = prunable_weights(model)
     model.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    grads = {k: w.grad.detach().cpu().clone() for k, w in weights.items()}
+    with recording_effective_grads(model):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads = {k: g.cpu().clone() for k, g in growth_scores(model, weights).items()}
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         for k, v in model.named_buffers():
@@ -115,8 +126,8 @@ class MaskedAlgorithm(FederatedAlgorithm):
         """Bytes of :meth:`adjust_payload` per client (the mask itself travels as the sparse weights' index)."""
         return 0
 
-    def aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult],
-                  state: dict[str, Any]) -> dict[str, float]:
+    def aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult], state: dict[str, Any],
+                  before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
         masks = state["masks"]
         adjust = self.adjusting(rnd)
         extra = self.adjust_download_bytes(self.move_counts(rnd, masks)) if adjust else 0
@@ -124,7 +135,7 @@ class MaskedAlgorithm(FederatedAlgorithm):
         upload = sum(state_bytes(r.state, masks) + tensor_bytes(r.upload) for r in results)
         metrics: dict[str, float] = {}
         if adjust:
-            metrics.update(self.adjust_aggregate(rnd, model, results, state))
+            metrics.update(self.adjust_aggregate(rnd, model, results, state, before_adjust))
             metrics.update(adjusted=1.0, alpha=self.alpha(rnd))
         else:
             self.average(model, results, masks)
@@ -138,11 +149,13 @@ class MaskedAlgorithm(FederatedAlgorithm):
         model.load_state_dict(weighted_average([r.state for r in results], [r.num_samples for r in results]))
         apply_masks(prunable_weights(model), masks)
 
-    def adjust_aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult],
-                         state: dict[str, Any]) -> dict[str, float]:
+    def adjust_aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult], state: dict[str, Any],
+                         before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
         """Aggregate an adjustment round and replace ``state["masks"]``; return pruned/grown counts.
-        The default averages and then calls :meth:`adjust`."""
+        The default averages, calls ``before_adjust()`` and then :meth:`adjust`."""
         self.average(model, results, state["masks"])
+        if before_adjust is not None:
+            before_adjust()
         return self.adjust(rnd, model, results, state)
 
     def adjust(self, rnd: int, model: nn.Module, results: list[ClientResult],

@@ -15,7 +15,8 @@ autograd function and recomputed in backward, so no weight-sized intermediate is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -48,6 +49,8 @@ class NSConv(nn.Conv2d):
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.gain = nn.Parameter(torch.ones(self.out_channels, **factory))
         self.weight_mask: torch.Tensor | None = None
+        self.record_effective_grad = False  # set by recording_effective_grads
+        self.effective_grad: torch.Tensor | None = None
 
     def standardized_weight(self) -> torch.Tensor:
         return standardize(self.weight, self.gain, self._mask(), self.eps)
@@ -57,6 +60,8 @@ class NSConv(nn.Conv2d):
         return None if m is None else m.to(self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.record_effective_grad and torch.is_grad_enabled():
+            return self._recording_forward(x)
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             return self._conv_forward(x, self.standardized_weight(), self.bias)
         if not torch.is_grad_enabled():
@@ -65,6 +70,18 @@ class NSConv(nn.Conv2d):
         sap = self.sap if self.training else None
         return sap_fn.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
                              sap, standardize, self.gain, self._mask(), self.eps)
+
+    def _recording_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same conv with W_hat a tensor of the outer graph, whose gradient is kept in ``effective_grad``."""
+        w_hat = self.standardized_weight()
+        w_hat.register_hook(self._keep_effective_grad)
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return self._conv_forward(x, w_hat, self.bias)
+        sap = self.sap if self.training else None
+        return sap_fn.conv2d(x, w_hat, self.bias, self.stride, self.padding, self.dilation, self.groups, sap)
+
+    def _keep_effective_grad(self, grad: torch.Tensor) -> None:
+        self.effective_grad = grad.detach()
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, bias: bool = True) -> NSConv:
@@ -94,6 +111,13 @@ def convert_to_nsconv(model: nn.Module) -> nn.Module:
     return model
 
 
+def _named_nsconvs(model: nn.Module) -> Iterator[tuple[str, NSConv]]:
+    """(``"<module>.weight"``, layer) for every NSConv of ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, NSConv):
+            yield (f"{name}.weight" if name else "weight"), module
+
+
 def attach_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | None) -> int:
     """Give every NSConv its mask from ``{"<module>.weight": 0/1 tensor}`` (None clears them all).
 
@@ -101,9 +125,29 @@ def attach_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | None) -> 
     calls this wherever it applies masks. Returns the number of NSConv layers that got a mask.
     """
     count = 0
-    for name, module in model.named_modules():
-        if isinstance(module, NSConv):
-            mask = None if masks is None else masks.get(f"{name}.weight" if name else "weight")
-            module.weight_mask = mask
-            count += mask is not None
+    for key, conv in _named_nsconvs(model):
+        conv.weight_mask = None if masks is None else masks.get(key)
+        count += conv.weight_mask is not None
     return count
+
+
+def record_effective_grads(model: nn.Module, enabled: bool) -> None:
+    """Switch every NSConv of ``model`` into (or out of) recording ``dL/dW_hat``; clears what was kept."""
+    for _, conv in _named_nsconvs(model):
+        conv.record_effective_grad = enabled
+        conv.effective_grad = None
+
+
+@contextmanager
+def recording_effective_grads(model: nn.Module) -> Iterator[None]:
+    """Within the block, each backward leaves ``dL/dW_hat`` of every NSConv for :func:`effective_grads`."""
+    record_effective_grads(model, True)
+    try:
+        yield
+    finally:
+        record_effective_grads(model, False)
+
+
+def effective_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"<module>.weight": dL/dW_hat}`` of the last backward, for every NSConv that recorded one."""
+    return {k: conv.effective_grad for k, conv in _named_nsconvs(model) if conv.effective_grad is not None}

@@ -125,7 +125,7 @@ def _train(config, data, model, algorithm, payload, check_steps=True):
         def checked(m, p):
             original(m, p)
             weights = prunable_weights(m)
-            for k, mask in p["masks"].items():
+            for k, mask in algorithm._masks.items():  # the client's current mask (FedDST changes it midway)
                 assert torch.all(weights[k][~mask] == 0)
 
         algorithm.on_after_step = checked
@@ -341,3 +341,158 @@ def test_bn_selection_config_errors_name_the_fix(pruning, model, needle):
     with pytest.raises(ConfigError, match=needle) as err:
         parse_config(raw)
     assert "bn_select: false" in str(err.value) and "got {" not in str(err.value)
+
+
+def _nsconv_config(method, norm="nsconv"):
+    config = _config(method, density=0.2, **({"prunefl_reallocate": False} if method == "prunefl" else {}))
+    return config.model_copy(update={"model": config.model.model_copy(update={"norm": norm})})
+
+
+def _grown_channels(method, norm, data):
+    """Output channels of conv2 that one server adjustment (round 1) grew weights into, and the count."""
+    config = _nsconv_config(method, norm)
+    server = _server(config, data)
+    old = server.state["masks"]["conv2.weight"].clone()
+    server.finish_round(1, local_executor(server)(server.broadcast(1), server.sample_clients(1)), 0.0)
+    grown = server.state["masks"]["conv2.weight"] & ~old
+    return grown.flatten(1).any(1).sum().item(), int(grown.sum())
+
+
+@pytest.mark.parametrize("method", ["fedtiny", "prunefl"])
+def test_nsconv_growth_spreads_over_output_channels_like_batchnorm(method, data):
+    """An NSConv's masked raw weights share one gradient per output channel; growth must rank the
+    standardized weight's per-weight gradient, or a stable sort fills the first few channels."""
+    ns_channels, ns_grown = _grown_channels(method, "nsconv", data)
+    bn_channels, bn_grown = _grown_channels(method, "batch", data)
+    assert ns_grown > 100 and bn_grown > 100
+    assert ns_channels >= max(0.5 * bn_channels, 16), (ns_channels, bn_channels)
+
+
+@pytest.mark.parametrize("method", ["fedtiny", "prunefl"])
+def test_nsconv_growth_scores_of_inactive_weights_are_distinct(method, data):
+    server = _server(_nsconv_config(method), data)
+    result = local_executor(server)(server.broadcast(1), [0])[0]
+    inactive = ~server.state["masks"]["conv2.weight"]
+    if method == "prunefl":
+        scores = result.upload["grad2"]["conv2.weight"][inactive]
+    else:  # the uploaded top-k gradients of inactive positions
+        scores = result.upload["grad_val"]["conv2.weight"]
+    assert scores.numel() > 100
+    assert scores.unique().numel() >= 0.99 * scores.numel()
+
+
+def _feddst_round(data, local_epochs):
+    """One FedDST adjustment round by hand: (old masks, client results, server after aggregation)."""
+    config = _config("feddst", density=0.2)
+    config = config.model_copy(update={"federation": config.federation.model_copy(
+        update={"local_epochs": local_epochs, "clients_per_round": 3})})
+    server = _server(config, data)
+    old = {k: m.clone() for k, m in server.state["masks"].items()}
+    results = local_executor(server)(server.broadcast(1), server.sample_clients(1))
+    server.finish_round(1, results, 0.0)
+    return old, results, server
+
+
+@pytest.mark.parametrize("local_epochs", [1, 2])
+def test_feddst_grown_weights_train_before_upload_and_survive_aggregation(local_epochs, data):
+    old, results, server = _feddst_round(data, local_epochs)
+    grown_total = nonzero = survived = 0
+    for r in results:
+        for k, m in r.upload["mask"].items():
+            grown = m & ~old[k]
+            assert int(m.sum()) == int(old[k].sum())  # each client moved exactly k_l
+            grown_total += int(grown.sum())
+            nonzero += int((r.state[k][grown] != 0).sum())  # they trained after the adjustment
+            assert torch.all(r.state[k][~m] == 0)  # the new mask held for the rest of training
+            survived += int((grown & server.state["masks"][k]).sum())
+    assert grown_total > 100
+    assert nonzero >= 0.95 * grown_total
+    assert survived >= 0.2 * grown_total, (survived, grown_total)  # a meaningful share is kept
+    weights = prunable_weights(server.model)
+    moved_in = [weights[k][m & ~old[k]] for k, m in server.state["masks"].items()]
+    moved_in = torch.cat([w.flatten() for w in moved_in])
+    assert moved_in.numel() > 100 and torch.all(moved_in != 0)  # the global model's grown weights carry learning
+    total = sum(m.numel() for m in old.values())
+    assert sum(int(m.sum()) for m in server.state["masks"].values()) == round(0.2 * total)
+
+
+def test_feddst_adjusts_after_half_the_local_epochs(data):
+    """With local_epochs >= 2 the mask changes once, right after epoch E // 2 (else after half the steps)."""
+    from fedmef_core.algorithms.feddst import FedDST
+
+    config = _config("feddst", density=0.2)
+    algorithm = FedDST(config.model_copy(update={"federation": config.federation.model_copy(
+        update={"local_epochs": 3})}))
+    assert algorithm.adjust_step(30) == 10
+    assert FedDST(config).adjust_step(9) == 4 and FedDST(config).adjust_step(1) == 1
+    server = _server(config, data)
+    payload = server.algorithm.round_payload(1, server.model, server.state)
+    seen = []
+    original = algorithm.on_step_end
+
+    def watch(model, p, steps_done, total, batches):
+        before = algorithm._masks
+        original(model, p, steps_done, total, batches)
+        if algorithm._masks is not before:
+            seen.append((steps_done, total))
+
+    algorithm.on_step_end = watch
+    model = type(server.model)(1, 10, 28, lambda c: torch.nn.BatchNorm2d(c))
+    model.load_state_dict(server.model.state_dict())
+    _train(algorithm.config, data, model, algorithm, payload, check_steps=False)
+    assert len(seen) == 1 and seen[0][0] == seen[0][1] // 3
+
+
+def _bae_server(data, **pruning):
+    """FedMef without SAP, adjusting in round 2 only (round 1 is a normal round)."""
+    config = _config("fedmef", adjust_interval=2, adjust_until=4, **pruning)
+    return _server(config.model_copy(update={"sap": config.sap.model_copy(update={"enabled": False})}), data)
+
+
+def test_bae_norms_are_reported_on_adjustment_rounds_and_extrusion_shrinks_them(data):
+    server = _bae_server(data, bae_lambda=1.0)
+    history = run_rounds(server)
+    normal, adjusted = history
+    assert adjusted.get("adjusted") and not normal.get("adjusted")
+    keys = ("bae/low_norm_start", "bae/low_norm_end", "bae/low_norm_global", "prune_drop")
+    assert not any(k in normal for k in keys) and all(k in adjusted for k in keys)
+    assert adjusted["bae/low_norm_end"] < 0.5 * adjusted["bae/low_norm_start"]  # extrusion works
+    assert 0 <= adjusted["bae/low_norm_global"] <= adjusted["bae/low_norm_start"]
+    assert "marked" not in server.state  # nothing transient is checkpointed
+
+
+def test_bae_start_norm_is_the_global_models_and_the_mean_is_sample_weighted(data):
+    server = _bae_server(data)
+    server.finish_round(1, local_executor(server)(server.broadcast(1), server.sample_clients(1)), 0.0)
+    payload = server.algorithm.round_payload(2, server.model, server.state)
+    start = _low_norm(server.model, payload)
+    results = local_executor(server)(server.broadcast(2), server.sample_clients(2))
+    assert all(r.upload["low_norm_start"] == pytest.approx(start, rel=1e-6) for r in results)
+    n = sum(r.num_samples for r in results)
+    end = sum(r.upload["low_norm_end"] * r.num_samples for r in results) / n
+    metrics = server.finish_round(2, results, 0.0)
+    assert metrics["bae/low_norm_end"] == pytest.approx(end)
+
+
+@pytest.mark.parametrize("method", ["fedtiny", "fedmef", "prunefl", "feddst", "fedavg_static"])
+def test_prune_drop_is_the_accuracy_of_the_averaged_model_minus_the_pruned_one(method, data):
+    """Measured only where the server prunes the averaged model (FedTiny, FedMef, PruneFL)."""
+    import copy
+
+    from fedmef_core.evaluation import evaluate
+
+    config = _config(method)
+    server = _server(config, data)
+    results = local_executor(server)(server.broadcast(1), server.sample_clients(1))
+    averaged = copy.deepcopy(server.model)
+    server.algorithm.average(averaged, sorted(results, key=lambda r: r.client_id), server.state["masks"])
+    before = evaluate(averaged, server.test, server.device).accuracy
+    metrics = server.finish_round(1, results, 0.0)
+    if method in ("fedavg_static", "feddst"):
+        assert "prune_drop" not in metrics
+        return
+    after = evaluate(server.model, server.test, server.device).accuracy
+    assert metrics["accuracy"] == after
+    assert metrics["prune_drop"] == before - after
+    assert any(not torch.equal(a, b) for a, b in zip(averaged.state_dict().values(),
+                                                     server.model.state_dict().values()))  # it did prune

@@ -96,3 +96,41 @@ def test_attach_masks_makes_the_effective_weight_sparse():
     assert int((w_hat != 0).sum()) == int(masks["conv1.weight"].sum())
     attach_masks(model, None)
     assert model.conv1.weight_mask is None
+
+
+@pytest.mark.parametrize("gamma", [None, 0.5])
+def test_recorded_effective_grad_is_the_per_weight_gradient_of_w_hat(gamma):
+    """Growth scores: dL/dW_hat (one value per position, masked ones too) from the same backward; the
+    raw-weight gradients of the recording pass equal the fused path's, with and without SAP."""
+    from fedmef_core.models.nsconv import effective_grads, recording_effective_grads
+    from fedmef_core.sap import sparsify
+
+    torch.manual_seed(2)
+    model = nn.Sequential(NSConv(3, 5, 3, padding=1, bias=True))
+    conv = model[0]
+    mask = torch.rand_like(conv.weight) > 0.7
+    with torch.no_grad():
+        conv.weight.mul_(mask)  # as the pruning code keeps them: masked raw weights are 0
+    attach_masks(model, {"0.weight": mask})
+    if gamma is not None:
+        apply_sap(model, SapConfig(gamma=gamma, value_dtype="float32", positions="index"))
+    x = torch.randn(4, 3, 6, 6)
+    grad_out = torch.randn(4, 5, 6, 6)
+
+    model(x).backward(grad_out)
+    fused = [p.grad.clone() for p in (conv.weight, conv.gain, conv.bias)]
+    model.zero_grad()
+    with recording_effective_grads(model):
+        model(x).backward(grad_out)
+        got = effective_grads(model)
+    assert conv.effective_grad is None and not conv.record_effective_grad  # switched off again
+    for a, b in zip([conv.weight.grad, conv.gain.grad, conv.bias.grad], fused):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # reference: the weight gradient of a plain conv with weight W_hat (SAP: from the pruned input)
+    w_hat = conv.standardized_weight().detach().requires_grad_(True)
+    x_saved = x if gamma is None else sparsify(x, gamma)
+    F.conv2d(x_saved, w_hat, conv.bias.detach(), 1, 1).backward(grad_out)
+    torch.testing.assert_close(got["0.weight"], w_hat.grad, rtol=1e-5, atol=1e-6)
+    inactive = got["0.weight"][~mask]
+    assert inactive.unique().numel() == inactive.numel()  # the raw gradient ties per output channel
+    assert conv.weight.grad[~mask].unique().numel() <= conv.out_channels
