@@ -5,8 +5,9 @@ prunable weight (masked ones included, before the gradient is masked) over all i
 uploads it densely (fp32). On an NSConv layer that is the gradient w.r.t. the standardized weight
 (see :func:`~fedmef_core.algorithms.static.growth_scores`; the raw one ties within each output
 channel); under fp16 loss scaling those NSConv scores keep the loss scale (they are not optimizer
-gradients, which the loop unscales), so use fp32 or bf16 for PruneFL on NSConv models. The server averages these importances (sample-weighted) and swaps the
-k = sum_l k_l least important active weights for the k most important inactive ones (new weights = 0).
+gradients, which the loop unscales), so use fp32 or bf16 for PruneFL on NSConv models. The server
+averages these importances (sample-weighted) and swaps the k = sum_l k_l least important active
+weights for the k most important inactive ones (new weights = 0).
 With `pruning.prunefl_reallocate` (default) the ranking is global over all layers, so weights move
 between layers while the global density stays exactly d (each layer keeps at least its most important
 weight); otherwise each layer swaps its own k_l.
