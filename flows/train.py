@@ -16,9 +16,9 @@ from fedmef_core.runs import run_lock, run_name, run_paths
 from flows.cli import fails_cleanly, main
 from flows.lifecycle import safe_points
 from tasks import preflight
-from tasks.checkpoints import RoundSaver, resume_or_start
+from tasks.checkpoints import RoundSaver, resume, start_server
 from tasks.clients import client_updates
-from tasks.memory import log_memory_report
+from tasks.memory import client_step_report, log_memory_report
 from tasks.outputs import RoundReporter
 from tasks.reporting import publish_summary
 from tasks.tracking import tracked_run
@@ -29,11 +29,12 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
     parent run id). Called by the train flow and by every cell of a sweep."""
     paths, rt = run_paths(config), config.runtime
     with run_lock(paths):
-        server, resumed = resume_or_start(config, paths)
+        server = start_server(config)
+        memory = client_step_report(config, server.model, server.train, server.device)  # of the initial model
+        resumed = resume(server, config, paths)
         run_id = (resumed or {}).get("extra", {}).get("mlflow_run_id") or None
         with tracked_run(config, run_name(config), run_id, tags) as tracker, client_updates(config, paths) as updates:
-            log_memory_report(config, server.model, server.train, server.device, paths,
-                              tracker if resumed is None else None)
+            log_memory_report(config, memory, paths, tracker if resumed is None else None)
             identity = {"mlflow_run_id": tracker.run_id or "", "partition": partition_digest(rt.partitions_dir)}
             save = RoundSaver(config, paths, identity, fresh=resumed is None)
             report = RoundReporter(config, paths, tracker, first_round=server.round + 1)

@@ -80,14 +80,18 @@ def load_final_model(config: ExperimentConfig, paths: RunPaths) -> tuple[torch.n
     return model, ckpt
 
 
-def resume_or_start(config: ExperimentConfig, paths: RunPaths) -> tuple[Server, dict | None]:
-    """The server, restored from this run's newest good checkpoint when there is one (also returned).
-    The partition is validated against this dataset and config first (whichever way the run started)."""
+def start_server(config: ExperimentConfig) -> Server:
+    """The server at round 0, on a partition validated against this dataset and config first (whichever
+    way the run started: CLI, DVC, the UI or a sweep)."""
     train, test = load_dataset(config.data)
     parts = load_partition(config.runtime.partitions_dir, expected=partition_origin(config, train.labels.numpy()))
-    server = Server(config, train, test, parts, resolve_device(config.runtime.device))
+    return Server(config, train, test, parts, resolve_device(config.runtime.device))
+
+
+def resume(server: Server, config: ExperimentConfig, paths: RunPaths) -> dict | None:
+    """Restore `server` from this run's newest good checkpoint on the same partition; return it (or None)."""
     resumed = resume_point(config, paths, partition_digest(config.runtime.partitions_dir))
     if resumed is not None:
         server.restore(resumed)
         print(f"resuming from round {server.round} (checkpoint in {paths.checkpoints})", flush=True)
-    return server, resumed
+    return resumed

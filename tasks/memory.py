@@ -63,20 +63,18 @@ def _prefect_table(report: MemoryReport, config: ExperimentConfig) -> None:
     )
 
 
-def log_memory_report(config: ExperimentConfig, model: nn.Module, data: ImageData, device: torch.device,
-                      paths: RunPaths, tracker: Tracker | None) -> MemoryReport:
-    """Measure, write ``metrics/memory.json`` and ``plots/memory.png`` in the run folder, log them to MLflow
-    (unless `tracker` is None: a resumed run logged them when it started) and Prefect."""
-    report = client_step_report(config, model, data, device)
+def log_memory_report(config: ExperimentConfig, report: MemoryReport, paths: RunPaths,
+                      tracker: Tracker | None) -> None:
+    """Write ``metrics/memory.json`` and ``plots/memory.png`` in the run folder, log them to MLflow (unless
+    `tracker` is None: a resumed run logged them when it started) and Prefect."""
     json_path = paths.metrics / "memory.json"
     png_path = paths.plots / "memory.png"
     write_json(json_path, report.to_dict())
     label = f"{config.pruning.method}\n{config.model.arch}/{config.model.norm}"
     plot_memory_parts({"one client step": {label: report.parts()}}, png_path,
-                      title=f"batch {report.batch_size}, {device.type}")
+                      title=f"batch {report.batch_size}, {'cuda' if report.peak_bytes is not None else 'cpu'}")
     if tracker is not None:
         tracker.log_metrics(report.metrics(), step=0)
         tracker.log_artifact(json_path)
         tracker.log_artifact(png_path, "plots")
     _prefect_table(report, config)
-    return report

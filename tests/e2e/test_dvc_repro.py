@@ -27,9 +27,10 @@ def _sh(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     return output
 
 
-def _write_params(repo: Path, rounds: int) -> None:
+def _write_params(repo: Path, rounds: int, **sap) -> None:
     raw = tiny_raw()
     raw["federation"]["rounds"] = rounds
+    raw["sap"] = sap
     raw["tracking"] = {"enabled": True, "mlflow_uri": "sqlite:///mlflow.db", "experiment": "e2e"}
     raw["runtime"]["checkpoint_every"] = 2
     config = parse_config(raw)  # the full, validated config: every key spelled out
@@ -99,3 +100,31 @@ def test_repro_again_does_nothing_then_rounds_change_reruns_train_and_evaluate(r
     assert "Running stage 'partition'" not in third
     assert "Running stage 'train'" in third and "Running stage 'evaluate'" in third
     assert json.loads((path / "metrics" / "train.json").read_text())["rounds"] == 3
+
+
+def test_a_sap_change_reruns_training(repo):
+    """`dvc exp run -S sap.gamma=…` used to print "didn't change, skipping" and keep the old accuracy."""
+    path, env, _ = repo
+    _write_params(path, rounds=3, gamma=0.7)
+    rerun = _sh(["dvc", "repro"], path, env)
+    assert "Running stage 'train'" in rerun and "Running stage 'partition'" not in rerun
+    lock = yaml.safe_load((path / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["sap"]["gamma"] == 0.7
+
+
+def test_a_queued_experiment_is_tracked_in_the_repositorys_store(repo):
+    path, env, _ = repo
+    _sh(["git", "add", "-A"], path, env)
+    _sh(["git", "commit", "-qm", "baseline"], path, env)
+    _sh(["dvc", "exp", "run", "--queue", "-n", "queued-one", "-S", "federation.rounds=1"], path, env)
+    _sh(["dvc", "exp", "run", "--run-all", "-j", "1"], path, env)
+    shown = json.loads(_sh(["dvc", "exp", "show", "--json"], path, env).strip().splitlines()[-1])
+    runs = [
+        e for rev in shown for e in (rev.get("experiments") or [])
+        if (e.get("name") == "queued-one")
+    ]
+    assert runs, f"no experiment 'queued-one' in {shown!r}"[:3000]
+    revs = runs[0]["revs"]
+    train = revs[0]["data"]["metrics"]["metrics/train.json"]["data"]
+    run = MlflowClient(f"sqlite:///{path / 'mlflow.db'}").get_run(train["mlflow_run_id"])  # not in .dvc/tmp/exps
+    assert run.data.tags["dvc_experiment"] == "queued-one" and run.data.params["federation.rounds"] == "1"

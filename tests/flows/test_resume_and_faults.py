@@ -30,6 +30,7 @@ def test_sigkill_mid_run_then_restart_gives_the_uninterrupted_metrics(tmp_path):
         assert proc.poll() is None, "training ended before it could be killed"
         assert time.monotonic() < deadline, "no checkpoint after 300 s"
         time.sleep(0.05)
+    memory_at_start = (tmp_path / "metrics" / "memory.json").read_bytes()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (Path(config.runtime.checkpoints_dir) / "final.pt").exists()
@@ -41,6 +42,7 @@ def test_sigkill_mid_run_then_restart_gives_the_uninterrupted_metrics(tmp_path):
     rows = (tmp_path / "metrics" / "rounds.csv").read_text().strip().splitlines()[1:]
     resumed = [(int(r.split(",")[0]), float(r.split(",")[1]), float(r.split(",")[2])) for r in rows]
     assert resumed == uninterrupted_metrics(config)  # bit for bit on CPU
+    assert (tmp_path / "metrics" / "memory.json").read_bytes() == memory_at_start  # measured on the initial model
 
     from mlflow.tracking import MlflowClient
 

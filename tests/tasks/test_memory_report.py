@@ -7,7 +7,7 @@ from fedmef_core.data import load_dataset
 from fedmef_core.device import resolve_device
 from fedmef_core.models import build_model
 from fedmef_core.runs import run_paths
-from tasks.memory import log_memory_report
+from tasks.memory import client_step_report, log_memory_report
 from tasks.tracking import Tracker
 from tests.conftest import tiny_raw
 
@@ -23,7 +23,8 @@ def test_memory_report_is_logged_to_mlflow_json_and_png(tmp_path):
     model = build_model(config.model, train.images.shape[1], train.num_classes, train.images.shape[-1])
     tracker = Tracker(config.tracking)
     run_id = tracker.start(config, run_name="mem")
-    report = log_memory_report(config, model, train, resolve_device("cpu"), run_paths(config), tracker)
+    report = client_step_report(config, model, train, resolve_device("cpu"))
+    log_memory_report(config, report, run_paths(config), tracker)
     tracker.end()
 
     saved = json.loads((tmp_path / "metrics" / "memory.json").read_text())
