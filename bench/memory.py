@@ -21,7 +21,7 @@ other rows vary one setting of these. Every number comes from :func:`fedmef_core
 prunable layer, stored as fp32 values + int32 indices. Step time: median wall time of a full step
 (forward, backward, SGD step) on this machine's device, relative to a dense FedAvg step timed
 alternately with it (robust to load). Writes ``bench/results/memory.json`` (per model: ``default_row``
-and ``rows``) and ``bench/results/memory.png`` and prints the table (Markdown).
+and ``rows`` in order) and ``bench/results/memory.png`` and prints the table (Markdown).
 """
 
 from __future__ import annotations
@@ -182,23 +182,24 @@ def measure(row: Row, arch: str, x, y, dense, reps: int, device: torch.device) -
     return out, report.parts()
 
 
-def attributed(rows_: list[Row], measured: dict[str, dict]) -> dict[str, dict]:
-    """Each row's measurement with its cause: the one change from the row it builds on, the footprint
-    change that causes (``change_bytes``) and the footprint's reduction below FedDST in percent."""
+def attributed(rows_: list[Row], measured: dict[str, dict]) -> list[dict]:
+    """Each row's measurement, in order, with its cause: the one change from the row it builds on, the
+    footprint change that causes (``change_bytes``) and the footprint's reduction below FedDST in percent."""
     by_name = {row.name: row for row in rows_}
     feddst = measured[FEDDST]["footprint_bytes"]
-    out = {}
+    out = []
     for row in rows_:
         m = measured[row.name]
         parent = by_name.get(row.builds_on)
-        out[row.name] = {
+        out.append({
+            "name": row.name,
             "settings": row.settings(),
             "builds_on": row.builds_on,
             "change": None if parent is None else change(row, parent),
             **m,
             "change_bytes": None if parent is None else m["footprint_bytes"] - measured[parent.name]["footprint_bytes"],
             "below_feddst_pct": round(100.0 * (1 - m["footprint_bytes"] / feddst), 1),
-        }
+        })
     return out
 
 
@@ -226,8 +227,9 @@ def table(results: dict) -> str:
     lines = ["| # | model | row | change (vs row #) | weights | activations | footprint | Δ footprint "
              "| below FedDST | step × dense |", "|---" * 10 + "|"]
     for arch, res in results.items():
-        number = {name: i for i, name in enumerate(res["rows"], 1)}
-        for name, r in res["rows"].items():
+        number = {r["name"]: i for i, r in enumerate(res["rows"], 1)}
+        for r in res["rows"]:
+            name = r["name"]
             cause = "—" if r["change"] is None else f"vs #{number[r['builds_on']]}: {r['change']}"
             delta = "—" if r["change_bytes"] is None else _mib(r["change_bytes"], sign=True)
             label = f"**{name}**" if name == res["default_row"] else name

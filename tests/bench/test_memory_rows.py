@@ -51,7 +51,9 @@ def test_attributed_charges_each_change_to_its_row():
     rows_ = rows()
     footprint = {row.name: 1000 - 100 * i for i, row in enumerate(rows_)}
     measured = {name: {"footprint_bytes": f} for name, f in footprint.items()}
-    out = attributed(rows_, measured)
+    listed = attributed(rows_, measured)
+    assert [r["name"] for r in listed] == [row.name for row in rows_]
+    out = {r["name"]: r for r in listed}
     assert out["FedAvg (dense, BN)"]["change_bytes"] is None
     assert out[FEDDST]["below_feddst_pct"] == 0.0
     for row in rows_[1:]:
