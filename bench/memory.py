@@ -1,12 +1,27 @@
-"""Memory footprint of one client training step: FedAvg, FedDST and FedMef (SAP + NSConv) variants.
+"""Memory of one client training step, row by row, every saving attributed to its cause.
 
     .venv/bin/python -m bench.memory            # ResNet18 + MobileNetV2, batch 64, 3x32x32, d = 0.1
 
-Every number comes from :func:`fedmef_core.memory.measure_step` (activations measured with
-saved_tensors_hooks). Sparse rows use a random mask at density 0.1 per prunable layer, stored as fp32
-values + int32 indices. Step time: median wall time of a full step (forward, backward, SGD step) on
-this machine's device, relative to a dense FedAvg step timed alternately with it (robust to load).
-Writes ``bench/results/memory.json`` and ``bench/results/memory.png`` and prints the table.
+Each row changes ONE thing from the row it builds on (its "change" column names it), so the change in
+footprint is the saving that one thing causes:
+
+1. FedAvg: dense weights, BatchNorm.
+2. FedDST: sparse weights, BatchNorm (the reference of "vs FedDST").
+3. NSConv instead of BatchNorm, no SAP: what dropping BatchNorm alone saves.
+4. + SAP as the authors store it: fp16 values, int32 positions, ReLU keeps its full output.
+5. + bitmap positions.
+6. + 1-bit ReLU masks: FedMef's default.
+7. the default, and the authors' storage, at gamma = 0.7.
+8. the default with BatchNorm (``model.norm: batch``).
+
+Rows 1, 2 and 6 are the validated configs of ``fedavg``, ``feddst`` and ``fedmef`` (their resolved
+``model.norm``, ``sap`` and ``pruning.density``), so the default row is what ``params.yaml`` runs; the
+other rows vary one setting of these. Every number comes from :func:`fedmef_core.memory.measure_step`
+(activations measured with saved_tensors_hooks). Sparse rows use a random mask at the density per
+prunable layer, stored as fp32 values + int32 indices. Step time: median wall time of a full step
+(forward, backward, SGD step) on this machine's device, relative to a dense FedAvg step timed
+alternately with it (robust to load). Writes ``bench/results/memory.json`` (per model: ``default_row``
+and ``rows`` in order) and ``bench/results/memory.png`` and prints the table (Markdown).
 """
 
 from __future__ import annotations
@@ -14,35 +29,93 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from fedmef_core.config import ModelConfig, SapConfig
+from fedmef_core.config import ExperimentConfig, ModelConfig, SapConfig
 from fedmef_core.io import write_json
 from fedmef_core.memory import measure_step
 from fedmef_core.models import build_model, prunable_weights
 from fedmef_core.plots import plot_memory_parts
-from fedmef_core.sap import apply_sap
+from fedmef_core.sap import apply_sap, resolve_sap
 
 OUT = Path(__file__).resolve().parent / "results"
 MIB = 2**20
+FEDDST = "FedDST (sparse, BN)"
+DEFAULT_ROW = "+ 1-bit ReLU = FedMef default"
+AUTHORS_STORAGE = {"value_dtype": "float16", "positions": "index", "relu_bitmask": False}
+HIGH_GAMMA = 0.7
 
 
-def rows() -> dict[str, tuple[str, float | None, SapConfig | None]]:
-    """row name -> (norm, density, SAP settings)."""
-    out: dict[str, tuple[str, float | None, SapConfig | None]] = {
-        "FedAvg (dense)": ("batch", None, None),
-        "FedDST (BN, sparse W)": ("batch", 0.1, None),
-    }
-    for g in (0.5, 0.7):
-        out[f"FedMef g={g} fp16+int32"] = ("nsconv", 0.1, SapConfig(gamma=g, value_dtype="float16"))
-    for g in (0.5, 0.7):
-        out[f"FedMef g={g} fp16+bitmap+1bit ReLU"] = (
-            "nsconv", 0.1, SapConfig(gamma=g, value_dtype="float16", positions="bitmap", relu_bitmask=True)
-        )
+@dataclass(frozen=True)
+class Row:
+    """One measured configuration and the row it changes one thing of."""
+
+    name: str
+    norm: str
+    density: float | None  # None: dense weights
+    sap: SapConfig | None  # None: SAP off
+    builds_on: str | None = None
+
+    @classmethod
+    def of_method(cls, name: str, method: str, builds_on: str | None = None) -> Row:
+        """What ``method`` runs with every other setting at its default."""
+        config = ExperimentConfig.model_validate({"pruning": {"method": method}})
+        density = config.pruning.density
+        return cls(name, config.model.norm, density if density < 1 else None, resolve_sap(config), builds_on)
+
+    def settings(self) -> dict:
+        sap = None if self.sap is None else self.sap.model_dump(include={"gamma", *AUTHORS_STORAGE})
+        return {"norm": self.norm, "density": self.density, "sap": sap}
+
+
+def rows() -> list[Row]:
+    """The rows in order; each builds on an earlier one."""
+    fedavg = Row.of_method("FedAvg (dense, BN)", "fedavg")
+    feddst = Row.of_method(FEDDST, "feddst", fedavg.name)
+    default = Row.of_method(DEFAULT_ROW, "fedmef")
+    sap = default.sap
+    nsconv = replace(feddst, name="sparse, NSConv, no SAP", norm=default.norm, builds_on=feddst.name)
+    authors = replace(nsconv, name=f"+ SAP γ={sap.gamma}, fp16 + int32", builds_on=nsconv.name,
+                      sap=sap.model_copy(update=AUTHORS_STORAGE))
+    bitmap = replace(authors, name="+ bitmap positions", builds_on=authors.name,
+                     sap=sap.model_copy(update={"relu_bitmask": False}))
+    default = replace(default, builds_on=bitmap.name)
+    return [
+        fedavg, feddst, nsconv, authors, bitmap, default,
+        replace(default, name=f"FedMef default, γ={HIGH_GAMMA}", builds_on=default.name,
+                sap=sap.model_copy(update={"gamma": HIGH_GAMMA})),
+        replace(authors, name=f"fp16 + int32, γ={HIGH_GAMMA}", builds_on=authors.name,
+                sap=authors.sap.model_copy(update={"gamma": HIGH_GAMMA})),
+        replace(default, name="FedMef default with BN", norm="batch", builds_on=default.name),
+    ]
+
+
+def _facets(row: Row) -> dict[str, str]:
+    out = {"weights": "dense" if row.density is None else f"sparse (d = {row.density})",
+           "norm": {"batch": "BatchNorm", "nsconv": "NSConv"}[row.norm],
+           "SAP": "off" if row.sap is None else "on"}
+    if row.sap is not None:  # its settings compare only between two rows that both run SAP
+        out["γ"] = str(row.sap.gamma)
+        out["values"] = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[row.sap.value_dtype]
+        out["positions"] = {"index": "int32", "bitmap": "bitmap"}[row.sap.positions]
+        out["ReLU saves"] = "1-bit mask" if row.sap.relu_bitmask else "full output"
     return out
+
+
+def change(row: Row, parent: Row) -> str:
+    """The one thing ``row`` changes from ``parent``, in words; ValueError unless exactly one."""
+    before, after = _facets(parent), _facets(row)
+    diff = [k for k in after if k in before and before[k] != after[k]]
+    if len(diff) != 1:
+        raise ValueError(f"row {row.name!r} must change one thing from {parent.name!r}, changes {diff}")
+    (key,) = diff
+    if key == "SAP" and row.sap is not None:  # switched on: its settings come with it
+        return "SAP on: " + ", ".join(f"{k} {v}" for k, v in after.items() if k not in before)
+    return f"{key}: {before[key]} → {after[key]}"
 
 
 def build(arch: str, norm: str, density: float | None, sap: SapConfig | None, device: torch.device):
@@ -91,47 +164,81 @@ def paired_step_times(model, dense, x, y, reps: int) -> tuple[float, float]:
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def run(models: list[str], batch: int, reps: int, device: torch.device) -> dict:
+def measure(row: Row, arch: str, x, y, dense, reps: int, device: torch.device) -> tuple[dict, dict[str, int]]:
+    """A row's footprint parts and step time (x dense), and its parts for the stacked bars."""
+    model, masks = build(arch, row.norm, row.density, row.sap, device)
+    report = measure_step(model, x, y, masks=masks or None)
+    seconds, dense_time = paired_step_times(model, dense, x, y, reps)
+    print(f"  {arch:12s} {row.name:32s} done ({seconds:.2f}s/step)", flush=True)
+    out = {
+        "weights_bytes": report.weights_bytes,
+        "activation_bytes": report.activation_bytes,
+        "footprint_bytes": report.footprint_bytes,
+        "total_bytes": report.total_bytes,
+        "step_time_ratio": round(seconds / dense_time, 3),
+    }
+    if report.peak_bytes is not None:
+        out["peak_bytes"] = report.peak_bytes
+    return out, report.parts()
+
+
+def attributed(rows_: list[Row], measured: dict[str, dict]) -> list[dict]:
+    """Each row's measurement, in order, with its cause: the one change from the row it builds on, the
+    footprint change that causes (``change_bytes``) and the footprint's reduction below FedDST in percent."""
+    by_name = {row.name: row for row in rows_}
+    feddst = measured[FEDDST]["footprint_bytes"]
+    out = []
+    for row in rows_:
+        m = measured[row.name]
+        parent = by_name.get(row.builds_on)
+        out.append({
+            "name": row.name,
+            "settings": row.settings(),
+            "builds_on": row.builds_on,
+            "change": None if parent is None else change(row, parent),
+            **m,
+            "change_bytes": None if parent is None else m["footprint_bytes"] - measured[parent.name]["footprint_bytes"],
+            "below_feddst_pct": round(100.0 * (1 - m["footprint_bytes"] / feddst), 1),
+        })
+    return out
+
+
+def run(models: list[str], batch: int, reps: int, device: torch.device) -> tuple[dict, dict]:
     results: dict[str, dict] = {}
     panels: dict[str, dict[str, dict[str, int]]] = {}
     for arch in models:
         gen = torch.Generator().manual_seed(2)
         x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
         y = torch.randint(0, 10, (batch,), generator=gen).to(device)
-        results[arch], panels[arch] = {}, {}
         dense, _ = build(arch, "batch", None, None, device)
-        for name, (norm, density, sap) in rows().items():
-            model, masks = build(arch, norm, density, sap, device)
-            report = measure_step(model, x, y, masks=masks or None)
-            seconds, dense_time = paired_step_times(model, dense, x, y, reps)
-            results[arch][name] = {
-                "weights_bytes": report.weights_bytes,
-                "activation_bytes": report.activation_bytes,
-                "footprint_bytes": report.footprint_bytes,
-                "total_bytes": report.total_bytes,
-                "step_time_ratio": round(seconds / dense_time, 3),
-                "step_seconds": round(seconds, 4),
-                "peak_bytes": report.peak_bytes,
-            }
-            panels[arch][name] = report.parts()
-            print(f"  {arch:12s} {name:38s} done ({seconds:.2f}s/step)", flush=True)
-    return {"results": results, "panels": panels}
+        measured, panels[arch] = {}, {}
+        for row in rows():
+            measured[row.name], panels[arch][row.name] = measure(row, arch, x, y, dense, reps, device)
+        results[arch] = {"default_row": DEFAULT_ROW, "rows": attributed(rows(), measured)}
+    return results, panels
+
+
+def _mib(n: int, sign: bool = False) -> str:
+    return f"{n / MIB:{'+' if sign else ''}.2f} MiB".replace("-", "−")
 
 
 def table(results: dict) -> str:
-    head = (f"{'model':12s} {'row':38s} {'weights':>9s} {'activ.':>9s} {'footprint':>10s} {'total':>9s} "
-            f"{'vs FedDST':>10s} {'step x':>7s}")
-    lines = [head, "-" * len(head)]
-    for arch, rows_ in results.items():
-        dst = rows_["FedDST (BN, sparse W)"]["footprint_bytes"]
-        for name, r in rows_.items():
-            red = 100.0 * (1 - r["footprint_bytes"] / dst)
+    """The results as a Markdown table; the default row in bold."""
+    lines = ["| # | model | row | change (vs row #) | weights | activations | footprint | Δ footprint "
+             "| below FedDST | step × dense |", "|---" * 10 + "|"]
+    for arch, res in results.items():
+        number = {r["name"]: i for i, r in enumerate(res["rows"], 1)}
+        for r in res["rows"]:
+            name = r["name"]
+            cause = "—" if r["change"] is None else f"vs #{number[r['builds_on']]}: {r['change']}"
+            delta = "—" if r["change_bytes"] is None else _mib(r["change_bytes"], sign=True)
+            label = f"**{name}**" if name == res["default_row"] else name
             lines.append(
-                f"{arch:12s} {name:38s} {r['weights_bytes'] / MIB:8.2f}M {r['activation_bytes'] / MIB:8.2f}M "
-                f"{r['footprint_bytes'] / MIB:9.2f}M {r['total_bytes'] / MIB:8.2f}M {red:9.1f}% "
-                f"{r['step_time_ratio']:6.2f}x"
+                f"| {number[name]} | {arch} | {label} | {cause} | {_mib(r['weights_bytes'])} "
+                f"| {_mib(r['activation_bytes'])} | {_mib(r['footprint_bytes'])} | {delta} "
+                f"| {r['below_feddst_pct']:.1f}% | {r['step_time_ratio']:.2f} |".replace("| -", "| −")
             )
-    return "\n".join(lines) + "\n(MiB; 'vs FedDST' = footprint reduction, footprint = weights + activations)"
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -143,17 +250,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     device = torch.device(args.device)
-    out = run(args.models, args.batch, args.reps, device)
-    for rows_ in out["results"].values():
-        for r in rows_.values():
-            r.pop("step_seconds")
-            if r["peak_bytes"] is None:
-                r.pop("peak_bytes")
+    results, panels = run(args.models, args.batch, args.reps, device)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "memory.json", out["results"])
-    plot_memory_parts(out["panels"], args.out / "memory.png",
+    write_json(args.out / "memory.json", results)
+    plot_memory_parts(panels, args.out / "memory.png",
                       title=f"One client step, batch {args.batch}, density 0.1 ({device.type})")
-    print(table(out["results"]))
+    print(table(results))
     print(f"wrote {args.out / 'memory.json'} and {args.out / 'memory.png'}")
 
 
