@@ -147,3 +147,42 @@ def test_sweep_deployment_form_has_method_choices(prefect_harness):
     props = schema["definitions"]["SweepSpec"]["properties"]
     assert "fedmef" in props["methods"]["items"]["enum"] and props["densities"]["description"]
     assert sweep.parameters["spec"]["methods"] == ["fedavg", "fedtiny", "fedmef"]
+
+
+def test_cells_built_in_parallel_threads_start_from_their_own_seed(tmp_path):
+    """`--jobs` cells share one process: torch's global RNG, which draws the initial weights, must not be
+    shared mid-draw (by another server's start, or a neighbour's client building its model), or a cell's start
+    depends on its neighbour's timing."""
+    import threading
+
+    from fedmef_core.models import build_model
+
+    configs = [c.config for c in plan_cells(spec(tmp_path, methods=["fedtiny"], seeds=[0, 1, 2, 3]))]
+    train, test = load_dataset(configs[0].data)
+    parts = partition_indices(train.labels.numpy(), configs[0].federation.num_clients, configs[0].partition)
+
+    def weights(config):
+        return Server(config, train, test, parts, resolve_device("cpu")).model.state_dict()
+
+    alone = [weights(c) for c in configs]
+    for _ in range(10):
+        built: dict[int, dict] = {}
+        barrier = threading.Barrier(len(configs))
+
+        def build(i):
+            barrier.wait()
+            built[i] = weights(configs[i])
+
+        def client_builds():  # what a neighbouring cell's clients do all the time
+            barrier.wait()
+            for _ in range(20):
+                build_model(configs[0].model, 1, 10, 28)
+
+        threads = [threading.Thread(target=build, args=(i,)) for i in range(len(configs) - 1)]
+        threads.append(threading.Thread(target=client_builds))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, reference in enumerate(alone[:-1]):
+            assert all(torch.equal(reference[k], built[i][k]) for k in reference), f"seed {i}"
