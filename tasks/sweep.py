@@ -29,8 +29,15 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedmef_core.checkpoint import FINAL_NAME, CheckpointError, load_checkpoint
-from fedmef_core.config import (ConfigError, ExperimentConfig, PruningMethod, TrackingConfig, identity_of, load_config,
-                                  method_traits)
+from fedmef_core.config import (
+    ConfigError,
+    ExperimentConfig,
+    PruningMethod,
+    TrackingConfig,
+    identity_of,
+    load_config,
+    method_traits,
+)
 from fedmef_core.io import read_json
 from fedmef_core.runs import run_name, run_paths
 from tasks.comparison import CellResult

@@ -164,22 +164,21 @@ def test_cells_built_in_parallel_threads_start_from_their_own_seed(tmp_path):
     def weights(config):
         return Server(config, train, test, parts, resolve_device("cpu")).model.state_dict()
 
+    def build(i, built, barrier):
+        barrier.wait()
+        built[i] = weights(configs[i])
+
+    def client_builds(barrier):  # what a neighbouring cell's clients do all the time
+        barrier.wait()
+        for _ in range(20):
+            build_model(configs[0].model, 1, 10, 28)
+
     alone = [weights(c) for c in configs]
     for _ in range(10):
         built: dict[int, dict] = {}
         barrier = threading.Barrier(len(configs))
-
-        def build(i):
-            barrier.wait()
-            built[i] = weights(configs[i])
-
-        def client_builds():  # what a neighbouring cell's clients do all the time
-            barrier.wait()
-            for _ in range(20):
-                build_model(configs[0].model, 1, 10, 28)
-
-        threads = [threading.Thread(target=build, args=(i,)) for i in range(len(configs) - 1)]
-        threads.append(threading.Thread(target=client_builds))
+        threads = [threading.Thread(target=build, args=(i, built, barrier)) for i in range(len(configs) - 1)]
+        threads.append(threading.Thread(target=client_builds, args=(barrier,)))
         for t in threads:
             t.start()
         for t in threads:
