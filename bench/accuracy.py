@@ -1,30 +1,37 @@
-"""Accuracy of the federated pruning methods: methods x densities x seeds on Fashion-MNIST.
+"""Accuracy of the federated pruning methods: methods x densities x seeds on Fashion-MNIST, run as a sweep.
 
-Runs the core round loop directly (`fedmef_core.engine.run_rounds`, in-process clients; no Prefect,
-no MLflow), small CNN on CPU, Dirichlet(0.5) label skew. For every (method, density) it reports the
-final test accuracy (mean, std and per seed) and the accuracy drop caused by the mask adjustments:
+A thin front end over `flows.sweep`: each setting below is a set of overrides on `params.yaml`, every
+(method, density, seed) is one experiment in `runs/` and one child run of the sweep's MLflow parent run
+(experiment `bench-accuracy`), so every published number can be opened in MLflow. A re-run skips the
+cells that finished. Small CNN on CPU, Dirichlet(0.5) label skew. For every (method, density) it reports
+the final test accuracy (mean, std and per seed), the paired difference against `--reference` per seed
+with a 95% t-interval, and the accuracy drop caused by the mask adjustments:
 
 - ``post_adjust_drop``: mean over adjustment rounds r of acc(r-1) - acc(r), the change across the
   round whose aggregation ended with prune-and-grow (positive = accuracy fell);
-- ``prune_drop``: mean over adjustment rounds of the test accuracy of the aggregated model just
-  before minus just after the server's prune-and-grow (exact; only for the methods that adjust on
-  the server after averaging: fedtiny, fedmef, prunefl). fedtiny vs fedmef = without vs with BaE.
+- ``prune_drop``: mean over adjustment rounds of the test accuracy just before minus just after the
+  server's prune-and-grow, read from the run's round history where the core logs it (else absent).
 
-Dense ``fedavg`` is run once per seed and listed under density "1.0". By default (``--sap auto``)
+Dense ``fedavg`` runs once per seed and is listed under density "1.0". By default (``--sap auto``)
 ``fedmef`` also trains with scaled activation pruning (the config's default); ``--sap off`` isolates BaE.
 
     python -m bench.accuracy --quick      # <= 15 min on 2 CPU cores
+    python -m bench.accuracy --medium     # about an hour on 2 CPU cores: long enough to separate methods
     python -m bench.accuracy              # the larger setting (hours on CPU)
     python -m bench.accuracy --bae        # BaE on/off: fedtiny vs fedmef without SAP, large late adjustments
     python -m bench.accuracy --bae --methods fedmef --bae-lambda 1.0   # the extrusion weight swept
     python -m bench.accuracy --quick --methods fedtiny fedmef --bn-select  # FedTiny's adaptive BN selection
 
 ``--quick``: 20 clients, 4 per round, 8 rounds of 1 local epoch, the first 4000 training and 1000
-test images, adjustments every 2 rounds until round 6 (alpha 0.2), 3 seeds.
+test images, adjustments every 2 rounds until round 6 (alpha 0.2), 3 seeds, BatchNorm for every method.
+``--medium``: 20 clients, 4 per round, 30 rounds of 1 local epoch on the first 6000 training and 2000 test
+images, adjustments every 5 rounds until round 25, 3 seeds; FedMef in its paper configuration (NSConv, SAP,
+BaE), the baselines with BatchNorm.
 The full setting: 100 clients, 10 per round, 50 rounds of 2 local epochs, all 60k/10k images,
 adjustments every 5 rounds until round 40, 3 seeds.
 Writes ``bench/results/accuracy.json`` (``{method: {density: {mean, std, per_seed, post_adjust_drop,
-prune_drop}}}``, accuracies in [0, 1]) and ``bench/results/accuracy.png``, and prints a table.
+prune_drop, footprint_mib, mlflow_run_ids}}}``, accuracies in [0, 1]) and ``bench/results/accuracy.png``,
+and prints the sweep's table.
 """
 
 from __future__ import annotations
@@ -32,15 +39,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from flows.sweep import main as sweep_main
+from tasks.comparison import DENSE
 
 METHODS = ["fedavg", "fedavg_static", "prunefl", "feddst", "fedtiny", "fedmef"]
 DENSITIES = [0.05, 0.1, 0.2]
 RESULTS = Path(__file__).resolve().parent / "results"
 
+COMMON = {  # what every setting shares (the old bench's fixed choices)
+    "data": {"name": "fashion_mnist"},
+    "partition": {"scheme": "dirichlet", "alpha": 0.5, "min_samples": 10},
+    "model": {"arch": "cnn"},
+    "runtime": {"device": "cpu"},
+    "tracking": {"experiment": "bench-accuracy"},
+}
 QUICK = {
     "data": {"train_limit": 4000, "test_limit": 1000},
     "federation": {"num_clients": 20, "clients_per_round": 4, "rounds": 8, "local_epochs": 1,
@@ -52,83 +67,58 @@ BAE_STUDY = {  # the quick data and clients; adjustments late and large enough f
     "federation": {**QUICK["federation"], "rounds": 12},
     "pruning": {"adjust_interval": 3, "adjust_until": 11, "adjust_alpha": 0.6},
 }
+MEDIUM = {  # long enough for the methods to separate, about an hour on 2 CPU cores
+    "data": {"train_limit": 6000, "test_limit": 2000},
+    "federation": {**QUICK["federation"], "rounds": 30},
+    "pruning": {"adjust_interval": 5, "adjust_until": 25, "adjust_alpha": 0.2},
+}
 FULL = {
     "data": {},
     "federation": {"num_clients": 100, "clients_per_round": 10, "rounds": 50, "local_epochs": 2,
                    "batch_size": 32, "lr": 0.05, "lr_final": 0.01},
     "pruning": {"adjust_interval": 5, "adjust_until": 40, "adjust_alpha": 0.2},
 }
+NORM = {"quick": "batch", "bae": "batch", "full": "batch", "medium": "auto"}  # auto: NSConv for fedmef
 
 
-def run_one(setting: dict, method: str, density: float, seed: int, sap: bool | None = None,
-            norm: str = "batch", pruning: dict | None = None) -> dict:
-    """One training run; returns the final accuracy and the adjustment drops."""
-    import torch
-
-    torch.set_num_threads(1)
-    from fedmef_core.config import parse_config
-    from fedmef_core.data import load_dataset, partition_indices
-    from fedmef_core.device import resolve_device
-    from fedmef_core.engine import Server, run_rounds
-    from fedmef_core.evaluation import evaluate
-
-    raw = {
-        "data": {"name": "fashion_mnist", **setting["data"]},
-        "partition": {"scheme": "dirichlet", "alpha": 0.5, "min_samples": 10, "seed": seed},
-        "federation": {**setting["federation"], "seed": seed},
-        "pruning": {"method": method, "density": density, **setting["pruning"], **(pruning or {})},
-        "sap": {"enabled": sap},
-        "model": {"arch": "cnn", "norm": norm},
-        "tracking": {"enabled": False},
-        "runtime": {"device": "cpu"},
-    }
-    config = parse_config(raw)
-    train, test = load_dataset(config.data)
-    parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
-    device = resolve_device("cpu")
-    server = Server(config, train, test, parts, device)
-    prune_drops: list[float] = []
-    algorithm = server.algorithm
-    if hasattr(algorithm, "adjust") and method in ("fedtiny", "fedmef", "prunefl"):
-        original = algorithm.adjust
-
-        def measured(rnd, model, results, state):
-            before = evaluate(model, test, device).accuracy
-            out = original(rnd, model, results, state)
-            prune_drops.append(before - evaluate(model, test, device).accuracy)
-            return out
-
-        algorithm.adjust = measured
-    started = time.perf_counter()
-    history = run_rounds(server)
-    acc = {h["round"]: h["accuracy"] for h in history}
-    drops = [acc[h["round"] - 1] - acc[h["round"]] for h in history if h.get("adjusted") and h["round"] > 1]
-    return {
-        "method": method, "density": density, "seed": seed, "accuracy": acc[max(acc)],
-        "post_adjust_drop": statistics.fmean(drops) if drops else 0.0,
-        "prune_drop": statistics.fmean(prune_drops) if prune_drops else None,
-        "seconds": time.perf_counter() - started,
-    }
+def flat(setting: dict) -> dict:
+    """Nested sections -> `section.key` overrides."""
+    return {f"{section}.{key}": value for section, values in setting.items() for key, value in values.items()}
 
 
-def summarise(runs: list[dict]) -> dict:
-    out: dict = {}
-    for r in runs:
-        key = "1.0" if r["method"] == "fedavg" else str(r["density"])
-        out.setdefault(r["method"], {}).setdefault(key, []).append(r)
+def sweep_args(args: argparse.Namespace, setting: str, name: str) -> list[str]:
+    """The bench's settings as `flows.sweep` arguments."""
+    grid = {"quick": QUICK, "bae": BAE_STUDY, "medium": MEDIUM, "full": FULL}[setting]
+    overrides = {**flat(COMMON), **flat(grid)}
+    norm = args.norm or NORM[setting]
+    if norm != "auto":
+        overrides["model.norm"] = norm
+    if args.sap != "auto":
+        overrides["sap.enabled"] = args.sap == "on"
+    sets = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+    if args.bn_select:
+        sets += [f"{m}:pruning.bn_select=true" for m in ("fedtiny", "fedmef") if m in args.methods]
+    if args.bae_lambda is not None and "fedmef" in args.methods:
+        sets.append(f"fedmef:pruning.bae_lambda={args.bae_lambda}")
+    reference = args.reference or ("fedtiny" if "fedtiny" in args.methods else args.methods[0])
+    return ["--methods", *args.methods, "--densities", *map(str, args.densities),
+            "--seeds", *map(str, range(args.seeds)), "--reference", reference, "--jobs", str(args.jobs),
+            "--name", name, "--root", str(args.root), *(s for kv in sets for s in ("--set", kv))]
+
+
+def results_json(result: dict) -> dict:
+    """The sweep's rows in the bench's format, with the MLflow run of every seed."""
     table: dict = {}
-    for method, by_density in out.items():
-        for key, rs in by_density.items():
-            rs = sorted(rs, key=lambda r: r["seed"])
-            accs = [r["accuracy"] for r in rs]
-            pd = [r["prune_drop"] for r in rs if r["prune_drop"] is not None]
-            table.setdefault(method, {})[key] = {
-                "mean": statistics.fmean(accs),
-                "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                "per_seed": accs,
-                "post_adjust_drop": statistics.fmean(r["post_adjust_drop"] for r in rs),
-                "prune_drop": statistics.fmean(pd) if pd else None,
-            }
+    for row in result["rows"]:
+        dense = row["density"] == DENSE
+        key = "1.0" if dense else str(row["density"])
+        runs = sorted({(c["seed"], c["mlflow_run_id"]) for c in result["cells"]
+                       if c["method"] == row["method"] and (c["dense"] if dense else c["density"] == row["density"])})
+        table.setdefault(row["method"], {})[key] = {
+            "mean": row["mean"], "std": row["std"], "per_seed": list(row["accuracies"]),
+            "post_adjust_drop": row["post_adjust_drop"], "prune_drop": row["prune_drop"],
+            "footprint_mib": row["footprint_mib"], "mlflow_run_ids": [run_id for _, run_id in runs],
+        }
     return table
 
 
@@ -156,65 +146,45 @@ def plot(table: dict, path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the small setting (<= 15 min on 2 CPU cores)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the small setting (<= 15 min on 2 CPU cores)")
+    size.add_argument("--medium", action="store_true", help="30 rounds, FedMef as in the paper (~1 h on 2 cores)")
+    size.add_argument("--bae", action="store_true",
+                      help="the BaE study: fedtiny vs fedmef without SAP (they differ only by BaE), 12 rounds, "
+                           "adjustments at rounds 3, 6, 9 moving 50%%, 26%%, 5%% of the active weights")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS)
     parser.add_argument("--densities", nargs="+", type=float, default=DENSITIES)
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
+    parser.add_argument("--reference", choices=METHODS, default=None, help="paired differences against (fedtiny)")
+    parser.add_argument("--jobs", "--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="cells trained at the same time")
+    parser.add_argument("--root", type=Path, default=Path("runs"), help="folder of the cells' run folders")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/accuracy.json)")
     parser.add_argument("--sap", choices=["auto", "on", "off"], default="auto",
                         help="scaled activation pruning: auto = the config default (on for fedmef only)")
-    parser.add_argument("--norm", choices=["batch", "nsconv"], default="batch",
-                        help="normalisation of the CNN: BatchNorm, or NSConv (FedMef's 'scaled' part, no BN)")
+    parser.add_argument("--norm", choices=["auto", "batch", "nsconv"], default=None,
+                        help="normalisation: batch for every method (default, except --medium: auto = NSConv for "
+                             "fedmef as in the paper, BatchNorm for the baselines), or nsconv")
     parser.add_argument("--bn-select", action="store_true",
                         help="fedtiny and fedmef choose their initial mask by adaptive BN selection (5 candidates)")
     parser.add_argument("--bae-lambda", type=float, default=None,
                         help="FedMef's extrusion-loss weight lambda (default: the config's, 0.01)")
-    parser.add_argument("--bae", action="store_true",
-                        help="the BaE study: fedtiny vs fedmef without SAP (they differ only by BaE), 12 rounds, "
-                             "adjustments at rounds 3, 6, 9 moving 50%%, 26%%, 5%% of the active weights")
     args = parser.parse_args()
-    setting = QUICK if args.quick else FULL
+    setting = "quick" if args.quick else "medium" if args.medium else "bae" if args.bae else "full"
     if args.bae:
-        setting = BAE_STUDY
-        if args.methods == METHODS:
-            args.methods = ["fedtiny", "fedmef"]
+        args.methods = args.methods or ["fedtiny", "fedmef"]
         args.sap = "off"
-        if args.out == RESULTS / "accuracy.json":
-            args.out = RESULTS / "accuracy_bae.json"
-    jobs = [(m, 1.0 if m == "fedavg" else d, s) for m in args.methods
-            for d in ([1.0] if m == "fedavg" else args.densities) for s in range(args.seeds)]
-
-    def overrides(method: str) -> dict:
-        out: dict = {}
-        if args.bn_select and method in ("fedtiny", "fedmef"):
-            out["bn_select"] = True
-        if args.bae_lambda is not None and method == "fedmef":
-            out["bae_lambda"] = args.bae_lambda
-        return out
-
+    args.methods = args.methods or METHODS
+    out = args.out or RESULTS / ("accuracy_bae.json" if args.bae else "accuracy.json")
     started = time.perf_counter()
-    runs = []
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        sap = {"auto": None, "on": True, "off": False}[args.sap]
-        futures = [pool.submit(run_one, setting, m, d, s, sap, args.norm, overrides(m)) for m, d, s in jobs]
-        for i, f in enumerate(futures, 1):
-            r = f.result()
-            runs.append(r)
-            print(f"[{i}/{len(jobs)}] {r['method']:<14} d={r['density']:<5} seed={r['seed']} "
-                  f"acc={r['accuracy']:.4f} ({r['seconds']:.0f}s, {time.perf_counter() - started:.0f}s total)",
-                  flush=True)
-    table = summarise(runs)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(table, indent=2) + "\n")
-    name = "BaE study" if args.bae else "quick" if args.quick else "full"
-    plot(table, args.out.with_suffix(".png"), f"Fashion-MNIST, Dirichlet(0.5), {name}")
-    print(f"\n{'method':<14} {'density':>7} {'accuracy':>16} {'post-adjust drop':>17} {'prune drop':>11}")
-    for method, by_d in table.items():
-        for d, v in sorted(by_d.items(), key=lambda kv: float(kv[0])):
-            pd = "-" if v["prune_drop"] is None else f"{v['prune_drop']:+.4f}"
-            print(f"{method:<14} {d:>7} {v['mean']:>9.4f} ± {v['std']:.4f} {v['post_adjust_drop']:>+17.4f} {pd:>11}")
-    print(f"\n{len(runs)} runs in {time.perf_counter() - started:.0f}s -> {args.out}")
+    result = sweep_main(sweep_args(args, setting, name=f"bench-{out.stem}-{setting}"))
+    table = results_json(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(table, indent=2) + "\n")
+    plot(table, out.with_suffix(".png"), f"Fashion-MNIST, Dirichlet(0.5), {setting}")
+    print(f"\n{len(result['cells'])} cells in {time.perf_counter() - started:.0f}s -> {out}; MLflow parent run "
+          f"{result['parent_run_id'] or '(tracking off)'} ({result['name']}), comparison in "
+          f"{args.root / 'sweeps' / result['name']}")
 
 
 if __name__ == "__main__":

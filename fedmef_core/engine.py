@@ -26,7 +26,7 @@ from fedmef_core.client import SETUP_KEY, Broadcast, run_client
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import ImageData
 from fedmef_core.evaluation import EvalResult, evaluate
-from fedmef_core.models import build_model
+from fedmef_core.models import GLOBAL_RNG, build_model
 
 ClientExecutor = Callable[[Broadcast, list[int]], list[ClientResult]]
 RoundCallback = Callable[[int, dict[str, float]], None]
@@ -50,8 +50,9 @@ class Server:
                 "re-run the partition stage (`dvc repro partition`)"
             )
         self.config, self.train, self.test, self.parts, self.device = config, train, test, parts, device
-        torch.manual_seed(fed.seed)
-        self.model = build_model(config.model, train.images.shape[1], train.num_classes, train.images.shape[-1])
+        with GLOBAL_RNG:  # seeded and drawn in one turn, whatever other threads build meanwhile
+            torch.manual_seed(fed.seed)
+            self.model = build_model(config.model, train.images.shape[1], train.num_classes, train.images.shape[-1])
         self.algorithm = build_algorithm(config)
         self.state: dict[str, Any] = self.algorithm.init_server_state(
             self.model, torch.Generator().manual_seed(fed.seed)
@@ -144,7 +145,8 @@ class Server:
         self.state = ckpt["server_state"]
         self.history = list(ckpt["history"])
         self.round = int(ckpt["round"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        with GLOBAL_RNG:
+            torch.set_rng_state(ckpt["torch_rng"])
         self.algorithm.bind_state(self.model, self.state)
 
 

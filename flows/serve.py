@@ -2,7 +2,8 @@
 
 Start a server first (`prefect server start`), point this process at it (`PREFECT_API_URL`), then
 open the UI: each deployment shows the ExperimentConfig as a validated form whose defaults come from
-`params.yaml`. An invalid value is refused by the server before any run starts.
+`params.yaml` (the `sweep` deployment shows its grid instead: methods, densities, seeds, reference and
+overrides, on top of `params.yaml`). An invalid value is refused by the server before any run starts.
 """
 
 from __future__ import annotations
@@ -14,18 +15,27 @@ from flows.cli import main as cli_main
 from flows.evaluate import evaluate_flow
 from flows.partition import partition_flow
 from flows.pipeline import pipeline_flow
+from flows.sweep import sweep_flow
 from flows.train import train_flow
+from tasks.sweep import SweepSpec
 
-FLOWS = {"pipeline": pipeline_flow, "partition": partition_flow, "train": train_flow, "evaluate": evaluate_flow}
+FLOWS = {"pipeline": pipeline_flow, "partition": partition_flow, "train": train_flow, "evaluate": evaluate_flow,
+         "sweep": sweep_flow}
+
+
+def form_defaults(name: str, config: ExperimentConfig) -> dict:
+    """A flow's form: the experiment config; the sweep's is its grid (its cells start from `params.yaml`)."""
+    if name == "sweep":
+        return {"spec": SweepSpec().model_dump(mode="json")}
+    return {"config": config.model_dump(mode="json")}
 
 
 def deployments(config: ExperimentConfig) -> list:
     """One deployment per flow, named `fedmef`, defaults from `config`, parameters validated by the server."""
-    defaults = {"config": config.model_dump(mode="json")}
     return [
         flow.to_deployment(
             name="fedmef",
-            parameters=defaults,
+            parameters=form_defaults(name, config),
             description=flow.description,
             tags=["fedmef", name],
             enforce_parameter_schema=True,
@@ -35,7 +45,7 @@ def deployments(config: ExperimentConfig) -> list:
 
 
 def serve_deployments(config: ExperimentConfig) -> None:
-    """Serve the pipeline, partition, train and evaluate deployments until interrupted."""
+    """Serve the pipeline, partition, train, evaluate and sweep deployments until interrupted."""
     serve(*deployments(config))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from torch import nn
@@ -32,13 +33,19 @@ ARCHITECTURES: dict[str, Builder] = {
 }
 
 
+# Initial weights come from torch's one process-wide RNG: builds in parallel threads (a sweep's cells) take
+# turns, and a caller that seeds first holds GLOBAL_RNG across seeding and building.
+GLOBAL_RNG = threading.RLock()
+
+
 def build_model(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """A freshly initialised model. Weights come from the global torch RNG only (the caller seeds it)."""
     try:
         builder = ARCHITECTURES[cfg.arch]
     except KeyError:
         raise ValueError(f"unknown arch {cfg.arch!r}; choose one of {sorted(ARCHITECTURES)}") from None
-    return finish_norm(builder(in_channels, num_classes, image_size, norm_layer(cfg)), cfg)
+    with GLOBAL_RNG:
+        return finish_norm(builder(in_channels, num_classes, image_size, norm_layer(cfg)), cfg)
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:

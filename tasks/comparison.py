@@ -1,0 +1,258 @@
+"""A sweep's comparison: accuracy per method and density, paired differences against a reference method,
+and the two figures (accuracy per round, accuracy versus memory footprint).
+
+Everything here is a small pure function of the cells' results (`CellResult`), so the maths is tested with
+hand-made numbers. A *paired* difference pairs the cells of one seed: every seed shares the partition, the
+client sampling and the initialisation seed across methods, so method − reference per seed removes the
+seed's own luck; the interval is Student's t over seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy import stats
+
+from fedmef_core.io import atomic_path
+
+DENSE = 1.0  # the density a dense method runs at, whatever the grid says
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """What one cell of a sweep produced. `density` is the grid's (a dense method's runs are shared)."""
+
+    method: str
+    density: float
+    seed: int
+    accuracy: float
+    dense: bool = False
+    footprint_bytes: int | None = None
+    curve: tuple[tuple[int, float], ...] = ()  # (round, test accuracy)
+    prune_drop: float | None = None  # mean over adjustment rounds, when the core logged it
+    post_adjust_drop: float | None = None  # mean of acc(r-1) - acc(r) over adjustment rounds r > 1
+    run_dir: str = ""
+    mlflow_run_id: str = ""
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+    n: int
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """Final accuracy of one method at one density over seeds (a dense method: one row at 1.0)."""
+
+    method: str
+    density: float
+    accuracies: tuple[float, ...]
+    footprint_mib: float | None = None
+    prune_drop: float | None = None
+    post_adjust_drop: float | None = None
+    mean: float = field(init=False)
+    std: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", statistics.fmean(self.accuracies))
+        object.__setattr__(self, "std", statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else 0.0)
+
+
+@dataclass(frozen=True)
+class PairedRow:
+    """method − reference at one density, paired by seed."""
+
+    method: str
+    reference: str
+    density: float
+    differences: tuple[float, ...]
+    interval: Interval
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
+    """Mean and two-sided Student-t interval; one value has no spread (low = high = nan)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("t_interval of no values")
+    mean = statistics.fmean(values)
+    if n == 1:
+        return Interval(mean, math.nan, math.nan, 1)
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def _mean_or_none(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def summary_rows(results: Sequence[CellResult]) -> list[SummaryRow]:
+    """One row per (method, density), seeds in order; a dense method's shared runs count once."""
+    groups: dict[tuple[str, float], dict[int, CellResult]] = {}
+    for r in results:
+        key = (r.method, DENSE if r.dense else r.density)
+        groups.setdefault(key, {})[r.seed] = r
+    rows = []
+    for (method, density), by_seed in sorted(groups.items(), key=lambda kv: (_order(results, kv[0][0]), kv[0][1])):
+        cells = [by_seed[s] for s in sorted(by_seed)]
+        footprint = _mean_or_none(c.footprint_bytes for c in cells)
+        rows.append(SummaryRow(
+            method, density, tuple(c.accuracy for c in cells),
+            footprint_mib=None if footprint is None else footprint / MIB,
+            prune_drop=_mean_or_none(c.prune_drop for c in cells),
+            post_adjust_drop=_mean_or_none(c.post_adjust_drop for c in cells),
+        ))
+    return rows
+
+
+def paired_differences(results: Sequence[CellResult], reference: str, confidence: float = 0.95) -> list[PairedRow]:
+    """For every grid density and every other method: accuracy − reference's, per seed both ran."""
+    acc = {(r.method, r.density, r.seed): r.accuracy for r in results}
+    rows = []
+    for density in sorted({r.density for r in results}):
+        for method in _methods(results):
+            if method == reference:
+                continue
+            seeds = sorted(s for (m, d, s) in acc if m == method and d == density and (reference, d, s) in acc)
+            if not seeds:
+                continue
+            diffs = tuple(acc[method, density, s] - acc[reference, density, s] for s in seeds)
+            rows.append(PairedRow(method, reference, density, diffs, t_interval(diffs, confidence)))
+    return rows
+
+
+def _methods(results: Sequence[CellResult]) -> list[str]:
+    """Methods in the order they first appear (the grid's order)."""
+    return list(dict.fromkeys(r.method for r in results))
+
+
+def _order(results: Sequence[CellResult], method: str) -> int:
+    return _methods(results).index(method)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or math.isnan(value) else format(value, spec)
+
+
+def comparison_markdown(rows: Sequence[SummaryRow], paired: Sequence[PairedRow], title: str = "") -> str:
+    """The Markdown table: accuracy mean ± std per method and density, then the paired differences."""
+    lines = [f"# {title or 'sweep comparison'}", "",
+             "| method | density | seeds | accuracy (mean ± std) | footprint MiB | prune drop | post-adjust drop |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.method} | {r.density:g} | {len(r.accuracies)} | {r.mean:.4f} ± {r.std:.4f} | "
+                     f"{_fmt(r.footprint_mib, '.3f')} | {_fmt(r.prune_drop, '+.4f')} | "
+                     f"{_fmt(r.post_adjust_drop, '+.4f')} |")
+    if paired:
+        ref = paired[0].reference
+        lines += ["", f"## Paired difference against {ref} (same seed: same partition, sampling and init seed)", "",
+                  f"| method − {ref} | density | seeds | mean difference | 95% t-interval |", "|---|---|---|---|---|"]
+        for p in paired:
+            iv = p.interval
+            ci = "-" if iv.n < 2 else f"[{iv.low:+.4f}, {iv.high:+.4f}]"
+            lines.append(f"| {p.method} | {p.density:g} | {iv.n} | {iv.mean:+.4f} | {ci} |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_csv(rows: Sequence[SummaryRow], paired: Sequence[PairedRow]) -> str:
+    """Both tables as one CSV: `kind` is `accuracy` (value = mean) or `paired` (value = mean difference)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["kind", "method", "reference", "density", "n", "value", "std", "ci_low", "ci_high",
+                "footprint_mib", "prune_drop", "post_adjust_drop"])
+    for r in rows:
+        w.writerow(["accuracy", r.method, "", r.density, len(r.accuracies), r.mean, r.std, "", "",
+                    _csv(r.footprint_mib), _csv(r.prune_drop), _csv(r.post_adjust_drop)])
+    for p in paired:
+        iv = p.interval
+        w.writerow(["paired", p.method, p.reference, p.density, iv.n, iv.mean, "", _csv(iv.low), _csv(iv.high),
+                    "", "", ""])
+    return buf.getvalue()
+
+
+def _csv(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else repr(value)
+
+
+def summary_metrics(rows: Sequence[SummaryRow], paired: Sequence[PairedRow]) -> dict[str, float]:
+    """Flat metrics for the sweep's parent run, e.g. `acc_mean/fedmef/d0.1`, `diff_mean/fedmef-fedtiny/d0.1`."""
+    out: dict[str, float] = {}
+    for r in rows:
+        out[f"acc_mean/{r.method}/d{r.density:g}"] = r.mean
+        out[f"acc_std/{r.method}/d{r.density:g}"] = r.std
+    for p in paired:
+        name = f"{p.method}-{p.reference}/d{p.density:g}"
+        out[f"diff_mean/{name}"] = p.interval.mean
+        if p.interval.n > 1:
+            out[f"diff_ci_low/{name}"] = p.interval.low
+            out[f"diff_ci_high/{name}"] = p.interval.high
+    return out
+
+
+def mean_curve(curves: Sequence[Sequence[tuple[int, float]]]) -> tuple[list[int], list[float]]:
+    """Mean accuracy per round over the seeds' curves (rounds that every curve has)."""
+    common = set.intersection(*(set(r for r, _ in c) for c in curves)) if curves else set()
+    rounds = sorted(common)
+    by_round = [dict(c) for c in curves]
+    return rounds, [statistics.fmean(c[r] for c in by_round) for r in rounds]
+
+
+def _save(fig: Figure, path: str | Path) -> None:
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def plot_curves(results: Sequence[CellResult], path: str | Path, title: str = "") -> None:
+    """Test accuracy per round, mean over seeds: one panel per grid density, every method a line
+    (a dense method dashed, the same in every panel)."""
+    densities = sorted({r.density for r in results})
+    fig = Figure(figsize=(4.2 * len(densities), 3.6))
+    axes = fig.subplots(1, len(densities), squeeze=False, sharey=True)[0]
+    for ax, density in zip(axes, densities):
+        for method in _methods(results):
+            cells = [r for r in results if r.method == method and r.density == density and r.curve]
+            if not cells:
+                continue
+            rounds, acc = mean_curve([c.curve for c in cells])
+            ax.plot(rounds, acc, marker=".", linestyle="--" if cells[0].dense else "-", label=method)
+        ax.set(xlabel="round", title=f"d = {density:g}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (mean over seeds)")
+    axes[-1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_accuracy_memory(rows: Sequence[SummaryRow], path: str | Path, title: str = "") -> None:
+    """Final accuracy (mean ± std over seeds) against the measured client footprint, one marker per
+    (method, density); points of one method are joined in density order."""
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    for method in dict.fromkeys(r.method for r in rows):
+        pts = sorted((r for r in rows if r.method == method and r.footprint_mib is not None), key=lambda r: r.density)
+        if not pts:
+            continue
+        ax.errorbar([r.footprint_mib for r in pts], [r.mean for r in pts], yerr=[r.std for r in pts],
+                    marker="o", capsize=3, label=method)
+        for r in pts:
+            ax.annotate(f"{r.density:g}", (r.footprint_mib, r.mean), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    ax.set(xlabel="client training footprint (MiB: weights + saved activations)", ylabel="final test accuracy",
+           title=title or "accuracy versus memory", xscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)

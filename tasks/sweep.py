@@ -1,0 +1,297 @@
+"""A sweep: methods x densities x seeds, every cell one experiment in its own run folder, all under one
+MLflow parent run.
+
+- `SweepSpec` is the sweep's request (the CLI's arguments, the Prefect UI's form), validated once.
+- `plan_cells` turns it into cells: the config of each is `params.yaml` + the shared overrides + the
+  method's own overrides + method, density and seed (the seed sets both `federation.seed` and
+  `partition.seed`, so one seed is one draw of the whole experiment). A cell's run folder is
+  `<root>/<run_name>`; its partition is `<root>/partitions/<digest of data, partition, num_clients>`, shared by
+  every cell that splits the same data the same way — so all methods of one seed train on the same shards,
+  sample the same clients and start from the same `federation.seed`. A dense method (fedavg) runs at density
+  1.0 whatever the grid says: its cells at several densities are one experiment, run once.
+- `pending_steps` says what a cell still needs (a cell is finished when its run folder holds `final.pt` of
+  the same config and `train.json` and `eval.json` written after it), so a re-run skips finished cells and
+  `train` resumes a half-done one from its own checkpoints.
+- `parent_run` finds the sweep's parent run again by name + grid digest (a re-run reuses it), or creates it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedmef_core.checkpoint import FINAL_NAME, CheckpointError, load_checkpoint
+from fedmef_core.config import (
+    ConfigError,
+    ExperimentConfig,
+    PruningMethod,
+    TrackingConfig,
+    identity_of,
+    load_config,
+    method_traits,
+)
+from fedmef_core.io import read_json
+from fedmef_core.runs import run_name, run_paths
+from tasks.comparison import CellResult
+from tasks.tracking import Tracker, artifact_root, git_commit, prefect_flow_run_id, store_uri
+
+Density = Annotated[float, Field(gt=0, le=1)]
+
+
+class SweepSpec(BaseModel):
+    """What to sweep: every combination of `methods`, `densities` and `seeds`, on top of `params`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    methods: list[PruningMethod] = Field(
+        ["fedavg", "fedtiny", "fedmef"], min_length=1, description="Federated (pruning) methods to compare."
+    )
+    densities: list[Density] = Field([0.1], min_length=1, description="Densities d of the sparse methods.")
+    seeds: list[int] = Field([0], min_length=1, description="Seeds: each sets federation.seed and partition.seed.")
+    reference: PruningMethod | None = Field(
+        None, description="Paired differences are method minus this one (default: fedtiny if swept, else the first)."
+    )
+    overrides: dict[str, Any] = Field(
+        {}, description="section.key -> value for every cell, on top of params, e.g. {\"federation.rounds\": 5}."
+    )
+    method_overrides: dict[PruningMethod, dict[str, Any]] = Field(
+        {}, description="method -> {section.key: value} for that method's cells only, e.g. "
+        "{\"fedmef\": {\"pruning.bae_lambda\": 1.0}}."
+    )
+    params: str = Field("params.yaml", description="The experiment config every cell starts from.")
+    name: str | None = Field(None, description="Name of the MLflow parent run (default: sweep-<grid digest>).")
+    jobs: int = Field(1, ge=1, description="Cells trained at the same time (threads of this process).")
+    root: str = Field("runs", description="Folder of the cells' run folders and of the shared partitions.")
+
+    @model_validator(mode="after")
+    def _reference_is_swept(self) -> SweepSpec:
+        if self.reference is not None and self.reference not in self.methods:
+            raise ValueError(f"reference {self.reference!r} is not among the methods {self.methods}; add it or "
+                             "choose one of them")
+        return self
+
+    @property
+    def reference_method(self) -> str:
+        if self.reference is not None:
+            return self.reference
+        return "fedtiny" if "fedtiny" in self.methods else self.methods[0]
+
+
+def parse_spec(raw: dict[str, Any]) -> SweepSpec:
+    """Validate a sweep request; a mistake is one `ConfigError` naming every bad field."""
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"- {'.'.join(map(str, e['loc'])) or 'sweep'}: {e['msg'].removeprefix('Value error, ')}"
+                 for e in exc.errors()]
+        raise ConfigError("the sweep is invalid:\n" + "\n".join(lines)) from None
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point: `density` is the grid's; `config` is what runs (a dense method's says 1.0)."""
+
+    method: str
+    density: float
+    seed: int
+    config: ExperimentConfig
+
+    @property
+    def name(self) -> str:
+        return run_name(self.config)
+
+    @property
+    def dense(self) -> bool:
+        return not method_traits(self.method).sparse
+
+
+def _digest(obj: Any, length: int = 8) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:length]
+
+
+def partition_key(config: ExperimentConfig) -> str:
+    """Digest of what decides the split: cells with the same one share a partition folder."""
+    return _digest({"data": config.data.model_dump(mode="json"), "partition": config.partition.model_dump(mode="json"),
+                    "num_clients": config.federation.num_clients})
+
+
+def _placed(config: ExperimentConfig, root: str) -> ExperimentConfig:
+    """The cell's own run folder and the shared partition folder (runtime settings: not part of the identity)."""
+    rt = config.runtime
+    for key in ("checkpoints_dir", "metrics_dir", "plots_dir"):
+        if Path(getattr(rt, key)).is_absolute():
+            raise ConfigError(f"runtime.{key} is an absolute path, so every cell of a sweep would write there; "
+                              f"make it relative to the run folder (default: {key.removesuffix('_dir')})")
+    runtime = rt.model_copy(update={
+        "run_dir": str(Path(root) / run_name(config)),
+        "partitions_dir": str(Path(root) / "partitions" / partition_key(config)),
+    })
+    return config.model_copy(update={"runtime": runtime})
+
+
+def plan_cells(spec: SweepSpec) -> list[Cell]:
+    """Every (method, density, seed) with its validated config, in grid order."""
+    cells = []
+    for method in spec.methods:
+        for density in spec.densities:
+            for seed in spec.seeds:
+                overrides = {**spec.overrides, **spec.method_overrides.get(method, {}), "pruning.method": method,
+                             "pruning.density": density, "federation.seed": seed, "partition.seed": seed}
+                try:
+                    config = load_config(spec.params, overrides)
+                except ConfigError as exc:
+                    raise ConfigError(f"sweep cell {method} d={density:g} seed {seed}: {exc}") from None
+                cells.append(Cell(method, density, seed, _placed(config, spec.root)))
+    return cells
+
+
+def experiments(cells: list[Cell]) -> list[Cell]:
+    """The distinct experiments among the cells (dense cells at several densities are one)."""
+    return list({c.name: c for c in reversed(cells)}.values())[::-1]
+
+
+def partitions(cells: list[Cell]) -> list[ExperimentConfig]:
+    """One config per distinct partition folder."""
+    return list({c.config.runtime.partitions_dir: c.config for c in cells}.values())
+
+
+def grid_digest(spec: SweepSpec, cells: list[Cell]) -> str:
+    """What makes two sweeps the same: their cells' experiments and the reference."""
+    return _digest({"cells": sorted({c.name for c in cells}), "reference": spec.reference_method})
+
+
+def sweep_name(spec: SweepSpec, cells: list[Cell]) -> str:
+    return spec.name or f"sweep-{grid_digest(spec, cells)}"
+
+
+def partition_done(config: ExperimentConfig) -> bool:
+    """The partition stage writes clients.json, stats.json, then the heat map: the last one marks it done."""
+    return (Path(config.runtime.partitions_dir) / "partition.png").is_file()
+
+
+def _written_after(path: Path, reference: Path) -> bool:
+    return path.is_file() and path.stat().st_mtime_ns >= reference.stat().st_mtime_ns
+
+
+def _final_checkpoint(config: ExperimentConfig) -> dict | None:
+    """The cell's `final.pt` if it verifies and was written by this config, else None."""
+    try:
+        ckpt = load_checkpoint(run_paths(config).checkpoints / FINAL_NAME)
+    except CheckpointError:
+        return None
+    return ckpt if identity_of(ckpt["config"]) == config.identity() else None
+
+
+def pending_steps(config: ExperimentConfig) -> list[str]:
+    """What a cell still has to run: `train` and/or `evaluate` (nothing once it is finished)."""
+    paths = run_paths(config)
+    final = paths.checkpoints / FINAL_NAME
+    if _final_checkpoint(config) is None or not _written_after(paths.metrics / "train.json", final):
+        return ["train", "evaluate"]
+    return [] if _written_after(paths.metrics / "eval.json", final) else ["evaluate"]
+
+
+def adjustment_drops(history: list[dict]) -> tuple[float | None, float | None]:
+    """(prune_drop, post_adjust_drop) over the adjustment rounds of a run's history, None where absent.
+
+    prune_drop: the core's own round metric (accuracy just before minus just after the server's
+    prune-and-grow), when it logs one; post_adjust_drop: acc(r-1) - acc(r) across each adjustment round r > 1.
+    """
+    adjusted = [h for h in history if h.get("adjusted")]
+    prune = [float(h["prune_drop"]) for h in adjusted if "prune_drop" in h]
+    acc = {int(h["round"]): float(h["accuracy"]) for h in history if "accuracy" in h}
+    post = [acc[r - 1] - acc[r] for r in (int(h["round"]) for h in adjusted) if r in acc and r - 1 in acc]
+    return (statistics.fmean(prune) if prune else None, statistics.fmean(post) if post else None)
+
+
+def cell_result(cell: Cell) -> CellResult:
+    """A finished cell's numbers, read from its run folder: evaluated accuracy, measured footprint,
+    accuracy per round and the adjustment drops (from the final checkpoint's round history)."""
+    paths = run_paths(cell.config)
+    trained, evaluated = read_json(paths.metrics / "train.json"), read_json(paths.metrics / "eval.json")
+    memory = paths.metrics / "memory.json"
+    history = load_checkpoint(paths.checkpoints / FINAL_NAME)["history"]
+    prune_drop, post_adjust_drop = adjustment_drops(history)
+    return CellResult(
+        method=cell.method, density=cell.density, seed=cell.seed, accuracy=float(evaluated["accuracy"]),
+        dense=cell.dense,
+        footprint_bytes=read_json(memory).get("footprint_bytes") if memory.is_file() else None,
+        curve=tuple((int(h["round"]), float(h["accuracy"])) for h in history if "accuracy" in h),
+        prune_drop=prune_drop, post_adjust_drop=post_adjust_drop,
+        run_dir=str(paths.root), mlflow_run_id=trained.get("mlflow_run_id", ""),
+    )
+
+
+def parent_params(spec: SweepSpec) -> dict[str, str]:
+    """The grid and the shared overrides, as the parent run's MLflow params."""
+    params = {"methods": ",".join(spec.methods), "densities": ",".join(f"{d:g}" for d in spec.densities),
+              "seeds": ",".join(map(str, spec.seeds)), "reference": spec.reference_method, "params": spec.params}
+    params.update({f"set.{k}": json.dumps(v) for k, v in spec.overrides.items()})
+    for method, overrides in spec.method_overrides.items():
+        params.update({f"set.{method}:{k}": json.dumps(v) for k, v in overrides.items()})
+    return params
+
+
+def _find_or_create_parent(tracking: TrackingConfig, name: str, digest: str, params: dict[str, str]) -> str:
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    uri = store_uri(tracking.mlflow_uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(tracking.experiment,
+                                                                     artifact_location=artifact_root(uri))
+    found = client.search_runs([exp_id], f"tags.sweep_digest = '{digest}' and attributes.run_name = '{name}'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=name, tags={"sweep": name, "sweep_digest": digest,
+                                                         "git_commit": git_commit()})
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+    return run.info.run_id
+
+
+@contextmanager
+def parent_run(tracking: TrackingConfig, name: str, digest: str, params: dict[str, str]) -> Iterator[Tracker]:
+    """The sweep's MLflow parent run (reused by a re-run of the same sweep), ended on every way out."""
+    tracker = Tracker(tracking)
+    if tracker.enabled:
+        tracker.check_reachable()
+        tracker.run_id = _find_or_create_parent(tracking, name, digest, params)
+        tracker.set_tags({"prefect_flow_run_id": prefect_flow_run_id()})
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.end("KILLED")
+        raise
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
+
+
+def child_tags(parent: Tracker, name: str) -> dict[str, str]:
+    """Tags that make a cell's MLflow run a child of the sweep's parent run."""
+    return {"mlflow.parentRunId": parent.run_id, "sweep": name} if parent.run_id else {}
+
+
+@contextmanager
+def shared_cpu_threads(jobs: int) -> Iterator[None]:
+    """`jobs` cells training at once in one process split torch's CPU threads between them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before // jobs))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,187 @@
+"""The sweep flow, run for real under Prefect's test harness with a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from fedmef_core.config import parse_config
+from fedmef_core.data import load_dataset, partition_indices
+from fedmef_core.device import resolve_device
+from fedmef_core.engine import Server
+from fedmef_core.runs import run_paths
+from flows.sweep import spec_from_args, sweep_flow
+from tasks.sweep import experiments, parse_spec, plan_cells
+from tests.conftest import tiny_raw
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_params(tmp_path: Path) -> Path:
+    """The tiny config as a params file, tracked, with the run folders left to the sweep."""
+    raw = tiny_raw()
+    raw["federation"]["rounds"] = 2
+    raw["pruning"] = {"adjust_interval": 1, "adjust_until": 2, "adjust_alpha": 0.2}
+    raw["tracking"] = {"enabled": True, "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "sweep"}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def spec(tmp_path: Path, **fields):
+    return parse_spec({"methods": ["fedavg_static", "fedtiny"], "densities": [0.2], "seeds": [0, 1],
+                       "params": str(write_params(tmp_path)), "root": str(tmp_path / "runs"), "name": "tiny",
+                       **fields})
+
+
+def test_cells_share_partitions_by_seed_and_dense_cells_run_once(tmp_path):
+    cells = plan_cells(spec(tmp_path, methods=["fedavg", "fedtiny"], densities=[0.1, 0.2]))
+    assert len(cells) == 8 and len(experiments(cells)) == 2 + 4  # fedavg: one run per seed, not per density
+    dirs = {(c.method, c.density, c.seed): c.config.runtime.partitions_dir for c in cells}
+    assert dirs["fedavg", 0.1, 0] == dirs["fedtiny", 0.2, 0] != dirs["fedtiny", 0.2, 1]
+    assert all(c.config.federation.seed == c.config.partition.seed == c.seed for c in cells)
+    assert len({str(run_paths(c.config).root) for c in cells}) == 6
+
+
+def test_one_seed_starts_every_method_from_the_same_weights_and_mask(tmp_path):
+    """What makes the paired difference paired: federation.seed seeds the initialisation and the random mask."""
+    static, tiny = (c.config for c in plan_cells(spec(tmp_path, seeds=[0])))
+    train, test = load_dataset(static.data)
+    parts = partition_indices(train.labels.numpy(), static.federation.num_clients, static.partition)
+    a, b = (Server(c, train, test, parts, resolve_device("cpu")) for c in (static, tiny))
+    for (name, wa), wb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(wa, wb), name
+    assert a.sample_clients(1) == b.sample_clients(1)
+
+
+def _artifacts(flow_run_id: str) -> list[dict]:
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            response = await client._client.post("/artifacts/filter", json={"limit": 200, "offset": 0})
+            return response.json()
+
+    return [a for a in asyncio.run(read()) if a["flow_run_id"] == flow_run_id]
+
+
+def test_sweep_runs_children_under_one_parent_and_resumes_only_the_unfinished_cell(prefect_harness, tmp_path):
+    sweep = spec(tmp_path, jobs=2)
+    first = sweep_flow(sweep)
+    assert sorted(map(tuple, first["steps"].values())) == [("train", "evaluate")] * 4
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(first["parent_run_id"])
+    assert parent.info.run_name == "tiny" and parent.info.status == "FINISHED"
+    assert parent.data.params["methods"] == "fedavg_static,fedtiny" and parent.data.params["reference"] == "fedtiny"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted((c.data.tags["method"], c.data.tags["seed"]) for c in children) == [
+        ("fedavg_static", "0"), ("fedavg_static", "1"), ("fedtiny", "0"), ("fedtiny", "1")]
+    assert {c.info.run_id for c in children} == {cell["mlflow_run_id"] for cell in first["cells"]}
+    artifacts = {f.path for f in client.list_artifacts(parent.info.run_id, "comparison")}
+    assert {"comparison/comparison.md", "comparison/comparison.csv", "comparison/curves.png",
+            "comparison/accuracy_memory.png"} <= artifacts
+    table = Path(client.download_artifacts(parent.info.run_id, "comparison/comparison.md", str(tmp_path))).read_text()
+    assert "| fedavg_static | 0.2 | 2 |" in table and "| fedavg_static | 0.2 | 2 | " in table.split("Paired")[1]
+    cells = {(c["method"], c["seed"]): c for c in first["cells"]}
+    diff = cells["fedavg_static", 0]["accuracy"] - cells["fedtiny", 0]["accuracy"]
+    diff1 = cells["fedavg_static", 1]["accuracy"] - cells["fedtiny", 1]["accuracy"]
+    assert parent.data.metrics["diff_mean/fedavg_static-fedtiny/d0.2"] == pytest.approx((diff + diff1) / 2)
+    assert parent.data.metrics["acc_mean/fedtiny/d0.2"] == pytest.approx(
+        (cells["fedtiny", 0]["accuracy"] + cells["fedtiny", 1]["accuracy"]) / 2)
+    assert cells["fedtiny", 0]["post_adjust_drop"] is not None and cells["fedavg_static", 0]["post_adjust_drop"] is None
+    assert all(c["footprint_bytes"] > 0 and [r for r, _ in c["curve"]] == [1, 2] for c in first["cells"])
+    flow_run_id = parent.data.tags["prefect_flow_run_id"]
+    markdown = [a for a in _artifacts(flow_run_id) if a["key"] == "sweep-comparison"]
+    assert markdown and "Paired difference against fedtiny" in markdown[0]["data"]
+
+    # a kill while one cell was finishing: its final checkpoint and evaluation are gone
+    killed = Path(cells["fedtiny", 1]["run_dir"])
+    for name in ("checkpoints/final.pt", "checkpoints/final.pt.sha256", "metrics/eval.json"):
+        (killed / name).unlink()
+    untouched = Path(cells["fedtiny", 0]["run_dir"]) / "metrics" / "train.json"
+    mtime = untouched.stat().st_mtime_ns
+    second = sweep_flow(spec(tmp_path, jobs=1))
+    assert {name: steps for name, steps in second["steps"].items() if steps} == {killed.name: ["train", "evaluate"]}
+    assert second["parent_run_id"] == first["parent_run_id"] and untouched.stat().st_mtime_ns == mtime
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4  # the resumed cell continued its own child run
+    assert second["cells"] == first["cells"]  # same seeds, same numbers
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_cli_user_errors_are_one_line_and_exit_2(tmp_path):
+    params = write_params(tmp_path)
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    for args, expected in [
+        (["--methods", "fedtiny", "magic"], "methods.1"),
+        (["--methods", "fedtiny", "--set", "federation.roundz=2"], "federation.roundz: unknown key"),
+        (["--methods", "fedtiny", "--reference", "fedmef"], "reference 'fedmef' is not among the methods"),
+    ]:
+        proc = subprocess.run([sys.executable, "-m", "flows.sweep", "--params", str(params), *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_method_scoped_overrides_reach_only_that_method():
+    s = spec_from_args(["--methods", "fedtiny", "fedmef", "--set", "federation.rounds=3",
+                        "--set", "fedmef:pruning.bae_lambda=1.0"])
+    assert s.overrides == {"federation.rounds": 3} and s.method_overrides == {"fedmef": {"pruning.bae_lambda": 1.0}}
+    assert os.path.basename(s.params) == "params.yaml" and s.reference_method == "fedtiny"
+
+
+def test_sweep_deployment_form_has_method_choices(prefect_harness):
+    from flows.serve import deployments
+
+    sweep = next(d for d in deployments(parse_config({})) if d.flow_name == "sweep")
+    schema = sweep._parameter_openapi_schema.model_dump()
+    props = schema["definitions"]["SweepSpec"]["properties"]
+    assert "fedmef" in props["methods"]["items"]["enum"] and props["densities"]["description"]
+    assert sweep.parameters["spec"]["methods"] == ["fedavg", "fedtiny", "fedmef"]
+
+
+def test_cells_built_in_parallel_threads_start_from_their_own_seed(tmp_path):
+    """`--jobs` cells share one process: torch's global RNG, which draws the initial weights, must not be
+    shared mid-draw (by another server's start, or a neighbour's client building its model), or a cell's start
+    depends on its neighbour's timing."""
+    import threading
+
+    from fedmef_core.models import build_model
+
+    configs = [c.config for c in plan_cells(spec(tmp_path, methods=["fedtiny"], seeds=[0, 1, 2, 3]))]
+    train, test = load_dataset(configs[0].data)
+    parts = partition_indices(train.labels.numpy(), configs[0].federation.num_clients, configs[0].partition)
+
+    def weights(config):
+        return Server(config, train, test, parts, resolve_device("cpu")).model.state_dict()
+
+    def build(i, built, barrier):
+        barrier.wait()
+        built[i] = weights(configs[i])
+
+    def client_builds(barrier):  # what a neighbouring cell's clients do all the time
+        barrier.wait()
+        for _ in range(20):
+            build_model(configs[0].model, 1, 10, 28)
+
+    alone = [weights(c) for c in configs]
+    for _ in range(10):
+        built: dict[int, dict] = {}
+        barrier = threading.Barrier(len(configs))
+        threads = [threading.Thread(target=build, args=(i, built, barrier)) for i in range(len(configs) - 1)]
+        threads.append(threading.Thread(target=client_builds, args=(barrier,)))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, reference in enumerate(alone[:-1]):
+            assert all(torch.equal(reference[k], built[i][k]) for k in reference), f"seed {i}"

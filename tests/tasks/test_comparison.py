@@ -1,0 +1,96 @@
+"""The sweep's comparison maths on hand-made numbers."""
+
+import math
+
+import pytest
+
+from tasks.comparison import (
+    CellResult,
+    comparison_csv,
+    comparison_markdown,
+    mean_curve,
+    paired_differences,
+    plot_accuracy_memory,
+    plot_curves,
+    summary_metrics,
+    summary_rows,
+    t_interval,
+)
+
+
+def test_t_interval_for_three_seeds_uses_two_degrees_of_freedom():
+    iv = t_interval([0.01, 0.02, 0.03])
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)  # t_{0.975, 2} * s / sqrt(n), s = 0.01
+    assert iv.n == 3 and iv.mean == pytest.approx(0.02)
+    assert (iv.low, iv.high) == pytest.approx((0.02 - half, 0.02 + half))
+
+
+def test_t_interval_of_one_value_has_no_spread():
+    iv = t_interval([0.5])
+    assert iv.mean == 0.5 and math.isnan(iv.low) and math.isnan(iv.high)
+
+
+def _grid():
+    """fedtiny and fedmef at d=0.1 over 3 seeds, plus dense fedavg (the same runs at every grid density)."""
+    acc = {"fedtiny": [0.70, 0.72, 0.68], "fedmef": [0.73, 0.74, 0.70], "fedavg": [0.80, 0.81, 0.79]}
+    cells = []
+    for density in (0.1, 0.2):
+        for method, accs in acc.items():
+            for seed, a in enumerate(accs):
+                a = a + (0.05 if density == 0.2 and method != "fedavg" else 0.0)
+                cells.append(CellResult(
+                    method, density, seed, a, dense=method == "fedavg",
+                    footprint_bytes=int((4 if method == "fedavg" else density * 10) * 2**20),
+                    curve=((1, a / 2), (2, a)), prune_drop=0.01 * seed if method == "fedmef" else None,
+                ))
+    return cells
+
+
+def test_summary_counts_dense_runs_once_and_averages_over_seeds():
+    rows = summary_rows(_grid())
+    assert [(r.method, r.density) for r in rows] == [
+        ("fedtiny", 0.1), ("fedtiny", 0.2), ("fedmef", 0.1), ("fedmef", 0.2), ("fedavg", 1.0)
+    ]
+    fedmef = rows[2]
+    assert fedmef.accuracies == (0.73, 0.74, 0.70)
+    assert fedmef.mean == pytest.approx(0.7233333) and fedmef.std == pytest.approx(0.0208167, abs=1e-6)
+    assert fedmef.prune_drop == pytest.approx(0.01) and rows[0].prune_drop is None
+    assert fedmef.footprint_mib == pytest.approx(1.0)
+    assert rows[-1].accuracies == (0.80, 0.81, 0.79)  # three seeds, not six
+
+
+def test_paired_differences_pair_by_seed_per_density():
+    paired = paired_differences(_grid(), reference="fedtiny")
+    assert [(p.method, p.density) for p in paired] == [("fedmef", 0.1), ("fedavg", 0.1), ("fedmef", 0.2),
+                                                      ("fedavg", 0.2)]
+    fedmef = paired[0]
+    assert fedmef.differences == pytest.approx((0.03, 0.02, 0.02))
+    expected = t_interval([0.03, 0.02, 0.02])
+    assert (fedmef.interval.mean, fedmef.interval.low) == pytest.approx((expected.mean, expected.low))
+    # the dense reference point is paired with the sparse reference of the same seed at each density
+    assert paired[3].differences == pytest.approx((0.80 - 0.75, 0.81 - 0.77, 0.79 - 0.73))
+
+
+def test_tables_and_metrics_name_every_row():
+    cells = _grid()
+    rows, paired = summary_rows(cells), paired_differences(cells, "fedtiny")
+    md = comparison_markdown(rows, paired, title="t")
+    assert "| fedmef | 0.1 | 3 | 0.7233 ± 0.0208 | 1.000 | +0.0100 | - |" in md
+    assert "| fedmef | 0.1 | 3 | +0.0233 | [" in md
+    lines = comparison_csv(rows, paired).splitlines()
+    assert len(lines) == 1 + len(rows) + len(paired) and lines[0].startswith("kind,method,reference,density")
+    metrics = summary_metrics(rows, paired)
+    assert metrics["acc_mean/fedavg/d1"] == pytest.approx(0.80)
+    assert metrics["diff_mean/fedmef-fedtiny/d0.1"] == pytest.approx(0.07 / 3)
+    assert metrics["diff_ci_low/fedmef-fedtiny/d0.1"] < metrics["diff_mean/fedmef-fedtiny/d0.1"]
+
+
+def test_mean_curve_keeps_rounds_every_seed_has():
+    assert mean_curve([((1, 0.2), (2, 0.4)), ((1, 0.4), (2, 0.6), (3, 0.9))]) == ([1, 2], pytest.approx([0.3, 0.5]))
+
+
+def test_plots_are_written(tmp_path):
+    cells = _grid()
+    plot_curves(cells, tmp_path / "curves.png", title="t")
+    plot_accuracy_memory(summary_rows(cells), tmp_path / "memory.png")
+    assert (tmp_path / "curves.png").stat().st_size > 5000 and (tmp_path / "memory.png").stat().st_size > 5000
