@@ -22,6 +22,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import TerminationSignal
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedmef_core.config import ConfigError, ExperimentConfig, PruningMethod
@@ -29,6 +30,7 @@ from fedmef_core.data import load_dataset
 from fedmef_core.errors import UserError
 from fedmef_core.io import write_json, write_text
 from flows.cli import _parse_override
+from flows.lifecycle import Interrupted, detach_temporary_server, signals_interrupt
 from flows.train import train
 from tasks.comparison import (
     CellResult,
@@ -166,7 +168,9 @@ def preflight(spec: SweepSpec) -> None:
 
 def run(spec: SweepSpec) -> dict:
     preflight(spec)
-    return sweep_flow(spec)
+    detach_temporary_server()
+    with signals_interrupt():
+        return sweep_flow(spec)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -176,10 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
     except (UserError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TerminationSignal) as exc:
         print("interrupted: finished cells and checkpoints are kept; run the same sweep again to resume",
               file=sys.stderr)
-        sys.exit(130)
+        sys.exit(exc.exit_code if isinstance(exc, Interrupted) else 143)
 
 
 if __name__ == "__main__":
