@@ -23,14 +23,16 @@ Dense ``fedavg`` runs once per seed and is listed under density "1.0". By defaul
     python -m bench.accuracy --quick --methods fedtiny fedmef --bn-select  # FedTiny's adaptive BN selection
 
 ``--quick``: 20 clients, 4 per round, 8 rounds of 1 local epoch, the first 4000 training and 1000
-test images, adjustments every 2 rounds until round 6 (alpha 0.2), 3 seeds, BatchNorm for every method.
+test images, adjustments every 2 rounds until round 6 (alpha 0.2), 3 seeds; FedMef in its paper configuration
+(NSConv, SAP, BaE), the baselines with BatchNorm.
 ``--medium``: 20 clients, 4 per round, 30 rounds of 1 local epoch on the first 6000 training and 2000 test
 images, adjustments every 5 rounds until round 25, 3 seeds; FedMef in its paper configuration (NSConv, SAP,
 BaE), the baselines with BatchNorm.
 The full setting: 100 clients, 10 per round, 50 rounds of 2 local epochs, all 60k/10k images,
 adjustments every 5 rounds until round 40, 3 seeds.
 Writes ``bench/results/accuracy.json`` (``{method: {density: {mean, std, per_seed, post_adjust_drop,
-prune_drop, footprint_mib, mlflow_run_ids}}}``, accuracies in [0, 1]) and ``bench/results/accuracy.png``,
+prune_drop, footprint_mib, mlflow_run_ids}}, "paired": {fedtiny|feddst: [{method, density, differences, mean,
+low, high}]}}``, accuracies in [0, 1]) and ``bench/results/accuracy.png``,
 and prints the sweep's table.
 """
 
@@ -43,7 +45,7 @@ import time
 from pathlib import Path
 
 from flows.sweep import main as sweep_main
-from tasks.comparison import DENSE
+from tasks.comparison import DENSE, CellResult, paired_differences
 
 METHODS = ["fedavg", "fedavg_static", "prunefl", "feddst", "fedtiny", "fedmef"]
 DENSITIES = [0.05, 0.1, 0.2]
@@ -78,7 +80,10 @@ FULL = {
                    "batch_size": 32, "lr": 0.05, "lr_final": 0.01},
     "pruning": {"adjust_interval": 5, "adjust_until": 40, "adjust_alpha": 0.2},
 }
-NORM = {"quick": "batch", "bae": "batch", "full": "batch", "medium": "auto"}  # auto: NSConv for fedmef
+# auto: FedMef as the paper runs it (NSConv, SAP), the baselines with BatchNorm. The BaE study keeps BatchNorm
+# for both of its methods (and SAP off), so fedtiny and fedmef differ only by BaE.
+NORM = {"quick": "auto", "bae": "batch", "full": "auto", "medium": "auto"}
+PAIRED_AGAINST = ("fedtiny", "feddst")  # FedMef's claim is against these two
 
 
 def flat(setting: dict) -> dict:
@@ -122,6 +127,29 @@ def results_json(result: dict) -> dict:
     return table
 
 
+def paired_json(result: dict) -> dict:
+    """Paired differences (mean and 95% t-interval over seeds) of every method against fedtiny and feddst."""
+    cells = [CellResult(**{**c, "curve": tuple(map(tuple, c["curve"]))}) for c in result["cells"]]
+    out: dict = {}
+    for reference in PAIRED_AGAINST:
+        if any(c.method == reference for c in cells):
+            out[reference] = [
+                {"method": p.method, "density": p.density, "differences": list(p.differences),
+                 "mean": p.interval.mean, "low": p.interval.low, "high": p.interval.high}
+                for p in paired_differences(cells, reference)
+            ]
+    return out
+
+
+def paired_text(paired: dict) -> str:
+    lines = []
+    for reference, rows in paired.items():
+        lines.append(f"\npaired by seed: method - {reference} (mean [95% interval])")
+        for r in rows:
+            lines.append(f"  {r['method']:>14} d={r['density']:<5g} {r['mean']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]")
+    return "\n".join(lines)
+
+
 def plot(table: dict, path: Path, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -163,8 +191,8 @@ def main() -> None:
     parser.add_argument("--sap", choices=["auto", "on", "off"], default="auto",
                         help="scaled activation pruning: auto = the config default (on for fedmef only)")
     parser.add_argument("--norm", choices=["auto", "batch", "nsconv"], default=None,
-                        help="normalisation: batch for every method (default, except --medium: auto = NSConv for "
-                             "fedmef as in the paper, BatchNorm for the baselines), or nsconv")
+                        help="normalisation: auto = NSConv for fedmef as in the paper, BatchNorm for the baselines "
+                             "(default; the --bae study: batch), batch or nsconv for every method")
     parser.add_argument("--bn-select", action="store_true",
                         help="fedtiny and fedmef choose their initial mask by adaptive BN selection (5 candidates)")
     parser.add_argument("--bae-lambda", type=float, default=None,
@@ -179,8 +207,10 @@ def main() -> None:
     started = time.perf_counter()
     result = sweep_main(sweep_args(args, setting, name=f"bench-{out.stem}-{setting}"))
     table = results_json(result)
+    paired = paired_json(result)
+    print(paired_text(paired))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(table, indent=2) + "\n")
+    out.write_text(json.dumps({**table, "paired": paired}, indent=2) + "\n")
     plot(table, out.with_suffix(".png"), f"Fashion-MNIST, Dirichlet(0.5), {setting}")
     print(f"\n{len(result['cells'])} cells in {time.perf_counter() - started:.0f}s -> {out}; MLflow parent run "
           f"{result['parent_run_id'] or '(tracking off)'} ({result['name']}), comparison in "
