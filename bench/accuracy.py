@@ -146,7 +146,8 @@ def paired_text(paired: dict) -> str:
     for reference, rows in paired.items():
         lines.append(f"\npaired by seed: method - {reference} (mean [95% interval])")
         for r in rows:
-            lines.append(f"  {r['method']:>14} d={r['density']:<5g} {r['mean']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]")
+            interval = f"[{r['low']:+.4f}, {r['high']:+.4f}]"
+            lines.append(f"  {r['method']:>14} d={r['density']:<5g} {r['mean']:+.4f} {interval}")
     return "\n".join(lines)
 
 
