@@ -110,9 +110,11 @@ def _die_with_parent() -> None:
 def detach_temporary_server() -> None:
     """Make Prefect's temporary server (started on first use when no ``PREFECT_API_URL`` is set) a child in
     its own session that dies with this process. Does nothing when a server is configured."""
-    if os.environ.get("PREFECT_API_URL"):
-        return
     from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():  # a configured server (environment or profile): nothing is started here
+        return
 
     class DetachedServer(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
