@@ -16,9 +16,12 @@ from tests.conftest import tiny_raw
 SPARSE = ["fedavg_static", "feddst", "fedtiny", "prunefl", "fedmef"]
 
 
-def _config(method, **pruning):
+def _config(method, norm="batch", **pruning):
+    """Every method on the same BatchNorm CNN, so their mechanics compare one to one (FedMef's own default,
+    NSConv + SAP, is tested with `norm="auto"` and in test_nsconv/test_sap)."""
     raw = tiny_raw()
     raw["data"]["train_limit"] = 600
+    raw["model"] = {"norm": norm}
     raw["federation"].update(rounds=2, clients_per_round=2)
     raw["pruning"] = {"method": method, "density": 0.1, "adjust_interval": 1, "adjust_until": 4,
                       "adjust_alpha": 0.3, **pruning}
