@@ -8,11 +8,16 @@ overrides, on top of `params.yaml`). An invalid value is refused by the server b
 
 from __future__ import annotations
 
+import signal
+from typing import Any
+
 from prefect import serve
+from prefect.runner import Runner
 
 from fedmef_core.config import ExperimentConfig
 from flows.cli import main as cli_main
 from flows.evaluate import evaluate_flow
+from flows.lifecycle import Interrupted
 from flows.partition import partition_flow
 from flows.pipeline import pipeline_flow
 from flows.sweep import sweep_flow
@@ -44,8 +49,16 @@ def deployments(config: ExperimentConfig) -> list:
     ]
 
 
+def _stop_now(runner: Runner, *args: Any) -> None:
+    """SIGTERM stops serving at once. (Prefect's own handler waits for the runner's event loop, which is
+    busy in this very thread: `kill` took over a minute.)"""
+    raise Interrupted(signal.SIGTERM)
+
+
 def serve_deployments(config: ExperimentConfig) -> None:
-    """Serve the pipeline, partition, train, evaluate and sweep deployments until interrupted."""
+    """Serve the pipeline, partition, train, evaluate and sweep deployments until interrupted (Ctrl-C or
+    SIGTERM)."""
+    Runner.handle_sigterm = _stop_now  # the runner installs it as its SIGTERM handler when it starts
     serve(*deployments(config))
 
 
