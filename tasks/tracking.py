@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import logging
 import os
 import subprocess
 import time
@@ -258,18 +259,36 @@ class Tracker:
     def _flush(self) -> None:
         while self.pending:
             try:
-                self.pending[0][1]()
+                with quiet_retries():
+                    self.pending[0][1]()
             except Exception as exc:  # whatever the store or the network raised: tracking never stops training
                 if not self.offline:
-                    print(f"warning: MLflow tracking store {self.uri} failed ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); training goes on, the run's "
-                          "logs wait in memory and are sent when it is back", flush=True)
+                    print(f"warning: MLflow tracking store {self.uri} failed ({short(exc)}); training goes on, "
+                          "the run's logs wait in memory and are sent when it is back", flush=True)
                 self.offline = True
                 return
             self.pending.pop(0)
         if self.offline:
             print(f"MLflow tracking store {self.uri} is back: run {self.run_id} caught up", flush=True)
             self.offline = False
+
+
+@contextmanager
+def quiet_retries() -> Iterator[None]:
+    """No urllib3 line per retry: the tracker reports an outage itself, once."""
+    logger = logging.getLogger("urllib3.connectionpool")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def short(exc: Exception, limit: int = 160) -> str:
+    """`Type: first line of the message`, cut at a word to about `limit` characters."""
+    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def describe_lost(lost: list[tuple[str, str]]) -> str:
