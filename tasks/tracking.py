@@ -292,12 +292,13 @@ def short(exc: Exception, limit: int = 160) -> str:
 
 
 def describe_lost(lost: list[tuple[str, str]]) -> str:
-    """``metrics of steps 2-4, artifacts plots/a.png, tags x, end status FINISHED`` from (kind, what) pairs."""
+    """``metrics of steps 2, 3; artifacts plots/a.png; its end (FINISHED: ...)`` from (kind, what) pairs."""
     steps = sorted({int(w) for k, w in lost if k == "metrics"})
     parts = [f"metrics of steps {', '.join(map(str, steps))}"] if steps else []
-    for kind, label in (("artifact", "artifacts"), ("tag", "tags"), ("status", "end status")):
+    for kind, label in (("artifact", "artifacts"), ("tag", "tags")):
         if names := [w for k, w in lost if k == kind]:
             parts.append(f"{label} {', '.join(dict.fromkeys(names))}")
+    parts += [f"its end ({w}: the store shows it RUNNING)" for k, w in lost if k == "status"]
     return "; ".join(parts)
 
 

@@ -36,10 +36,15 @@ class MlflowServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.uri = f"http://127.0.0.1:{self.port}"
+        self.folder = folder
+        self.start()
+
+    def start(self) -> None:
+        """Start (or restart, on the same store and port) and wait until it answers."""
         mlflow = Path(sys.executable).parent / "mlflow"
         self.proc = subprocess.Popen(
-            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-             "--artifacts-destination", str(folder / "server-artifacts"), "--host", "127.0.0.1",
+            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+             "--artifacts-destination", str(self.folder / "server-artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -97,7 +102,35 @@ def test_a_tracking_outage_mid_run_does_not_stop_training(prefect_harness, tmp_p
     assert len(printed) == 2, printed  # the outage, once (no line per retry); at the end, what was not logged
     assert "failed (" in printed[0] and "training goes on" in printed[0]
     assert "still unreachable" in printed[1] and "metrics of steps 2, 3, 4" in printed[1]
+    assert "its end (FINISHED: the store shows it RUNNING)" in printed[1]
     assert "Traceback" not in out + err + caplog.text
+
+
+def test_what_an_outage_held_back_is_sent_once_the_server_is_back(tmp_path, mlflow_server, capsys):
+    from fedmef_core.config import ExperimentConfig, TrackingConfig
+    from tasks.tracking import Tracker
+
+    config = ExperimentConfig(tracking=TrackingConfig(mlflow_uri=mlflow_server.uri, experiment="t"))
+    tracker = Tracker(config.tracking)
+    run_id = tracker.start(config, run_name="r")
+    tracker.log_metrics({"train_loss": 1.0}, step=1)
+    mlflow_server.kill()
+    note = tmp_path / "note.txt"
+    note.write_text("hi")
+    tracker.log_metrics({"train_loss": 0.5}, step=2)
+    tracker.log_artifact(note, "notes")
+    assert tracker.offline and len(tracker.pending) == 2
+    mlflow_server.start()
+    tracker.log_metrics({"train_loss": 0.25}, step=3)
+    tracker.end()
+
+    client = MlflowClient(mlflow_server.uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train_loss")] == [
+        (1, 1.0), (2, 0.5), (3, 0.25)]
+    assert [f.path for f in client.list_artifacts(run_id, "notes")] == ["notes/note.txt"]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    out = capsys.readouterr().out
+    assert out.count("warning:") == 1 and f"{mlflow_server.uri} is back: run {run_id} caught up" in out
 
 
 def test_credentials_in_the_uri_reach_the_server_and_are_stored_nowhere(prefect_harness, tmp_path, mlflow_server,
