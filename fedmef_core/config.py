@@ -6,11 +6,21 @@ library receives these frozen, typed objects — never raw dicts.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fedmef_core.errors import UserError
 
@@ -165,10 +175,37 @@ class SapConfig(_Section):
     )
 
 
+TRACKING_URI_FORMS = "sqlite:///path/to/mlflow.db (a local store) or http(s)://host:port (an MLflow server)"
+
+
 class TrackingConfig(_Section):
     enabled: bool = Field(True, description="Log the run to MLflow.")
-    mlflow_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    mlflow_uri: str = Field(
+        "sqlite:///mlflow.db",
+        description="MLflow tracking URI: sqlite:///path (a local store) or http(s)://host:port (a server). "
+        "Credentials in it (http://user:password@host) move to MLFLOW_TRACKING_USERNAME/PASSWORD and are never "
+        "logged or stored.",
+    )
     experiment: str = Field("fedmef", min_length=1, description="MLflow experiment name.")
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _accepted_uri_without_credentials(cls, uri: str) -> str:
+        """Refuse what MLflow 3 cannot track to (other schemes, a bare path: MLflow's retired file store), and
+        move `user:password@` out of the URI into the variables MLflow reads (unless they are set), so no
+        message, param, artifact or checkpoint ever holds the password."""
+        parts = urlsplit(uri.strip())
+        if parts.scheme in ("http", "https") and parts.hostname:
+            if parts.username is None and parts.password is None:
+                return uri.strip()
+            os.environ.setdefault("MLFLOW_TRACKING_USERNAME", parts.username or "")
+            os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", parts.password or "")
+            return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        if parts.scheme == "sqlite" and parts.path.strip("/"):
+            return uri.strip()
+        shown = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        raise ValueError(f"{shown!r} is not a tracking URI MLflow 3 accepts; use {TRACKING_URI_FORMS}, "
+                         "e.g. sqlite:///mlflow.db")
 
 
 class RayConfig(_Section):

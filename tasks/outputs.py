@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import tempfile
 import time
 from pathlib import Path
 
@@ -79,16 +78,13 @@ class RoundReporter:
         plot_round_curves(server.history, paths.plots / "accuracy.png", title=f"{title} on {cfg.data.name}")
         write_mask_plots(server, paths.plots, tracker, title=title)
         tracker.log_metrics({"final_accuracy": final["accuracy"], "train_seconds": seconds}, step=cfg.federation.rounds)
-        with tempfile.TemporaryDirectory(prefix="fedmef-config-") as tmp:
-            config_file = Path(tmp) / "config.yaml"
-            config_file.write_text(cfg.to_yaml())
-            for path, where in [
-                (config_file, None),
-                (partition_plot_path(cfg), "plots"),
-                (paths.plots / "accuracy.png", "plots"),
-                (paths.metrics / "rounds.csv", None),
-                (paths.checkpoints / FINAL_NAME, "checkpoints"),
-            ]:
-                if Path(path).exists():
-                    tracker.log_artifact(path, where)
+        tracker.log_text(cfg.to_yaml(), "config.yaml")
+        for path, where in [
+            (partition_plot_path(cfg), "plots"),
+            (paths.plots / "accuracy.png", "plots"),
+            (paths.metrics / "rounds.csv", None),
+            (paths.checkpoints / FINAL_NAME, "checkpoints"),
+        ]:
+            if Path(path).exists():
+                tracker.log_artifact(path, where)
         return summary

@@ -5,6 +5,9 @@ Each returns nothing and raises a `UserError` naming the problem and the fix.
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
+
 from fedmef_core.checkpoint import FINAL_NAME, load_checkpoint
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import load_dataset, load_partition, partition_indices, partition_origin
@@ -16,6 +19,10 @@ from tasks.tracking import Tracker
 
 class MissingInput(UserError):
     """An earlier stage's output is missing or does not match the config."""
+
+
+class UnwritableFolder(UserError):
+    """An output folder cannot be created or written."""
 
 
 def check_dataset(config: ExperimentConfig) -> None:
@@ -39,16 +46,49 @@ def check_checkpoint(config: ExperimentConfig) -> None:
     load_checkpoint(run_paths(config).checkpoints / FINAL_NAME)
 
 
+def output_folders(config: ExperimentConfig, *settings: str) -> dict[str, Path]:
+    """`runtime.<setting>` -> the folder it names, as the flows compute it (the *_dir settings inside
+    run_dir; exchange_dir only when set)."""
+    rt, paths = config.runtime, run_paths(config)
+    where = {
+        "run_dir": paths.root, "checkpoints_dir": paths.checkpoints, "metrics_dir": paths.metrics,
+        "plots_dir": paths.plots, "partitions_dir": Path(rt.partitions_dir),
+        "exchange_dir": Path(rt.exchange_dir) if rt.exchange_dir is not None else None,
+    }
+    return {s: where[s] for s in settings if where[s] is not None}
+
+
+def check_writable(config: ExperimentConfig, *settings: str) -> None:
+    """Each folder can be created and written (a probe file, removed again): before any work, instead of
+    a failure after training has started."""
+    for setting, folder in output_folders(config, *settings).items():
+        probe = folder / f".fedmef-probe-{uuid.uuid4().hex}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise UnwritableFolder(
+                f"runtime.{setting}: cannot write to {folder} ({exc.strerror or type(exc).__name__}); "
+                f"set runtime.{setting} to a folder you can write"
+            ) from None
+
+
+TRAIN_OUTPUTS = ("run_dir", "checkpoints_dir", "metrics_dir", "plots_dir", "exchange_dir")
+
+
 def for_partition(config: ExperimentConfig) -> None:
     """The split itself is cheap (well under a second): trying it here catches impossible settings."""
     train, _ = load_dataset(config.data)
     partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
+    check_writable(config, "partitions_dir")
 
 
 def for_train(config: ExperimentConfig) -> None:
     check_device(config)
     check_dataset(config)
     check_partition(config)
+    check_writable(config, *TRAIN_OUTPUTS)
     Tracker(config.tracking).check_reachable()
 
 
@@ -56,9 +96,11 @@ def for_evaluate(config: ExperimentConfig) -> None:
     check_device(config)
     check_dataset(config)
     check_checkpoint(config)
+    check_writable(config, "metrics_dir", "plots_dir")
 
 
 def for_pipeline(config: ExperimentConfig) -> None:
     check_device(config)
     check_dataset(config)
+    check_writable(config, "partitions_dir", *TRAIN_OUTPUTS)
     Tracker(config.tracking).check_reachable()

@@ -1,12 +1,20 @@
-"""MLflow tracking: one run per training, addressed by id (no global "active run")."""
+"""MLflow tracking: one run per training, addressed by id (no global "active run").
+
+The store is checked before any work (a wrong or dead URI is one message). Once a run is open, tracking
+never stops a training: an outage mid-run prints one warning, the tracker keeps what it could not send in
+memory and sends it at the next round's metrics or at the end, where it says what was lost, if anything.
+"""
 
 from __future__ import annotations
 
+import base64
+import functools
+import logging
 import os
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,6 +23,15 @@ from prefect.exceptions import TerminationSignal
 
 from fedmef_core.config import ExperimentConfig, TrackingConfig
 from fedmef_core.errors import UserError
+from fedmef_core.runs import run_paths
+
+# a dead server costs seconds, not MLflow's default minutes of retries (a user's own settings win)
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+PER_ROUND_METRIC = "train_loss"  # logged every round: its last step is how far a run got
 
 
 class TrackingUnavailable(UserError):
@@ -48,6 +65,20 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def probe_server(uri: str, timeout: float) -> None:
+    """GET the server's /health, with basic auth from MLflow's own variables when they are set."""
+    request = urllib.request.Request(uri.rstrip("/") + "/health")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user or password:
+        token = base64.b64encode(f"{user or ''}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    urllib.request.urlopen(request, timeout=timeout).close()
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -66,16 +97,26 @@ def prefect_flow_run_id() -> str:
 
 
 class Tracker:
-    """Logs to one MLflow run; a disabled tracker accepts every call and does nothing."""
+    """Logs to one MLflow run; a disabled tracker accepts every call and does nothing.
+
+    What the store refuses mid-run waits in `pending` (in order) and is sent again at the next metrics and
+    at :meth:`end`. After :meth:`reopen`, steps the run already holds are not logged again."""
 
     def __init__(self, cfg: TrackingConfig, run_id: str | None = None):
         self.cfg = cfg
         self.run_id = run_id
+        self.uri = store_uri(cfg.mlflow_uri)
         self._client = None
+        self.pending: list[tuple[tuple[str, str], Callable[[], Any]]] = []  # ((kind, what), call)
+        self.offline = False
+        self._logged_through, self._logged_keys = -1, frozenset()  # what a resumed run already holds
         if cfg.enabled:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=store_uri(cfg.mlflow_uri))
+            if is_server(self.uri):
+                for name, value in HTTP_DEFAULTS.items():
+                    os.environ.setdefault(name, value)
+            self._client = MlflowClient(tracking_uri=self.uri)
 
     @property
     def enabled(self) -> bool:
@@ -85,16 +126,23 @@ class Tracker:
         """Fail fast, naming the URI, instead of MLflow's long retry loop on a dead server."""
         if self._client is None:
             return
-        uri = self.cfg.mlflow_uri
         try:
-            if uri.startswith(("http://", "https://")):
-                urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+            if is_server(self.uri):
+                probe_server(self.uri, timeout)
             self._client.search_experiments(max_results=1)
         except Exception as exc:
             raise TrackingUnavailable(
-                f"MLflow tracking store {uri!r} is unreachable ({type(exc).__name__}: {exc}); "
+                f"MLflow tracking store {self.uri!r} is unreachable ({type(exc).__name__}: {exc}); "
                 "fix tracking.mlflow_uri or set tracking.enabled: false"
             ) from None
+
+    def _experiment_id(self, create: bool) -> str | None:
+        exp = self._client.get_experiment_by_name(self.cfg.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        if not create:
+            return None
+        return self._client.create_experiment(self.cfg.experiment, artifact_location=artifact_root(self.uri))
 
     def start(self, config: ExperimentConfig, run_name: str, tags: dict[str, str] | None = None) -> str:
         """Create the run, log the flattened config as params, and return its id."""
@@ -103,14 +151,6 @@ class Tracker:
         from mlflow.entities import Param
 
         self.check_reachable()
-        exp = self._client.get_experiment_by_name(self.cfg.experiment)
-        exp_id = (
-            exp.experiment_id
-            if exp is not None
-            else self._client.create_experiment(
-                self.cfg.experiment, artifact_location=artifact_root(store_uri(self.cfg.mlflow_uri))
-            )
-        )
         all_tags = {
             "git_commit": git_commit(),
             "prefect_flow_run_id": prefect_flow_run_id(),
@@ -121,57 +161,156 @@ class Tracker:
             "seed": str(config.federation.seed),
             **(tags or {}),
         }
-        run = self._client.create_run(exp_id, run_name=run_name, tags=all_tags)
+        run = self._client.create_run(self._experiment_id(create=True), run_name=run_name, tags=all_tags)
         self.run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in config.flat().items()]
         for i in range(0, len(params), 100):
             self._client.log_batch(self.run_id, params=params[i : i + 100])
         return self.run_id
 
+    def knows(self, run_id: str) -> bool:
+        """Whether the store holds `run_id` (a moved or fresh store does not)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
+
+    def end_orphans(self, run_dir: str) -> list[str]:
+        """Mark KILLED the runs of `run_dir` still RUNNING: left by a training that died (``kill -9``) before
+        its first checkpoint named its run. The caller holds the folder's lock, so none is alive."""
+        exp_id = self._experiment_id(create=False)
+        if exp_id is None:
+            return []
+        running = self._client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'")
+        orphans = [r.info.run_id for r in running if r.data.tags.get("run_dir") == run_dir]
+        for orphan in orphans:
+            self._client.set_terminated(orphan, status="KILLED")
+            print(f"MLflow run {orphan} of {run_dir} was left RUNNING by a training that died: marked KILLED",
+                  flush=True)
+        return orphans
+
     def reopen(self) -> None:
-        """Continue an existing run (after a resume) instead of forking a new one."""
+        """Continue an existing run (after a resume) instead of forking a new one; remember how far it got,
+        so the rounds re-run from the checkpoint (bit-identical) are not logged twice."""
         if self._client is None or not self.run_id:
             return
         self.check_reachable()
         self._client.update_run(self.run_id, status="RUNNING")
         self.set_tags({"prefect_flow_run_id": prefect_flow_run_id()})  # the flow run doing the work now
+        history = self._client.get_metric_history(self.run_id, PER_ROUND_METRIC)
+        self._logged_through = max((m.step for m in history), default=-1)
+        self._logged_keys = frozenset(self._client.get_run(self.run_id).data.metrics)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self._client is None or not self.run_id:
             return
         from mlflow.entities import Metric
 
+        step = step or 0
+        if step <= self._logged_through:  # a re-run round: only what the run does not hold yet
+            metrics = {k: v for k, v in metrics.items() if k not in self._logged_keys}
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self._client.log_batch(self.run_id, metrics=batch)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if batch:
+            self._send(("metrics", str(step)), lambda: self._client.log_batch(self.run_id, metrics=batch))
+        else:
+            self._flush()
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self._client is None or not self.run_id:
             return
         for k, v in tags.items():
-            self._client.set_tag(self.run_id, k, str(v))
+            self._send(("tag", k), functools.partial(self._client.set_tag, self.run_id, k, str(v)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self._client is None or not self.run_id:
             return
-        self._client.log_artifact(self.run_id, str(path), artifact_path)
+        where = str(Path(artifact_path or "") / Path(path).name)
+        self._send(("artifact", where),
+                   functools.partial(self._client.log_artifact, self.run_id, str(path), artifact_path))
 
-    def end(self, status: str = "FINISHED") -> None:
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """`text` as the artifact `artifact_file` (kept in memory while the store is away)."""
         if self._client is None or not self.run_id:
             return
-        self._client.set_terminated(self.run_id, status=status)
+        self._send(("artifact", artifact_file),
+                   functools.partial(self._client.log_text, self.run_id, text, artifact_file))
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the run with `status`; say what could not be logged if the store is still away."""
+        if self._client is None or not self.run_id:
+            return
+        self._send(("status", status), functools.partial(self._client.set_terminated, self.run_id, status=status))
+        if self.pending:
+            print(f"warning: MLflow tracking store {self.uri} is still unreachable; not logged to run "
+                  f"{self.run_id}: {describe_lost([what for what, _ in self.pending])} (the run folder's "
+                  "metrics and checkpoints have everything)", flush=True)
+
+    def _send(self, what: tuple[str, str], call: Callable[[], Any]) -> None:
+        """Queue `call` behind anything still pending; try to send now — while the store is away, only
+        metrics (once a round) and the end try again, so an outage costs seconds, not minutes."""
+        self.pending.append((what, call))
+        if not self.offline or what[0] in ("metrics", "status"):
+            self._flush()
+
+    def _flush(self) -> None:
+        while self.pending:
+            try:
+                with quiet_retries():
+                    self.pending[0][1]()
+            except Exception as exc:  # whatever the store or the network raised: tracking never stops training
+                if not self.offline:
+                    print(f"warning: MLflow tracking store {self.uri} failed ({short(exc)}); training goes on, "
+                          "the run's logs wait in memory and are sent when it is back", flush=True)
+                self.offline = True
+                return
+            self.pending.pop(0)
+        if self.offline:
+            print(f"MLflow tracking store {self.uri} is back: run {self.run_id} caught up", flush=True)
+            self.offline = False
+
+
+@contextmanager
+def quiet_retries() -> Iterator[None]:
+    """No urllib3 line per retry: the tracker reports an outage itself, once."""
+    logger = logging.getLogger("urllib3.connectionpool")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def short(exc: Exception, limit: int = 160) -> str:
+    """`Type: first line of the message`, cut at a word to about `limit` characters."""
+    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def describe_lost(lost: list[tuple[str, str]]) -> str:
+    """``metrics of steps 2, 3; artifacts plots/a.png; its end (FINISHED: ...)`` from (kind, what) pairs."""
+    steps = sorted({int(w) for k, w in lost if k == "metrics"})
+    parts = [f"metrics of steps {', '.join(map(str, steps))}"] if steps else []
+    for kind, label in (("artifact", "artifacts"), ("tag", "tags")):
+        if names := [w for k, w in lost if k == kind]:
+            parts.append(f"{label} {', '.join(dict.fromkeys(names))}")
+    parts += [f"its end ({w}: the store shows it RUNNING)" for k, w in lost if k == "status"]
+    return "; ".join(parts)
 
 
 @contextmanager
 def tracked_run(config: ExperimentConfig, run_name: str, run_id: str | None = None,
                 tags: dict[str, str] | None = None) -> Iterator[Tracker]:
-    """The training's MLflow run: continued when `run_id` is given (a resume), else created; ended on
-    every way out — FINISHED, KILLED on an interrupt, FAILED on an error."""
+    """The training's MLflow run (see :func:`open_run`), ended on every way out: FINISHED, KILLED on an
+    interrupt or Prefect's termination signal (SIGTERM), FAILED on an error."""
     tracker = Tracker(config.tracking, run_id=run_id)
-    if tracker.run_id:
-        tracker.reopen()
-    else:
-        tracker.start(config, run_name=run_name, tags=tags)
+    open_run(tracker, config, run_name, tags)
     try:
         yield tracker
     except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, or SIGTERM inside a Prefect flow run
@@ -181,3 +320,26 @@ def tracked_run(config: ExperimentConfig, run_name: str, run_id: str | None = No
         tracker.end("FAILED")
         raise
     tracker.end()
+
+
+def open_run(tracker: Tracker, config: ExperimentConfig, run_name: str, tags: dict[str, str] | None) -> None:
+    """Continue the checkpoint's run (`tracker.run_id`); else start one tagged with the run folder, after
+    marking KILLED the runs a dead training left RUNNING there (tag `restarts`). A checkpoint's run the store
+    does not know (a moved store, a fresh clone) continues in a new run, tagged `continues_run`."""
+    if not tracker.enabled:
+        return
+    tracker.check_reachable()
+    if tracker.run_id and tracker.knows(tracker.run_id):
+        tracker.reopen()
+        return
+    run_dir = str(run_paths(config).root.resolve())
+    lineage = {"run_dir": run_dir}
+    if orphans := tracker.end_orphans(run_dir):
+        lineage["restarts"] = ",".join(orphans)
+    lost_run = tracker.run_id
+    if lost_run:
+        lineage["continues_run"] = lost_run
+    tracker.start(config, run_name=run_name, tags={**(tags or {}), **lineage})
+    if lost_run:
+        print(f"MLflow run {lost_run} (named by the checkpoint) is not in {tracker.uri}: this resume logs to "
+              f"a new run {tracker.run_id}, tagged continues_run={lost_run}", flush=True)

@@ -69,3 +69,176 @@ def test_relative_store_resolves_to_the_repository_also_in_a_dvc_queue_workspace
     assert store_uri("sqlite:///mlflow.db", cwd=repo) == f"sqlite:///{repo.resolve() / 'mlflow.db'}"
     assert store_uri("sqlite:////abs/m.db", cwd=workspace) == "sqlite:////abs/m.db"
     assert store_uri("http://127.0.0.1:5000", cwd=workspace) == "http://127.0.0.1:5000"
+
+
+# --- outside failures: wrong URIs, credentials, lost and orphaned runs, resumes ------------------------------
+
+SECRET = "s3cret-Pa55"
+
+
+def tracked_config(tmp_path, **tracking):
+    from fedmef_core.config import parse_config
+    from tests.conftest import tiny_raw
+
+    raw = tiny_raw(tmp_path)
+    raw["tracking"] = {"enabled": True, "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "t",
+                       **tracking}
+    return parse_config(raw)
+
+
+def runs_of(config):
+    client = MlflowClient(config.tracking.mlflow_uri)
+    exp = client.get_experiment_by_name(config.tracking.experiment)
+    return {r.info.run_id: r for r in client.search_runs([exp.experiment_id])} if exp else {}
+
+
+@pytest.mark.parametrize("uri", ["foo://bar", "mlflow.db", "/tmp/x", "file:///tmp/mlruns", "sqlite://m.db"])
+def test_a_uri_mlflow_cannot_use_is_refused_naming_it_and_the_accepted_forms(uri):
+    from fedmef_core.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"tracking": {"mlflow_uri": uri}})
+    msg = str(caught.value)
+    assert f"tracking.mlflow_uri: {uri!r} is not a tracking URI" in msg
+    assert "sqlite:///" in msg and "http(s)://host:port" in msg
+
+
+def test_a_bare_path_ends_the_cli_with_one_line_and_no_traceback(tmp_path, capsys):
+    import flows.cli
+    from tasks import preflight
+
+    (tmp_path / "params.yaml").write_text("tracking:\n  mlflow_uri: mlflow.db\n")
+    with pytest.raises(SystemExit) as ended:
+        flows.cli.main(lambda config: pytest.fail("the flow ran"), preflight.for_train,
+                       argv=["--params", str(tmp_path / "params.yaml")])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and "'mlflow.db' is not a tracking URI" in err and "Traceback" not in err
+
+
+@pytest.fixture
+def no_mlflow_credentials(monkeypatch):
+    """MLflow's credential variables unset during the test and restored after it."""
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+def test_credentials_leave_the_uri_for_mlflows_variables(no_mlflow_credentials, monkeypatch):
+    import os
+
+    cfg = TrackingConfig(mlflow_uri=f"http://ann:{SECRET}@127.0.0.1:5000/")
+    assert cfg.mlflow_uri == "http://127.0.0.1:5000/"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("ann", SECRET)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "mine")  # a user's own setting wins
+    assert TrackingConfig(mlflow_uri="https://bob:other@[::1]:443").mlflow_uri == "https://[::1]:443"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "mine"
+
+
+def test_the_health_probe_and_mlflow_send_the_credentials_and_no_message_shows_them(no_mlflow_credentials,
+                                                                                     monkeypatch):
+    """A tiny server that demands basic auth on every request (MLflow's own auth app is too heavy here)."""
+    import base64
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    expected = "Basic " + base64.b64encode(f"ann:{SECRET}".encode()).decode()
+    seen = []
+
+    class DemandsAuth(BaseHTTPRequestHandler):
+        def _answer(self):
+            seen.append((self.path.split("?")[0], self.headers.get("Authorization") == expected))
+            ok = self.headers.get("Authorization") == expected
+            body = (b"OK" if self.path == "/health" else json.dumps({"experiments": []}).encode()) if ok else b""
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), DemandsAuth)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        Tracker(TrackingConfig(mlflow_uri=f"http://ann:{SECRET}@127.0.0.1:{port}")).check_reachable()
+        assert [p for p, _ in seen] == ["/health", "/api/2.0/mlflow/experiments/search"]
+        assert all(authorized for _, authorized in seen)
+
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")  # set by the user: it wins, and is refused
+        with pytest.raises(TrackingUnavailable) as caught:
+            Tracker(TrackingConfig(mlflow_uri=f"http://ann:{SECRET}@127.0.0.1:{port}")).check_reachable()
+        assert f"http://127.0.0.1:{port}" in str(caught.value) and SECRET not in str(caught.value)
+    finally:
+        server.shutdown()
+
+
+def test_a_checkpoints_run_missing_from_the_store_continues_in_a_new_tagged_run(tmp_path, capsys):
+    from tasks.tracking import tracked_run
+
+    config = tracked_config(tmp_path)
+    lost = "0123456789abcdef0123456789abcdef"
+    with tracked_run(config, "r", run_id=lost) as tracker:
+        tracker.log_metrics({"train_loss": 1.0}, step=3)
+    assert tracker.run_id != lost
+    run = runs_of(config)[tracker.run_id]
+    assert run.data.tags["continues_run"] == lost and run.info.status == "FINISHED"
+    out = capsys.readouterr().out
+    assert f"MLflow run {lost}" in out and f"new run {tracker.run_id}" in out
+
+
+def test_a_termination_signal_ends_the_run_killed(tmp_path):
+    from prefect.exceptions import TerminationSignal
+
+    from tasks.tracking import tracked_run
+
+    config = tracked_config(tmp_path)
+    with pytest.raises(TerminationSignal), tracked_run(config, "r") as tracker:
+        raise TerminationSignal(signal=15)
+    assert runs_of(config)[tracker.run_id].info.status == "KILLED"
+
+
+def test_a_fresh_start_ends_the_run_a_dead_training_left_running(tmp_path, capsys):
+    from tasks.tracking import tracked_run
+
+    config = tracked_config(tmp_path)
+    other_folder = tracked_config(tmp_path / "other", mlflow_uri=config.tracking.mlflow_uri)  # same store
+    died = tracked_run(config, "r")
+    orphan = died.__enter__().run_id  # the process dies here: no exit, the run stays RUNNING
+    elsewhere = tracked_run(other_folder, "o")
+    alive = elsewhere.__enter__().run_id
+    with tracked_run(config, "r") as tracker:
+        pass
+    runs = runs_of(config)
+    assert runs[orphan].info.status == "KILLED"
+    assert runs[tracker.run_id].data.tags["restarts"] == orphan
+    assert runs[tracker.run_id].data.tags["run_dir"] == str(tmp_path.resolve())
+    assert runs[alive].info.status == "RUNNING"  # another folder's run is left alone
+    assert f"MLflow run {orphan} of {tmp_path.resolve()}" in capsys.readouterr().out
+    elsewhere.__exit__(None, None, None)
+    died.gen.close()  # what the garbage collector would do at exit
+
+
+def test_a_resume_does_not_log_the_re_run_rounds_again(tmp_path):
+    config = tracked_config(tmp_path)
+    first = Tracker(config.tracking)
+    run_id = first.start(config, run_name="r")
+    first.log_metrics({"setup/bn_loss": 2.0}, step=0)
+    for rnd in (1, 2, 3):  # checkpoint after round 2, then the process dies after logging round 3
+        first.log_metrics({"train_loss": 1.0 / rnd, "accuracy": 0.1 * rnd}, step=rnd)
+    resumed = Tracker(config.tracking, run_id=run_id)
+    resumed.reopen()
+    resumed.log_metrics({"setup/bn_loss": 2.0}, step=0)
+    for rnd in (3, 4):
+        resumed.log_metrics({"train_loss": 1.0 / rnd, "accuracy": 0.1 * rnd}, step=rnd)
+    resumed.log_metrics({"final_accuracy": 0.4}, step=3)  # not in the run yet: logged even at an old step
+    resumed.end()
+
+    client = MlflowClient(config.tracking.mlflow_uri)
+    steps = {key: [m.step for m in client.get_metric_history(run_id, key)]
+             for key in ("setup/bn_loss", "train_loss", "accuracy", "final_accuracy")}
+    assert steps == {"setup/bn_loss": [0], "train_loss": [1, 2, 3, 4], "accuracy": [1, 2, 3, 4],
+                     "final_accuracy": [3]}

@@ -1,0 +1,179 @@
+"""Outside failures around tracking, caused for real: a real `mlflow server` that dies mid-run, credentials in
+the tracking URI, output folders that cannot be written. Each ends with one clear message, nothing lost, and
+no MLflow run left RUNNING."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import flows.cli
+from flows.partition import partition_flow
+from flows.train import train_flow
+from tasks import preflight
+from tasks.outputs import RoundReporter
+from tests.conftest import prepare_run
+
+SECRET = "s3cret-Pa55"
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a sqlite store in `folder`; `kill()` ends it like a crash."""
+
+    def __init__(self, folder: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.folder = folder
+        self.start()
+
+    def start(self) -> None:
+        """Start (or restart, on the same store and port) and wait until it answers."""
+        mlflow = Path(sys.executable).parent / "mlflow"
+        self.proc = subprocess.Popen(
+            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+             "--artifacts-destination", str(self.folder / "server-artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 300  # a loaded machine: ~40-90 s
+        while True:
+            assert self.proc.poll() is None, "mlflow server exited"
+            assert time.monotonic() < deadline, "mlflow server did not start"
+            try:
+                urllib.request.urlopen(self.uri + "/health", timeout=2).close()
+                return
+            except OSError:
+                time.sleep(0.5)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its uvicorn worker
+            self.proc.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path)
+    yield server
+    server.kill()
+
+
+def train_cli(params: Path, *overrides: str):
+    argv = ["--params", str(params)] + [a for o in overrides for a in ("--set", o)]
+    return flows.cli.main(train_flow, preflight.for_train, argv=argv)
+
+
+def test_a_tracking_outage_mid_run_does_not_stop_training(prefect_harness, tmp_path, mlflow_server, monkeypatch,
+                                                          capfd, caplog):
+    params, config = prepare_run(tmp_path, rounds=4)
+    killed_at = []
+    report = RoundReporter.__call__
+
+    def report_then_kill_the_server_after_round_1(self, server, rnd, metrics):
+        report(self, server, rnd, metrics)
+        if rnd == 1:
+            mlflow_server.kill()
+            killed_at.append(time.perf_counter())
+
+    monkeypatch.setattr(RoundReporter, "__call__", report_then_kill_the_server_after_round_1)
+    summary = train_cli(params, f"tracking.mlflow_uri={mlflow_server.uri}")
+    seconds_after_the_outage = time.perf_counter() - killed_at[0]
+
+    assert summary["rounds"] == 4 and summary["mlflow_run_id"]
+    rows = (tmp_path / "metrics" / "rounds.csv").read_text().strip().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4]
+    assert (tmp_path / "metrics" / "train.json").exists() and (tmp_path / "checkpoints" / "final.pt").exists()
+    assert seconds_after_the_outage < 60  # MLflow's own retries: ~8 minutes, then a traceback
+    out, err = capfd.readouterr()  # what Prefect's console handler shows comes from the log records
+    printed = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING or "warning" in r.getMessage()]
+    assert len(printed) == 2, printed  # the outage, once (no line per retry); at the end, what was not logged
+    assert "failed (" in printed[0] and "training goes on" in printed[0]
+    assert "still unreachable" in printed[1] and "metrics of steps 2, 3, 4" in printed[1]
+    assert "its end (FINISHED: the store shows it RUNNING)" in printed[1]
+    assert "Traceback" not in out + err + caplog.text
+
+
+def test_what_an_outage_held_back_is_sent_once_the_server_is_back(tmp_path, mlflow_server, capsys):
+    from fedmef_core.config import ExperimentConfig, TrackingConfig
+    from tasks.tracking import Tracker
+
+    config = ExperimentConfig(tracking=TrackingConfig(mlflow_uri=mlflow_server.uri, experiment="t"))
+    tracker = Tracker(config.tracking)
+    run_id = tracker.start(config, run_name="r")
+    tracker.log_metrics({"train_loss": 1.0}, step=1)
+    mlflow_server.kill()
+    note = tmp_path / "note.txt"
+    note.write_text("hi")
+    tracker.log_metrics({"train_loss": 0.5}, step=2)
+    tracker.log_artifact(note, "notes")
+    assert tracker.offline and len(tracker.pending) == 2
+    mlflow_server.start()
+    tracker.log_metrics({"train_loss": 0.25}, step=3)
+    tracker.end()
+
+    client = MlflowClient(mlflow_server.uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train_loss")] == [
+        (1, 1.0), (2, 0.5), (3, 0.25)]
+    assert [f.path for f in client.list_artifacts(run_id, "notes")] == ["notes/note.txt"]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    out = capsys.readouterr().out
+    assert out.count("warning:") == 1 and f"{mlflow_server.uri} is back: run {run_id} caught up" in out
+
+
+def test_credentials_in_the_uri_reach_the_server_and_are_stored_nowhere(prefect_harness, tmp_path, mlflow_server,
+                                                                        monkeypatch, capfd):
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # unset now, restored after
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    params, config = prepare_run(tmp_path, rounds=2)
+    uri = mlflow_server.uri.replace("http://", f"http://ann:{SECRET}@")
+    summary = train_cli(params, f"tracking.mlflow_uri={uri}")
+
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["tracking.mlflow_uri"] == mlflow_server.uri
+    assert not [v for v in [*run.data.params.values(), *run.data.tags.values()] if SECRET in v]
+    config_yaml = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
+    assert mlflow_server.uri in config_yaml.read_text() and SECRET not in config_yaml.read_text()
+    checkpoints = sorted((tmp_path / "checkpoints").glob("*.pt"))
+    assert checkpoints
+    for path in checkpoints:
+        assert SECRET.encode() not in path.read_bytes()
+        assert SECRET not in repr(torch.load(path, map_location="cpu", weights_only=False)["config"])
+    out, err = capfd.readouterr()
+    assert SECRET not in out + err
+
+
+@pytest.mark.parametrize("setting", ["metrics_dir", "plots_dir", "checkpoints_dir", "exchange_dir", "run_dir"])
+def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, capsys, setting):
+    params, config = prepare_run(tmp_path, rounds=2)
+    with pytest.raises(SystemExit) as ended:
+        train_cli(params, f"runtime.{setting}=/proc/fedmef")
+    err = capsys.readouterr().err
+    assert ended.value.code == 2
+    assert err.startswith(f"error: runtime.{setting}: cannot write to /proc/fedmef") and "Traceback" not in err
+    assert not (tmp_path / "mlflow.db").exists() or not MlflowClient(config.tracking.mlflow_uri).search_runs(
+        [e.experiment_id for e in MlflowClient(config.tracking.mlflow_uri).search_experiments()])
+
+
+def test_an_unwritable_partitions_folder_is_refused_before_any_work(tmp_path, capsys):
+    params, _ = prepare_run(tmp_path)
+    with pytest.raises(SystemExit) as ended:
+        flows.cli.main(partition_flow, preflight.for_partition,
+                       argv=["--params", str(params), "--set", "runtime.partitions_dir=/proc/fedmef"])
+    assert ended.value.code == 2
+    assert capsys.readouterr().err.startswith("error: runtime.partitions_dir: cannot write to /proc/fedmef")
