@@ -365,21 +365,16 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _describe(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    loc = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
         return f"- {loc}: unknown key (check the spelling; allowed keys are listed in params.yaml's defaults)"
-    got = err.get("input")
-    allowed = ""
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "value_error" or not loc:  # our own checks name their keys and values (credentials left out)
+        return f"- {loc}: {msg}" if loc else f"- {msg}"
     ctx = err.get("ctx") or {}
-    if "expected" in ctx:
-        allowed = f"; allowed: {ctx['expected']}"
-    msg = err["msg"]
-    if kind == "value_error":
-        msg = msg.removeprefix("Value error, ")
-    if not err["loc"]:  # a check across sections names its keys itself; the input is the whole config
-        return f"- {msg}"
-    return f"- {loc}: {msg} (got {got!r}){allowed}"
+    allowed = f"; allowed: {ctx['expected']}" if "expected" in ctx else ""
+    return f"- {loc}: {msg} (got {err.get('input')!r}){allowed}"
 
 
 def _sections(raw: Any, source: str) -> dict[str, Any]:

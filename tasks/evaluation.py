@@ -40,4 +40,5 @@ def evaluate_model(config: ExperimentConfig) -> dict:
     tracker.log_metrics(metrics, step=int(ckpt["round"]))
     tracker.log_artifact(metrics_path, "eval")
     tracker.log_artifact(plot_path, "plots")
+    tracker.end()  # the training's finished run, ended again: flushes (or reports) what a store outage held back
     return {"accuracy": result.accuracy, "loss": result.loss, "mlflow_run_id": run_id}
