@@ -35,7 +35,6 @@ from fedmef_core.evaluation import EvalResult, evaluate
 from fedmef_core.models import build_model
 
 
-
 class RoundResults:
     """A round's client results, handed over one at a time in client-id order.
 

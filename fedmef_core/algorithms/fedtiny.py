@@ -110,7 +110,8 @@ class FedTiny(MaskedAlgorithm):
     def fold_adjust(self, sums: dict[str, Any], result: ClientResult) -> None:
         share = result.num_samples / sums["total"]
         for name, scores in sums["scores"].items():
-            scores.index_add_(0, result.upload["grad_idx"][name].long(), result.upload["grad_val"][name].double() * share)
+            idx, val = result.upload["grad_idx"][name], result.upload["grad_val"][name]
+            scores.index_add_(0, idx.long(), val.double() * share)
 
     def adjust_from_sums(self, rnd: int, model: nn.Module, sums: dict[str, Any],
                          state: dict[str, Any]) -> dict[str, float]:
