@@ -4,6 +4,12 @@
 updates (in-process here; Prefect tasks or Ray workers in the pipeline), aggregate, evaluate,
 checkpoint. Methods vary it only through the hooks of `FederatedAlgorithm`.
 
+Aggregation streams: an executor may return :class:`RoundResults`, which names the clients that
+answered (and their sample counts) up front and hands over their results one at a time, in client-id
+order; the method's :class:`~fedmef_core.algorithms.base.Aggregator` folds each into running sums and
+drops it, so the server never holds more than one client's update (the in-process executor of
+`run_rounds` trains each client only when its result is read).
+
 On adjustment rounds of methods that prune the averaged model on the server (FedTiny, FedMef, PruneFL)
 the engine also tests the averaged model right before the prune-and-grow and reports
 ``prune_drop`` = its test accuracy minus the accuracy right after (one extra evaluation; none on
@@ -13,7 +19,7 @@ other rounds or methods).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,46 @@ from fedmef_core.data import ImageData
 from fedmef_core.evaluation import EvalResult, evaluate
 from fedmef_core.models import GLOBAL_RNG, build_model
 
-ClientExecutor = Callable[[Broadcast, list[int]], list[ClientResult]]
+
+class RoundResults:
+    """A round's client results, handed over one at a time in client-id order.
+
+    `samples` maps every client that answered to its sample count, known before any result is read
+    (so aggregation weights are fixed up front); ``fetch(client_id)`` returns that client's whole
+    result (reads it from disk, or trains it), once. ``fetch_seconds`` adds up the time spent fetching.
+    """
+
+    def __init__(self, samples: Mapping[int, int], fetch: Callable[[int], ClientResult]):
+        self.samples = dict(sorted(samples.items()))
+        self._fetch = fetch
+        self.fetch_seconds = 0.0
+
+    @classmethod
+    def of(cls, results: Iterable[ClientResult]) -> RoundResults:
+        """Results already in memory."""
+        by_id = {r.client_id: r for r in results}
+        return cls({c: r.num_samples for c, r in by_id.items()}, by_id.__getitem__)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def total_samples(self) -> int:
+        return sum(self.samples.values())
+
+    def __iter__(self) -> Iterator[ClientResult]:
+        for client_id in self.samples:
+            yield self._timed_fetch(client_id)  # no reference kept here: one result alive at a time
+
+    def _timed_fetch(self, client_id: int) -> ClientResult:
+        start = time.perf_counter()
+        try:
+            return self._fetch(client_id)
+        finally:
+            self.fetch_seconds += time.perf_counter() - start
+
+
+ClientExecutor = Callable[[Broadcast, list[int]], "RoundResults | list[ClientResult]"]
 RoundCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -85,19 +130,29 @@ class Server:
     def _weights_copy(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
-    def finish_round(self, rnd: int, results: list[ClientResult], seconds: float) -> dict[str, float]:
-        results = sorted(results, key=lambda r: r.client_id)  # aggregation order never depends on timing
+    def finish_round(self, rnd: int, results: RoundResults | Sequence[ClientResult],
+                     seconds: float) -> dict[str, float]:
+        """Aggregate the round's results (streamed in client-id order: the order never depends on timing),
+        evaluate where scheduled and return the round's metrics. `seconds`: how long the clients took
+        before this call (time spent fetching streamed results is added)."""
+        if not isinstance(results, RoundResults):
+            results = RoundResults.of(results)
+        aggregator = self.algorithm.aggregator(rnd, self.model, self.state, results.total_samples)
+        losses = []
+        for r in results:
+            aggregator.add(r)
+            losses.append(r.train_loss * r.num_samples)
+            del r  # released before the next one is fetched
         before: list[EvalResult] = []  # the averaged model's test result, where the method prunes it after
-        method_metrics = self.algorithm.aggregate(rnd, self.model, results, self.state,
-                                                  before_adjust=lambda: before.append(self._evaluate()))
+        method_metrics = aggregator.finish(self.model, self.state,
+                                           before_adjust=lambda: before.append(self._evaluate()))
         self.algorithm.bind_state(self.model, self.state)
-        n = sum(r.num_samples for r in results)
         metrics: dict[str, float] = {
             "round": rnd,
             "lr": self.lr_for_round(rnd),
-            "train_loss": sum(r.train_loss * r.num_samples for r in results) / n,
+            "train_loss": sum(losses) / results.total_samples,
             "clients": len(results),
-            "round_seconds": seconds,
+            "round_seconds": seconds + results.fetch_seconds,
             **method_metrics,
         }
         run = self.config.runtime
@@ -150,16 +205,23 @@ class Server:
         self.algorithm.bind_state(self.model, self.state)
 
 
-def local_executor(server: Server) -> ClientExecutor:
-    """Run the round's clients one after another in this process."""
+def streaming_executor(server: Server) -> ClientExecutor:
+    """Run the round's clients in this process, each when the aggregation reads its result (so only one
+    client update is alive at a time)."""
 
-    def execute(broadcast: Broadcast, clients: list[int]) -> list[ClientResult]:
-        return [
-            run_client(server.config, broadcast, c, server.train, server.parts[c], server.device)
-            for c in clients
-        ]
+    def execute(broadcast: Broadcast, clients: list[int]) -> RoundResults:
+        def train(c: int) -> ClientResult:
+            return run_client(server.config, broadcast, c, server.train, server.parts[c], server.device)
+
+        return RoundResults({c: len(server.parts[c]) for c in clients}, train)
 
     return execute
+
+
+def local_executor(server: Server) -> ClientExecutor:
+    """Run the round's clients one after another in this process and return all their results (a list)."""
+    stream = streaming_executor(server)
+    return lambda broadcast, clients: list(stream(broadcast, clients))
 
 
 def run_rounds(
@@ -175,7 +237,7 @@ def run_rounds(
     Before round 1, the method's setup exchange (if any) runs through the same executor and its
     metrics go to ``on_round`` as round 0.
     """
-    executor = executor or local_executor(server)
+    executor = executor or streaming_executor(server)
     cfg = server.config
     extra = checkpoint_extra or dict
     setup_metrics = server.setup(executor)

@@ -1,7 +1,9 @@
-"""Client updates as Prefect tasks: one task per client, retried, then dropped; only paths cross the boundary.
+"""Client updates as Prefect tasks: one task per wave of clients, each client retried, then dropped; only
+paths cross the boundary.
 
 `client_updates(config)` opens the round's exchange folder and the task runner (local or Ray) and yields
-an executor, ``updates(broadcast, clients) -> [ClientResult]``, that the train flow calls once a round.
+an executor, ``updates(broadcast, clients) -> RoundResults``, that the train flow calls once a round; the
+server's aggregation then reads the updates from disk one at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fedmef_core.client import Broadcast, NonFiniteLossError, run_client
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import load_dataset, load_partition
 from fedmef_core.device import resolve_device
+from fedmef_core.engine import RoundResults
 from fedmef_core.errors import UserError
 from fedmef_core.runs import RunPaths
 from tasks.runners import Submit, task_runner
@@ -38,76 +41,114 @@ def cached_partition(directory: str):
     return _partition(directory, path.stat().st_mtime_ns if path.exists() else 0)
 
 
-@task(name="client-update", cache_policy=NO_CACHE, task_run_name="round-{rnd}-client-{client_id}")
-def client_update(config: ExperimentConfig, broadcast_path: str, rnd: int, client_id: int, out_dir: str) -> str:
-    """Train one client from the broadcast file; write its update and return the file's path.
+def update_path(out_dir: str | Path, rnd: int, client_id: int) -> Path:
+    return Path(out_dir) / f"update_r{rnd:04d}_c{client_id:04d}.pt"
+
+
+def client_update(config: ExperimentConfig, broadcast: Broadcast, client_id: int, out_dir: str) -> dict:
+    """Train one client from the broadcast; write its update and return ``{"path", "num_samples"}``.
 
     Workers load their own shard from the partition files: only paths cross the task boundary.
     """
     train, _ = load_dataset(config.data)
     indices = cached_partition(config.runtime.partitions_dir)[client_id]
-    broadcast = Broadcast.from_dict(load_checkpoint(broadcast_path))
     result = run_client(config, broadcast, client_id, train, indices, resolve_device(config.runtime.device))
-    path = Path(out_dir) / f"update_r{rnd:04d}_c{client_id:04d}.pt"
-    save_checkpoint(path, result.to_dict())
-    return str(path)
+    path = save_checkpoint(update_path(out_dir, broadcast.round, client_id), result.to_dict())
+    print(f"round {broadcast.round}: client {client_id} trained on {result.num_samples} samples, "
+          f"loss {result.train_loss:.4f}", flush=True)
+    return {"path": str(path), "num_samples": result.num_samples}
+
+
+@task(name="client-wave", cache_policy=NO_CACHE, task_run_name="round-{rnd}-clients-{first}-{last}")
+def client_wave(config: ExperimentConfig, broadcast_path: str, rnd: int, first: int, last: int,
+                clients: list[int], out_dir: str) -> dict:
+    """Train a wave of clients in turn (one task, one broadcast read); a failing client is retried
+    `runtime.client_retries` times, then dropped, while the others go on. A NaN/inf loss is not retried:
+    it stops the run.
+
+    Returns ``{"updates": {client: {"path", "num_samples"}}, "failures": {client: "Error: message"}}``.
+    """
+    broadcast = Broadcast.from_dict(load_checkpoint(broadcast_path))
+    updates, failures = {}, {}
+    for c in clients:
+        try:
+            updates[c] = _retried(config, broadcast, c, out_dir)
+        except NonFiniteLossError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any client fault (CUDA OOM included) drops the client
+            failures[c] = f"{type(exc).__name__}: {exc}"
+    return {"updates": updates, "failures": failures}
+
+
+def _retried(config: ExperimentConfig, broadcast: Broadcast, client_id: int, out_dir: str) -> dict:
+    """:func:`client_update`, retried `runtime.client_retries` times on any fault but a NaN/inf loss (a retry
+    would fail the same way)."""
+    retries = config.runtime.client_retries
+    for attempt in range(retries + 1):
+        try:
+            return client_update(config, broadcast, client_id, out_dir)
+        except NonFiniteLossError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last attempt's fault drops the client
+            if attempt == retries:
+                raise
+            print(f"round {broadcast.round}: client {client_id} failed ({type(exc).__name__}: {exc}); "
+                  f"retry {attempt + 1} of {retries}", flush=True)
+    raise AssertionError("unreachable")
 
 
 class RoundFailedError(UserError):
     """Too few client updates of a round succeeded; the last good checkpoint is kept."""
 
 
-def _retry_unless_nonfinite(task, task_run, state) -> bool:
-    """A NaN/inf loss is deterministic: retrying it would fail the same way."""
-    try:
-        exc = state.result(raise_on_failure=False)
-    except Exception:  # noqa: BLE001 - when in doubt, retry
-        return True
-    return not isinstance(exc, NonFiniteLossError)
+def waves(clients: list[int], count: int) -> list[list[int]]:
+    """`clients` (sorted) cut into at most `count` contiguous waves of near-equal size."""
+    size = -(-len(clients) // max(count, 1))
+    return [clients[i : i + size] for i in range(0, len(clients), size)]
 
 
 class ClientUpdates:
-    """``updates(broadcast, clients)``: the round's client updates as tasks, `runtime.workers` at a time.
+    """``updates(broadcast, clients)``: the round's client updates, as `runtime.workers` Prefect tasks
+    (waves of clients), so the orchestration cost per round does not grow with the clients per round.
 
-    A failing update is retried `runtime.client_retries` times, then dropped (``dropped[round]`` counts
-    them); the round goes on with the clients that succeeded unless fewer than `federation.min_clients` did.
+    A failing client is retried `runtime.client_retries` times inside its wave, then dropped
+    (``dropped[round]`` counts them); a wave that fails as a whole drops its clients. The round goes on with
+    the clients that succeeded unless fewer than `federation.min_clients` did. The updates stay on disk
+    until the aggregation reads them, one at a time (a :class:`RoundResults`); each file is deleted once read.
     """
 
     def __init__(self, config: ExperimentConfig, exchange_dir: Path, submit: Submit):
         self.config, self.exchange_dir, self.submit = config, exchange_dir, submit
         self.dropped: dict[int, int] = {}
-        self.task = client_update.with_options(
-            retries=config.runtime.client_retries, retry_condition_fn=_retry_unless_nonfinite
-        )
 
-    def __call__(self, broadcast: Broadcast, clients: list[int]) -> list[ClientResult]:
+    def __call__(self, broadcast: Broadcast, clients: list[int]) -> RoundResults:
         rnd = broadcast.round
         bpath = save_checkpoint(self.exchange_dir / f"broadcast_r{rnd:04d}.pt", broadcast.to_dict())
-        paths, failures = [], []
-        wave = self.config.runtime.workers
-        for i in range(0, len(clients), wave):
-            batch = clients[i : i + wave]
-            futures = [self.submit(self.task, self._parameters(bpath, rnd, c)) for c in batch]
-            for c, future in zip(batch, futures):
+        batches = waves(sorted(clients), self.config.runtime.workers)
+        futures = [self.submit(client_wave, self._parameters(bpath, rnd, wave)) for wave in batches]
+        updates, failures = {}, []
+        try:
+            for wave, future in zip(batches, futures):
                 try:
-                    paths.append(future.result())
+                    answer = future.result()
                 except NonFiniteLossError:
                     raise
-                except Exception as exc:  # noqa: BLE001 - any client fault (CUDA OOM included) drops the client
-                    failures.append(f"client {c}: {type(exc).__name__}: {exc}")
+                except Exception as exc:  # noqa: BLE001 - a wave lost as a whole (e.g. its worker died)
+                    answer = {"updates": {}, "failures": {c: f"{type(exc).__name__}: {exc}" for c in wave}}
+                updates.update(answer["updates"])
+                failures += [f"client {c}: {why}" for c, why in answer["failures"].items()]
+        finally:
+            _remove(bpath)
         self.dropped[rnd] = len(failures)
         for line in failures:
             print(f"round {rnd}: dropped {line}", flush=True)
-        self._require_enough(rnd, len(paths), len(clients), failures)
-        results = [ClientResult.from_dict(load_checkpoint(p)) for p in paths]
-        for p in [bpath, *map(Path, paths)]:
-            p.unlink(missing_ok=True)
-            p.with_name(p.name + ".sha256").unlink(missing_ok=True)
-        return results
+        self._require_enough(rnd, len(updates), len(clients), failures)
+        return RoundResults({c: u["num_samples"] for c, u in updates.items()},
+                            lambda c: _read_once(Path(updates[c]["path"])))
 
-    def _parameters(self, broadcast_path: Path, rnd: int, client_id: int) -> dict:
-        return {"config": self.config, "broadcast_path": str(broadcast_path), "rnd": rnd, "client_id": client_id,
-                "out_dir": str(self.exchange_dir)}
+    def _parameters(self, broadcast_path: Path, rnd: int, wave: list[int]) -> dict:
+        return {"config": self.config, "broadcast_path": str(broadcast_path), "rnd": rnd, "first": wave[0],
+                "last": wave[-1], "clients": wave, "out_dir": str(self.exchange_dir)}
 
     def _require_enough(self, rnd: int, succeeded: int, asked: int, failures: list[str]) -> None:
         need = self.config.federation.min_clients
@@ -116,6 +157,18 @@ class ClientUpdates:
                 f"round {rnd}: only {succeeded} of {asked} client updates succeeded (federation.min_clients is "
                 f"{need}); the last good checkpoint is kept. Failures: " + "; ".join(failures)
             )
+
+
+def _read_once(path: Path) -> ClientResult:
+    """A client update from the exchange folder, which is then deleted."""
+    result = ClientResult.from_dict(load_checkpoint(path))
+    _remove(path)
+    return result
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".sha256").unlink(missing_ok=True)
 
 
 EXCHANGE_NAME = ".exchange"

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedmef_core.aggregation import weighted_average
+from fedmef_core.aggregation import WeightedSum
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.sparse.comm import state_bytes
 
@@ -58,6 +58,38 @@ class ClientResult:
         return cls(**d)
 
 
+class Aggregator:
+    """One round's aggregation, fed one client result at a time (the engine feeds them in client-id order).
+
+    The loop is shared; methods vary it through three hooks of their algorithm: ``round_sums`` (the running
+    sums a round needs beyond the weighted average, e.g. summed gradient scores), ``fold`` (add one
+    client's result to them) and ``finish_aggregate`` (turn the averaged state and the sums into the new
+    global model and server state). `total` is the sum of the sample counts of all the results to come.
+    """
+
+    def __init__(self, algorithm: FederatedAlgorithm, rnd: int, model: nn.Module, state: dict[str, Any],
+                 total: float):
+        self.algorithm, self.rnd = algorithm, rnd
+        self.average = WeightedSum(total)
+        self.sums = algorithm.round_sums(rnd, model, state, float(total))
+        self.clients = 0
+
+    def add(self, result: ClientResult) -> None:
+        self.average.add(result.state, result.num_samples)
+        self.algorithm.fold(self.sums, result)
+        self.clients += 1
+
+    def finish(self, model: nn.Module, state: dict[str, Any],
+               before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
+        """Fold the sums into the global `model` and `state` (in place); return metrics to log.
+
+        A method that prunes the averaged model on the server calls ``before_adjust()`` between the
+        averaging and its prune-and-grow (the engine measures the prune drop there); others never do.
+        """
+        return self.algorithm.finish_aggregate(self.rnd, model, self.average.result(), self.clients, self.sums,
+                                               state, before_adjust)
+
+
 class FederatedAlgorithm:
     """Dense FedAvg, and the hook points that pruning methods override."""
 
@@ -80,18 +112,36 @@ class FederatedAlgorithm:
         """Extra data broadcast to the round's clients with the global weights."""
         return {}
 
+    def aggregator(self, rnd: int, model: nn.Module, state: dict[str, Any], total: float) -> Aggregator:
+        """A fresh :class:`Aggregator` for round `rnd`; `total`: the sample count of all its results."""
+        return Aggregator(self, rnd, model, state, total)
+
     def aggregate(
         self, rnd: int, model: nn.Module, results: list[ClientResult], state: dict[str, Any],
         before_adjust: Callable[[], None] | None = None,
     ) -> dict[str, float]:
-        """Fold the client results into the global `model` (in place); return metrics to log.
+        """Fold a list of client results into the global `model` (in place), in client-id order; return
+        metrics to log. The engine streams them through :meth:`aggregator` instead."""
+        results = sorted(results, key=lambda r: r.client_id)
+        aggregator = self.aggregator(rnd, model, state, sum(r.num_samples for r in results))
+        for r in results:
+            aggregator.add(r)
+        return aggregator.finish(model, state, before_adjust)
 
-        A method that prunes the averaged model on the server calls ``before_adjust()`` between the
-        averaging and its prune-and-grow (the engine measures the prune drop there); others never do.
-        """
-        averaged = weighted_average([r.state for r in results], [r.num_samples for r in results])
+    def round_sums(self, rnd: int, model: nn.Module, state: dict[str, Any], total: float) -> dict[str, Any]:
+        """The running sums round `rnd` folds every client result into, besides the weighted average."""
+        return {}
+
+    def fold(self, sums: dict[str, Any], result: ClientResult) -> None:
+        """Add one client's result to the round's `sums` (see :meth:`round_sums`)."""
+
+    def finish_aggregate(self, rnd: int, model: nn.Module, averaged: dict[str, torch.Tensor], clients: int,
+                         sums: dict[str, Any], state: dict[str, Any],
+                         before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
+        """Make the sample-weighted average of the `clients` states (`averaged`) and the round's `sums` the
+        new global `model` and `state`; return metrics to log (see :meth:`Aggregator.finish`)."""
         model.load_state_dict(averaged)
-        dense = float(len(results) * state_bytes(averaged))  # every client sends and receives the dense model
+        dense = float(clients * state_bytes(averaged))  # every client sends and receives the dense model
         return {"comm/upload_bytes": dense, "comm/download_bytes": dense}
 
     def setup_payload(self, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedmef_core.aggregation import weighted_average
 from fedmef_core.algorithms.base import Batches, BatchSource, ClientResult
 from fedmef_core.algorithms.static import MaskedAlgorithm, batch_gradients
 from fedmef_core.models import prunable_weights
@@ -61,21 +60,27 @@ class FedDST(MaskedAlgorithm):
             return {}
         return {"mask": {k: m.cpu() for k, m in self._masks.items()}}
 
-    def adjust_aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult], state: dict[str, Any],
-                         before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
+    def adjust_sums(self, rnd: int, state: dict[str, Any], total: float) -> dict[str, Any]:
+        """Per coordinate: the sample-weighted sum of the clients' weights where their mask holds it (`num`),
+        and the share of the samples whose mask holds it (`votes`)."""
+        zeros = {k: torch.zeros(m.shape, dtype=torch.float64) for k, m in state["masks"].items()}
+        return {"num": zeros, "votes": {k: z.clone() for k, z in zeros.items()}}
+
+    def fold_adjust(self, sums: dict[str, Any], result: ClientResult) -> None:
+        share = result.num_samples / sums["total"]
+        for name, num in sums["num"].items():
+            m = result.upload["mask"][name]
+            num += result.state[name].double() * m * result.num_samples
+            sums["votes"][name] += m.double() * share
+
+    def adjust_aggregate(self, rnd: int, model: nn.Module, averaged: dict[str, torch.Tensor], sums: dict[str, Any],
+                         state: dict[str, Any], before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
         """Union, coordinate-wise average and prune-back in one pass (no separate averaged model, so
         ``before_adjust`` is not called)."""
-        old = state["masks"]
-        total = float(sum(r.num_samples for r in results))
-        averaged = weighted_average([r.state for r in results], [r.num_samples for r in results])
+        old, total = state["masks"], sums["total"]
         new_masks, pruned, grown = {}, 0, 0
         for name, mask in old.items():
-            num = torch.zeros(mask.shape, dtype=torch.float64)
-            votes = torch.zeros(mask.shape, dtype=torch.float64)
-            for r in results:
-                m = r.upload["mask"][name]
-                num += r.state[name].double() * m * r.num_samples
-                votes += m.double() * (r.num_samples / total)
+            num, votes = sums["num"][name], sums["votes"][name]
             value = torch.where(votes > 0, num / (votes * total).clamp_min(1e-300), torch.zeros_like(num))
             union = (votes > 0).flatten()
             cand = union.nonzero().flatten()

@@ -48,15 +48,21 @@ class FedMef(FedTiny):
         state["marked"] = low  # for bae/low_norm_global; taken out again by adjust
         return {"low": low}
 
-    def adjust(self, rnd: int, model: nn.Module, results: list[ClientResult],
-               state: dict[str, Any]) -> dict[str, float]:
+    def adjust_sums(self, rnd: int, state: dict[str, Any], total: float) -> dict[str, Any]:
+        return {**super().adjust_sums(rnd, state, total), "low_norm_start": [], "low_norm_end": []}
+
+    def fold_adjust(self, sums: dict[str, Any], result: ClientResult) -> None:
+        super().fold_adjust(sums, result)
+        for key in ("low_norm_start", "low_norm_end"):
+            sums[key].append(result.upload[key] * result.num_samples)
+
+    def adjust_from_sums(self, rnd: int, model: nn.Module, sums: dict[str, Any],
+                         state: dict[str, Any]) -> dict[str, float]:
         weights = prunable_weights(model)
         marked = state.pop("marked")
-        total = float(sum(r.num_samples for r in results))
-        metrics = {f"bae/{key}": sum(r.upload[key] * r.num_samples for r in results) / total
-                   for key in ("low_norm_start", "low_norm_end")}
+        metrics = {f"bae/{key}": sum(sums[key]) / sums["total"] for key in ("low_norm_start", "low_norm_end")}
         metrics["bae/low_norm_global"] = float(sum(weights[k].detach().flatten()[i].norm() for k, i in marked.items()))
-        return {**metrics, **super().adjust(rnd, model, results, state)}
+        return {**metrics, **super().adjust_from_sums(rnd, model, sums, state)}
 
     def adjust_download_bytes(self, counts: dict[str, int]) -> int:
         return INDEX_BYTES * sum(counts.values())

@@ -104,18 +104,23 @@ class FedTiny(MaskedAlgorithm):
             val_out[name] = vals[top].to(torch.float32)
         return {"grad_idx": idx_out, "grad_val": val_out}
 
-    def adjust(self, rnd: int, model: nn.Module, results: list[ClientResult],
-               state: dict[str, Any]) -> dict[str, float]:
+    def adjust_sums(self, rnd: int, state: dict[str, Any], total: float) -> dict[str, Any]:
+        return {"scores": {k: torch.zeros(m.numel(), dtype=torch.float64) for k, m in state["masks"].items()}}
+
+    def fold_adjust(self, sums: dict[str, Any], result: ClientResult) -> None:
+        share = result.num_samples / sums["total"]
+        for name, scores in sums["scores"].items():
+            idx, val = result.upload["grad_idx"][name], result.upload["grad_val"][name]
+            scores.index_add_(0, idx.long(), val.double() * share)
+
+    def adjust_from_sums(self, rnd: int, model: nn.Module, sums: dict[str, Any],
+                         state: dict[str, Any]) -> dict[str, float]:
         masks = state["masks"]
         counts = self.move_counts(rnd, masks)
         weights = prunable_weights(model)
-        total = float(sum(r.num_samples for r in results))
         new_masks, pruned, grown = {}, 0, 0
         for name, mask in masks.items():
-            scores = torch.zeros(mask.numel(), dtype=torch.float64)
-            for r in results:
-                scores.index_add_(0, r.upload["grad_idx"][name].long(),
-                                  r.upload["grad_val"][name].double() * (r.num_samples / total))
+            scores = sums["scores"][name]
             new, p, g = prune_and_grow(weights[name], mask, scores.abs().view(mask.shape), counts[name])
             new_masks[name], pruned, grown = new, pruned + p, grown + g
         state["masks"] = new_masks

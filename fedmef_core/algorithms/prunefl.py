@@ -52,14 +52,19 @@ class PruneFL(MaskedAlgorithm):
         record_effective_grads(model, False)
         return {"grad2": {k: v.detach().cpu().float() for k, v in self._grad2.items()}}
 
-    def adjust(self, rnd: int, model: nn.Module, results: list[ClientResult],
-               state: dict[str, Any]) -> dict[str, float]:
+    def adjust_sums(self, rnd: int, state: dict[str, Any], total: float) -> dict[str, Any]:
+        return {"importance": {k: torch.zeros(m.shape, dtype=torch.float64) for k, m in state["masks"].items()}}
+
+    def fold_adjust(self, sums: dict[str, Any], result: ClientResult) -> None:
+        share = result.num_samples / sums["total"]
+        for k, imp in sums["importance"].items():
+            imp += result.upload["grad2"][k].double() * share
+
+    def adjust_from_sums(self, rnd: int, model: nn.Module, sums: dict[str, Any],
+                         state: dict[str, Any]) -> dict[str, float]:
         masks = state["masks"]
         counts = self.move_counts(rnd, masks)
-        total = float(sum(r.num_samples for r in results))
-        imp = {
-            k: sum(r.upload["grad2"][k].double() * (r.num_samples / total) for r in results) for k in masks
-        }
+        imp = sums["importance"]
         if self.config.pruning.prunefl_reallocate:
             new_masks = self._global_swap(masks, imp, sum(counts.values()))
         else:

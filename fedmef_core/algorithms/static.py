@@ -3,7 +3,9 @@
 The server keeps ``state["masks"]`` (bool per prunable weight) and broadcasts it each round; clients
 zero masked weights on start, mask gradients before and re-zero weights after every optimizer step;
 aggregation re-applies the mask. Subclasses set ``adjusts = True`` and implement :meth:`adjust`
-(and, where they need it, the client hooks) to change the mask on adjustment rounds.
+(and, where they need it, the client hooks) to change the mask on adjustment rounds; what the server
+needs from the clients for that is folded into running sums as each result arrives
+(:meth:`adjust_sums`, :meth:`fold_adjust`), so no round holds all the client results at once.
 """
 
 from __future__ import annotations
@@ -126,41 +128,75 @@ class MaskedAlgorithm(FederatedAlgorithm):
         """Bytes of :meth:`adjust_payload` per client (the mask itself travels as the sparse weights' index)."""
         return 0
 
-    def aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult], state: dict[str, Any],
-                  before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
+    def round_sums(self, rnd: int, model: nn.Module, state: dict[str, Any], total: float) -> dict[str, Any]:
         masks = state["masks"]
         adjust = self.adjusting(rnd)
         extra = self.adjust_download_bytes(self.move_counts(rnd, masks)) if adjust else 0
-        download = len(results) * (state_bytes(model.state_dict(), masks) + extra)
-        upload = sum(state_bytes(r.state, masks) + tensor_bytes(r.upload) for r in results)
-        metrics: dict[str, float] = {}
+        sums: dict[str, Any] = {"total": total, "adjust": adjust, "upload_bytes": 0, "masks": masks,
+                                "download_each": state_bytes(model.state_dict(), masks) + extra}
         if adjust:
-            metrics.update(self.adjust_aggregate(rnd, model, results, state, before_adjust))
+            sums.update(self.adjust_sums(rnd, state, total))
+        return sums
+
+    def fold(self, sums: dict[str, Any], result: ClientResult) -> None:
+        sums["upload_bytes"] += state_bytes(result.state, sums["masks"]) + tensor_bytes(result.upload)
+        if sums["adjust"]:
+            self.fold_adjust(sums, result)
+
+    def finish_aggregate(self, rnd: int, model: nn.Module, averaged: dict[str, torch.Tensor], clients: int,
+                         sums: dict[str, Any], state: dict[str, Any],
+                         before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if sums["adjust"]:
+            metrics.update(self.adjust_aggregate(rnd, model, averaged, sums, state, before_adjust))
             metrics.update(adjusted=1.0, alpha=self.alpha(rnd))
         else:
-            self.average(model, results, masks)
+            self.load_average(model, averaged, state["masks"])
         metrics.update(density_metrics(state["masks"]))
-        metrics["comm/upload_bytes"] = float(upload)
-        metrics["comm/download_bytes"] = float(download)
+        metrics["comm/upload_bytes"] = float(sums["upload_bytes"])
+        metrics["comm/download_bytes"] = float(clients * sums["download_each"])
         return metrics
 
     def average(self, model: nn.Module, results: list[ClientResult], masks: Masks) -> None:
-        """FedAvg, then re-apply the mask."""
-        model.load_state_dict(weighted_average([r.state for r in results], [r.num_samples for r in results]))
+        """FedAvg of a list of results, then re-apply the mask."""
+        self.load_average(model, weighted_average([r.state for r in results], [r.num_samples for r in results]),
+                          masks)
+
+    def load_average(self, model: nn.Module, averaged: dict[str, torch.Tensor], masks: Masks) -> None:
+        """Make the averaged state the global model, then re-apply the mask."""
+        model.load_state_dict(averaged)
         apply_masks(prunable_weights(model), masks)
 
-    def adjust_aggregate(self, rnd: int, model: nn.Module, results: list[ClientResult], state: dict[str, Any],
-                         before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
+    # ---- adjustment rounds: what a method sums over the clients, and what it does with the sums ----
+    def adjust_sums(self, rnd: int, state: dict[str, Any], total: float) -> dict[str, Any]:
+        """Running sums an adjustment round adds to :meth:`round_sums` (e.g. summed gradient scores)."""
+        return {}
+
+    def fold_adjust(self, sums: dict[str, Any], result: ClientResult) -> None:
+        """Add one client's adjustment-round upload to `sums` (weights: ``result.num_samples / sums["total"]``)."""
+
+    def adjust_aggregate(self, rnd: int, model: nn.Module, averaged: dict[str, torch.Tensor], sums: dict[str, Any],
+                         state: dict[str, Any], before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
         """Aggregate an adjustment round and replace ``state["masks"]``; return pruned/grown counts.
-        The default averages, calls ``before_adjust()`` and then :meth:`adjust`."""
-        self.average(model, results, state["masks"])
+        The default loads the average, calls ``before_adjust()`` and then :meth:`adjust_from_sums`."""
+        self.load_average(model, averaged, state["masks"])
         if before_adjust is not None:
             before_adjust()
-        return self.adjust(rnd, model, results, state)
+        return self.adjust_from_sums(rnd, model, sums, state)
+
+    def adjust_from_sums(self, rnd: int, model: nn.Module, sums: dict[str, Any],
+                         state: dict[str, Any]) -> dict[str, float]:
+        """Prune and grow the averaged `model`'s mask from the round's `sums`."""
+        return {"pruned": 0.0, "grown": 0.0}
 
     def adjust(self, rnd: int, model: nn.Module, results: list[ClientResult],
                state: dict[str, Any]) -> dict[str, float]:
-        return {"pruned": 0.0, "grown": 0.0}
+        """:meth:`adjust_from_sums` for a list of results (folded in client-id order)."""
+        total = float(sum(r.num_samples for r in results))
+        sums = {"total": total, **self.adjust_sums(rnd, state, total)}
+        for r in sorted(results, key=lambda r: r.client_id):
+            self.fold_adjust(sums, r)
+        return self.adjust_from_sums(rnd, model, sums, state)
 
     # ---- client ------------------------------------------------------------------------------
     def on_client_start(self, model: nn.Module, payload: dict[str, Any]) -> None:
