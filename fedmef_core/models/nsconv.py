@@ -19,10 +19,9 @@ autograd function and recomputed in backward, so no weight-sized intermediate is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-
-import math
 
 import torch
 from torch import nn
