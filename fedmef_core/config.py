@@ -133,7 +133,10 @@ class PruningConfig(_Section):
     adjust_interval: int = Field(4, ge=1, description="Delta R: rounds between mask adjustments.")
     adjust_until: int = Field(12, ge=0, description="R_end: no adjustment after this round.")
     adjust_alpha: float = Field(0.2, ge=0, le=1, description="alpha: initial fraction of weights moved.")
-    bae_lambda: float = Field(0.01, ge=0, description="FedMef BaE: lambda, weight of the extrusion loss.")
+    bae_lambda: float = Field(
+        1.0, ge=0, description="FedMef BaE: lambda, weight of the extrusion loss (the paper's 0.01 is too weak "
+        "here: the marked weights grow during the round instead of shrinking)."
+    )
     bae_norm: Literal["l2", "squared_l2"] = Field(
         "l2", description="FedMef BaE: norm of the marked weights in the extrusion loss (authors' code: l2)."
     )

@@ -3,8 +3,12 @@
     W_hat = g * (W - mean(W)) / sqrt(max(var(W) * fan_in, eps))  (* mask)
 
 mean and (biased) variance per output channel over its fan-in (in_channels/groups x kh x kw), ``g`` a
-learned per-channel gain (init 1). So each channel of W_hat (unmasked, g = 1) has zero mean and
-variance 1 / fan_in. A model built with ``model.norm: nsconv`` has no BatchNorm at all: the norm slot
+learned per-channel gain. So each channel of W_hat (unmasked) has zero mean and variance g^2 / fan_in.
+The gain starts at ``GAIN_INIT`` = sqrt(2 / (1 - 1/pi)) ~ 1.71 (the ReLU gain of Brock et al.'s
+scaled weight standardisation), not 1: with sum(W_hat^2) = g^2 per channel, a ReLU'd unit Gaussian
+input (variance (1 - 1/pi) / 2) leaves the conv with unit variance, so the signal does not shrink layer
+by layer as it does with g = 1 (no BatchNorm rescales it); on short FedMef runs this closes the gap to
+BatchNorm (README). A model built with ``model.norm: nsconv`` has no BatchNorm at all: the norm slot
 is ``nn.Identity`` and every Conv2d becomes an NSConv with a bias (init 0) that takes over the removed
 BatchNorm's shift.
 
@@ -15,6 +19,7 @@ autograd function and recomputed in backward, so no weight-sized intermediate is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -25,6 +30,7 @@ from fedmef_core import sap as sap_fn
 from fedmef_core.config import SapConfig
 
 EPS = 1e-5
+GAIN_INIT = math.sqrt(2 / (1 - 1 / math.pi))  # unit output variance after a ReLU'd unit Gaussian input
 
 
 def standardize(weight: torch.Tensor, gain: torch.Tensor, mask: torch.Tensor | None = None,
@@ -47,7 +53,7 @@ class NSConv(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.eps = eps
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.gain = nn.Parameter(torch.ones(self.out_channels, **factory))
+        self.gain = nn.Parameter(torch.full((self.out_channels,), GAIN_INIT, **factory))
         self.weight_mask: torch.Tensor | None = None
         self.record_effective_grad = False  # set by recording_effective_grads
         self.effective_grad: torch.Tensor | None = None
@@ -92,7 +98,7 @@ class NSConv(nn.Conv2d):
         new = new.to_empty(device=conv.weight.device)
         with torch.no_grad():
             new.weight.copy_(conv.weight)
-            new.gain.fill_(1.0)
+            new.gain.fill_(GAIN_INIT)
             if new.bias is not None:
                 if conv.bias is not None:
                     new.bias.copy_(conv.bias)

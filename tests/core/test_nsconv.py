@@ -5,7 +5,7 @@ from torch import nn
 
 from fedmef_core.config import ModelConfig, SapConfig
 from fedmef_core.models import build_model, prunable_weights
-from fedmef_core.models.nsconv import NSConv, attach_masks, convert_to_nsconv, standardize
+from fedmef_core.models.nsconv import GAIN_INIT, NSConv, attach_masks, convert_to_nsconv, standardize
 from fedmef_core.sap import apply_sap
 
 
@@ -18,11 +18,25 @@ def test_standardized_weight_has_zero_mean_and_unit_fan_in_scaled_variance():
     fan_in = 3 * 3 * 3
     assert w_hat.shape[1] == fan_in
     torch.testing.assert_close(w_hat.mean(1), torch.zeros(4), atol=1e-6, rtol=0)
-    torch.testing.assert_close(w_hat.var(1, unbiased=False) * fan_in, torch.ones(4), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w_hat.var(1, unbiased=False) * fan_in, torch.full((4,), GAIN_INIT**2))
     with torch.no_grad():
         conv.gain.copy_(torch.arange(1.0, 5.0))
     w_hat = conv.standardized_weight().flatten(1)
     torch.testing.assert_close(w_hat.std(1, unbiased=False) * fan_in**0.5, torch.arange(1.0, 5.0))
+
+
+@pytest.mark.parametrize("density", [1.0, 0.1])
+def test_initial_gain_keeps_the_signal_of_a_relu_input_at_unit_variance(density):
+    """No BatchNorm rescales the activations, so the initial gain must: a ReLU'd unit Gaussian input
+    (variance (1 - 1/pi) / 2) leaves a freshly built NSConv, dense or sparse, with unit variance per channel."""
+    torch.manual_seed(5)
+    conv = NSConv(32, 64, 3, padding=1)
+    mask = (torch.rand_like(conv.weight) < density).float()
+    attach_masks(conv, {"weight": mask})
+    with torch.no_grad():
+        conv.weight.mul_(mask)  # as the pruning code leaves it: zero outside the mask
+        out = conv(torch.relu(torch.randn(64, 32, 8, 8)))
+    assert out.var((0, 2, 3)).mean().item() == pytest.approx(1.0, abs=0.15)  # per channel; g = 1 gives 0.3
 
 
 def test_constant_channel_uses_eps_and_mask_multiplies():
@@ -83,7 +97,7 @@ def test_nsconv_build_is_deterministic_and_conversion_keeps_weights():
     before = plain[0].weight.detach().clone()
     convert_to_nsconv(plain)
     assert isinstance(plain[0], NSConv) and torch.equal(plain[0].weight, before)
-    assert torch.equal(plain[0].bias, torch.zeros(3)) and torch.equal(plain[0].gain, torch.ones(3))
+    assert torch.equal(plain[0].bias, torch.zeros(3)) and torch.equal(plain[0].gain, torch.full((3,), GAIN_INIT))
 
 
 def test_attach_masks_makes_the_effective_weight_sparse():
