@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--bn-select", action="store_true",
                         help="fedtiny and fedmef choose their initial mask by adaptive BN selection (5 candidates)")
     parser.add_argument("--bae-lambda", type=float, default=None,
-                        help="FedMef's extrusion-loss weight lambda (default: the config's, 0.01)")
+                        help="FedMef's extrusion-loss weight lambda (default: the config's, 1.0)")
     args = parser.parse_args()
     setting = "quick" if args.quick else "medium" if args.medium else "bae" if args.bae else "full"
     if args.bae:
