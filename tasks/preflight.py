@@ -88,8 +88,8 @@ def for_train(config: ExperimentConfig) -> None:
     check_device(config)
     check_dataset(config)
     check_partition(config)
+    check_writable(config, *TRAIN_OUTPUTS)
     Tracker(config.tracking).check_reachable()
-    check_writable(config, *TRAIN_OUTPUTS)  # last: it creates the folders
 
 
 def for_evaluate(config: ExperimentConfig) -> None:
@@ -102,5 +102,5 @@ def for_evaluate(config: ExperimentConfig) -> None:
 def for_pipeline(config: ExperimentConfig) -> None:
     check_device(config)
     check_dataset(config)
+    check_writable(config, "partitions_dir", *TRAIN_OUTPUTS)
     Tracker(config.tracking).check_reachable()
-    check_writable(config, "partitions_dir", *TRAIN_OUTPUTS)  # last: it creates the folders
