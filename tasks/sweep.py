@@ -41,7 +41,7 @@ from fedmef_core.config import (
 from fedmef_core.io import read_json
 from fedmef_core.runs import run_name, run_paths
 from tasks.comparison import CellResult
-from tasks.tracking import Tracker, artifact_root, git_commit, prefect_flow_run_id, store_uri
+from tasks.tracking import Tracker, artifact_root, ended, git_commit, prefect_flow_run_id, store_uri
 
 Density = Annotated[float, Field(gt=0, le=1)]
 
@@ -268,15 +268,8 @@ def parent_run(tracking: TrackingConfig, name: str, digest: str, params: dict[st
         tracker.check_reachable()
         tracker.run_id = _find_or_create_parent(tracking, name, digest, params)
         tracker.set_tags({"prefect_flow_run_id": prefect_flow_run_id()})
-    try:
+    with ended(tracker):
         yield tracker
-    except KeyboardInterrupt:
-        tracker.end("KILLED")
-        raise
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end()
 
 
 def child_tags(parent: Tracker, name: str) -> dict[str, str]:

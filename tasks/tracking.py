@@ -311,9 +311,17 @@ def tracked_run(config: ExperimentConfig, run_name: str, run_id: str | None = No
     interrupt or Prefect's termination signal (SIGTERM), FAILED on an error."""
     tracker = Tracker(config.tracking, run_id=run_id)
     open_run(tracker, config, run_name, tags)
+    with ended(tracker):
+        yield tracker
+
+
+@contextmanager
+def ended(tracker: Tracker) -> Iterator[Tracker]:
+    """End `tracker`'s run on every way out: FINISHED, KILLED on Ctrl-C or Prefect's termination signal
+    (SIGTERM inside a flow run), FAILED on an error."""
     try:
         yield tracker
-    except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, or SIGTERM inside a Prefect flow run
+    except (KeyboardInterrupt, TerminationSignal):
         tracker.end("KILLED")
         raise
     except BaseException:
