@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedmef_core.aggregation import weighted_average
 from fedmef_core.algorithms.base import Batches, ClientResult, FederatedAlgorithm, MethodTraits
 from fedmef_core.models import prunable_weights
 from fedmef_core.models.nsconv import attach_masks, effective_grads, recording_effective_grads
@@ -156,11 +155,6 @@ class MaskedAlgorithm(FederatedAlgorithm):
         metrics["comm/upload_bytes"] = float(sums["upload_bytes"])
         metrics["comm/download_bytes"] = float(clients * sums["download_each"])
         return metrics
-
-    def average(self, model: nn.Module, results: list[ClientResult], masks: Masks) -> None:
-        """FedAvg of a list of results, then re-apply the mask."""
-        self.load_average(model, weighted_average([r.state for r in results], [r.num_samples for r in results]),
-                          masks)
 
     def load_average(self, model: nn.Module, averaged: dict[str, torch.Tensor], masks: Masks) -> None:
         """Make the averaged state the global model, then re-apply the mask."""

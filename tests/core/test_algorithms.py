@@ -490,13 +490,16 @@ def test_prune_drop_is_the_accuracy_of_the_averaged_model_minus_the_pruned_one(m
     """Measured only where the server prunes the averaged model (FedTiny, FedMef, PruneFL)."""
     import copy
 
+    from fedmef_core.aggregation import weighted_average
     from fedmef_core.evaluation import evaluate
 
     config = _config(method)
     server = _server(config, data)
     results = local_executor(server)(server.broadcast(1), server.sample_clients(1))
     averaged = copy.deepcopy(server.model)
-    server.algorithm.average(averaged, sorted(results, key=lambda r: r.client_id), server.state["masks"])
+    ordered = sorted(results, key=lambda r: r.client_id)
+    mean = weighted_average([r.state for r in ordered], [r.num_samples for r in ordered])
+    server.algorithm.load_average(averaged, mean, server.state["masks"])
     before = evaluate(averaged, server.test, server.device).accuracy
     metrics = server.finish_round(1, results, 0.0)
     if method in ("fedavg_static", "feddst"):
