@@ -10,15 +10,23 @@ from fedmef_core.config import SapConfig, parse_config
 from fedmef_core.data import load_dataset, partition_indices
 from fedmef_core.device import resolve_device
 from fedmef_core.engine import Server, run_rounds
+from fedmef_core import sap as sap_module
 from fedmef_core.sap import (
+    SAMPLE,
     apply_sap,
+    at_least,
+    between,
     conv2d,
+    count_true,
+    greater,
     keep_mask,
     kth_largest,
     linear,
+    masked,
     pack_bits,
     relu_bitmask,
     resolve_sap,
+    true_positions,
     unpack_bits,
 )
 from tests.conftest import tiny_raw
@@ -133,6 +141,56 @@ def test_keep_mask_counts_and_zeros():
     relu_out = torch.relu(x)  # about half zeros: with gamma 0.2 only the non-zeros are worth keeping
     kept = keep_mask(relu_out, 0.2)
     assert int(kept.sum()) == int((relu_out > 0).sum())
+
+
+def _big(kind: str, n: int = 64 * 16 * 14 * 14) -> torch.Tensor:
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(n, generator=g)
+    if kind == "relu":  # half zeros, as after a ReLU
+        return torch.relu(x)
+    if kind == "heavy":  # heavy tails
+        return x / torch.rand(n, generator=g).clamp_min(1e-3)
+    # channels whose scales span four orders of magnitude: a structured tensor (64, 16, 14, 14)
+    return (x.view(64, 16, 196) * torch.logspace(-2, 2, 16).view(1, 16, 1)).reshape(-1)
+
+
+@pytest.mark.parametrize("gamma", [0.3, 0.5, 0.7, 0.9])
+@pytest.mark.parametrize("kind", ["normal", "relu", "heavy", "channels"])
+def test_keep_mask_on_big_tensors_is_a_threshold_keeping_one_minus_gamma_within_one_percent(kind, gamma):
+    x = _big(kind)
+    n = x.numel()
+    assert n > SAMPLE  # the sampled threshold, not the exact selection
+    keep = keep_mask(x, gamma)
+    mag = x.abs()
+    assert mag[keep].min() >= mag[~keep].max()  # every kept entry is at least as large as every dropped one
+    k = n - math.floor(gamma * n)
+    expected = min(k, int((x != 0).sum()))  # never a zero: with many zeros only the non-zeros are kept
+    assert abs(int(keep.sum()) - expected) <= 0.01 * n
+
+
+def test_keep_mask_selects_exactly_when_the_sample_misses():
+    n = 200_000
+    x = torch.rand(n, generator=torch.Generator().manual_seed(9))
+    x[sap_module._sample_positions(n, x.device)] += 10.0  # every sampled entry is among the largest
+    keep = keep_mask(x, 0.5)  # the sample's median keeps only ~16% of the entries: exact selection instead
+    assert int(keep.sum()) == n // 2
+    assert torch.equal(keep, x >= torch.kthvalue(x, n - n // 2 + 1).values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_bool_kernels_match_torch(dtype):
+    """The NumPy fast paths (CPU) give what torch's own operations give; bfloat16 falls back to torch."""
+    x = (torch.randn(1001, generator=torch.Generator().manual_seed(10)) * 4).to(dtype)
+    assert torch.equal(greater(x, 0.0), x > 0)
+    assert torch.equal(at_least(x, 1.5), x >= 1.5)
+    assert torch.equal(between(x, 0.0, 6.0), (x > 0) & (x < 6))
+    live = x > 0
+    assert torch.equal(masked(x, live), x * live)
+    assert torch.equal(true_positions(live), live.nonzero().reshape(-1))
+    assert count_true(live) == int(live.sum())
+    assert torch.equal(pack_bits(live), sap_module._pack_bits_torch(live))  # GPUs store the same bitmap
+    assert torch.equal(unpack_bits(pack_bits(live), 1001), live)
+    assert torch.equal(sap_module._unpack_bits_torch(pack_bits(live), 1001), live)
 
 
 def test_pack_bits_round_trip():
