@@ -44,7 +44,9 @@ from fedmef_core.sap import apply_sap, resolve_sap
 
 OUT = Path(__file__).resolve().parent / "results"
 MIB = 2**20
+DENSE_ROW = "FedAvg (dense, BN)"
 FEDDST = "FedDST (sparse, BN)"
+NO_SAP_ROW = "sparse, NSConv, no SAP"
 DEFAULT_ROW = "+ 1-bit ReLU = FedMef default"
 AUTHORS_STORAGE = {"value_dtype": "float16", "positions": "index", "relu_bitmask": False}
 HIGH_GAMMA = 0.7
@@ -74,11 +76,11 @@ class Row:
 
 def rows() -> list[Row]:
     """The rows in order; each builds on an earlier one."""
-    fedavg = Row.of_method("FedAvg (dense, BN)", "fedavg")
+    fedavg = Row.of_method(DENSE_ROW, "fedavg")
     feddst = Row.of_method(FEDDST, "feddst", fedavg.name)
     default = Row.of_method(DEFAULT_ROW, "fedmef")
     sap = default.sap
-    nsconv = replace(feddst, name="sparse, NSConv, no SAP", norm=default.norm, builds_on=feddst.name)
+    nsconv = replace(feddst, name=NO_SAP_ROW, norm=default.norm, builds_on=feddst.name)
     authors = replace(nsconv, name=f"+ SAP γ={sap.gamma}, fp16 + int32", builds_on=nsconv.name,
                       sap=sap.model_copy(update=AUTHORS_STORAGE))
     bitmap = replace(authors, name="+ bitmap positions", builds_on=authors.name,
@@ -149,26 +151,26 @@ def _step(model, opt, x, y) -> float:
     return time.perf_counter() - t
 
 
-def paired_step_times(model, dense, x, y, reps: int) -> tuple[float, float]:
-    """Median step seconds of ``model`` and of ``dense``, timed alternately (one warm-up step each), so
-    that load changes on a shared machine hit both alike."""
-    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (model, dense)]
-    model.train()
-    dense.train()
-    times: tuple[list[float], list[float]] = ([], [])
+def step_times(models: list, x, y, reps: int) -> list[float]:
+    """Median step seconds of each model, the models timed in turn (one warm-up step each), so that load
+    changes on a shared machine hit all alike."""
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in models]
+    times: list[list[float]] = [[] for _ in models]
+    for m in models:
+        m.train()
     for i in range(reps + 1):
-        for j, m in enumerate((model, dense)):
+        for j, m in enumerate(models):
             t = _step(m, opts[j], x, y)
             if i:
                 times[j].append(t)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(t) for t in times]
 
 
 def measure(row: Row, arch: str, x, y, dense, reps: int, device: torch.device) -> tuple[dict, dict[str, int]]:
     """A row's footprint parts and step time (x dense), and its parts for the stacked bars."""
     model, masks = build(arch, row.norm, row.density, row.sap, device)
     report = measure_step(model, x, y, masks=masks or None)
-    seconds, dense_time = paired_step_times(model, dense, x, y, reps)
+    seconds, dense_time = step_times([model, dense], x, y, reps)
     print(f"  {arch:12s} {row.name:32s} done ({seconds:.2f}s/step)", flush=True)
     out = {
         "weights_bytes": report.weights_bytes,

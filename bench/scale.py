@@ -1,16 +1,25 @@
 """Fast at scale: seconds per round and peak memory of the bare loop vs the Prefect train flow (+MLflow
-sqlite), and the peak memory of aggregation alone with ResNet18-sized updates, streamed vs all in memory.
+sqlite) vs the same flow on a local Ray cluster, the peak memory of aggregation alone with ResNet18-sized
+updates, streamed vs all in memory, and the time of a SAP training step against a dense one.
 
-    python bench/scale.py [--rounds 3] [--repeats 3] [--updates 10 100 1000] [--skip-loops] [--skip-aggregation]
+    python bench/scale.py [--rounds 3] [--repeats 3] [--ways bare flow ray] [--updates 10 100 1000]
+                          [--sap-reps 5] [--skip-loops] [--skip-aggregation] [--skip-sap]
 
 Loops: FedAvg, small CNN, 1 local epoch, batch 32, iid shards of 20 samples a client, at
 (clients, clients per round) in {(100, 10), (1000, 100)}; `--repeats` alternating runs of each way, the
-median reported (the machine is shared: the same loop drifts by 10-20% over minutes). Aggregation: the
+median reported (the machine is shared: the same loop drifts by 10-20% over minutes). Bare and flow train
+one client at a time on one thread; the Ray way runs `runtime.workers: 2` waves at a time on a local
+cluster of 2 CPUs, a thread each (so on a 2-core machine it may beat the bare loop). Aggregation: the
 FedAvg `Aggregator` fed K synthetic ResNet18 state dicts through `RoundResults` (one alive at a time) vs
 the same K state dicts built in a list first and averaged (as before streaming), K in {10, 100, 1000};
-the list way is skipped where K updates would not fit in memory. Every measurement runs in a subprocess
-of its own; peak RSS is that process's ``ru_maxrss`` (Prefect's temporary API server, a separate process,
-is not counted). Prints a table and writes bench/results/scale.json.
+the list way is skipped where K updates would not fit in memory. SAP step: one training step (forward,
+backward, SGD) at batch 64, 3x32x32, of ResNet18 and MobileNetV2 three ways timed in turn (median of
+`--sap-reps`): dense FedAvg with BatchNorm, FedMef's sparse NSConv model without SAP, and FedMef's default
+(SAP on), on 1 thread and on every core; with the fraction of activation entries SAP really kept and its
+largest deviation, per layer, from what it should keep (1 - gamma, or every non-zero when fewer). Every
+measurement runs in a subprocess of its own; peak RSS is that process's ``ru_maxrss`` (Prefect's temporary
+API server and Ray's workers, separate processes, are not counted). Prints tables and writes
+bench/results/scale.json.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHAPES = [(100, 10), (1000, 100)]
+WAYS = ["bare", "flow", "ray"]
+SAP_ARCHS = ["resnet18", "mobilenetv2"]
 SAMPLES_PER_CLIENT = 20
 UPDATE_COUNTS = [10, 100, 1000]
 
@@ -37,7 +48,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def loop_config(work: Path, clients: int, per_round: int, rounds: int):
+def loop_config(work: Path, clients: int, per_round: int, rounds: int, way: str = "bare"):
     from fedmef_core.config import parse_config
     from tests.conftest import tiny_raw
 
@@ -48,6 +59,9 @@ def loop_config(work: Path, clients: int, per_round: int, rounds: int):
                              local_epochs=1, batch_size=32)
     raw["runtime"].update(checkpoint_every=rounds, eval_every=rounds)
     raw["tracking"] = {"enabled": True, "mlflow_uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "scale"}
+    if way == "ray":
+        raw["runtime"].update(runner="ray", workers=2)
+        raw["ray"] = {"local_cpus": 2, "num_cpus": 1}
     return parse_config(raw)
 
 
@@ -60,7 +74,7 @@ def run_loop(way: str, clients: int, per_round: int, rounds: int) -> dict:
     from tests.conftest import save_partition_of
 
     with tempfile.TemporaryDirectory(prefix="fedmef-scale-") as tmp:
-        config = loop_config(Path(tmp), clients, per_round, rounds)
+        config = loop_config(Path(tmp), clients, per_round, rounds, way)
         parts = save_partition_of(config)
         if way == "bare":
             train, test = load_dataset(config.data)
@@ -108,6 +122,40 @@ def run_aggregation(way: str, count: int) -> dict:
             "update_mib": sum(v.numel() * v.element_size() for v in base.values()) / 2**20}
 
 
+def run_sap_step(arch: str, threads: int, reps: int) -> dict:
+    """Step seconds of dense FedAvg, FedMef's model without SAP and FedMef's default, and what SAP kept."""
+    import math
+
+    import torch
+
+    from bench.memory import DEFAULT_ROW, DENSE_ROW, NO_SAP_ROW, build, rows, step_times
+    from fedmef_core.sap import count_true, keep_mask
+
+    torch.set_num_threads(threads)
+    by_name = {row.name: row for row in rows()}
+    models = [build(arch, r.norm, r.density, r.sap, torch.device("cpu"))[0]
+              for r in (by_name[DENSE_ROW], by_name[NO_SAP_ROW], by_name[DEFAULT_ROW])]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+    dense, no_sap, sap = step_times(models, x, y, reps)
+    counts = []  # (kept, should keep, entries) per SAP layer call
+
+    def count(module, args):
+        a = args[0].detach()
+        n = a.numel()
+        k = n - math.floor(module.sap.gamma * n + 1e-9)
+        counts.append((count_true(keep_mask(a, module.sap.gamma)), min(k, count_true(a.reshape(-1) != 0)), n))
+
+    hooks = [m.register_forward_pre_hook(count) for m in models[2].modules() if getattr(m, "sap", None)]
+    models[2](x)
+    for h in hooks:
+        h.remove()
+    return {"arch": arch, "threads": threads, "dense_s": dense, "no_sap_s": no_sap, "sap_s": sap,
+            "sap_vs_dense": sap / dense, "sap_vs_no_sap": sap / no_sap,
+            "kept_fraction": sum(c[0] for c in counts) / sum(c[2] for c in counts),
+            "max_kept_error": max(abs(c[0] - c[1]) / c[2] for c in counts), "sap_layers": len(counts)}
+
+
 def in_subprocess(*args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     out = subprocess.run([sys.executable, __file__, "--one", *args], cwd=ROOT, env=env, capture_output=True,
@@ -115,23 +163,32 @@ def in_subprocess(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def loops(rounds: int, repeats: int) -> list[dict]:
+def loops(rounds: int, repeats: int, ways: list[str]) -> list[dict]:
     rows = []
     for clients, per_round in SHAPES:
-        runs: dict[str, list[dict]] = {"bare": [], "flow": []}
-        for _ in range(repeats):  # alternate the ways, so drift hits both alike
+        runs: dict[str, list[dict]] = {way: [] for way in ways}
+        for i in range(repeats):  # alternate the ways, so drift hits all alike
             for way in runs:
                 runs[way].append(in_subprocess("loop", way, str(clients), str(per_round), str(rounds)))
-        med = {way: statistics.median(r["s_per_round"] for r in rs) for way, rs in runs.items()}
-        rows.append({
-            "clients": clients, "per_round": per_round,
-            "bare_s_per_round": med["bare"], "flow_s_per_round": med["flow"],
-            "flow_overhead_pct": 100 * (med["flow"] / med["bare"] - 1),
-            "bare_peak_rss_mib": max(r["peak_rss_mib"] for r in runs["bare"]),
-            "flow_peak_rss_mib": max(r["peak_rss_mib"] for r in runs["flow"]),
-            "runs": runs,
-        })
+                print(f"  N={clients} K={per_round} {way} run {i + 1}: {runs[way][-1]['s_per_round']:.3f} s/round",
+                      flush=True)
+        row: dict = {"clients": clients, "per_round": per_round}
+        for way, rs in runs.items():
+            row[f"{way}_s_per_round"] = statistics.median(r["s_per_round"] for r in rs)
+            row[f"{way}_peak_rss_mib"] = max(r["peak_rss_mib"] for r in rs)
+            if way != "bare" and "bare" in runs:
+                row[f"{way}_overhead_pct"] = 100 * (row[f"{way}_s_per_round"] / row["bare_s_per_round"] - 1)
+        rows.append({**row, "runs": runs})
     return rows
+
+
+def sap_steps(reps: int) -> list[dict]:
+    out = []
+    for arch in SAP_ARCHS:
+        for threads in sorted({1, os.cpu_count() or 1}):
+            out.append(in_subprocess("sap", arch, str(threads), str(reps)))
+            print(f"  SAP step {arch} {threads} thread(s): x{out[-1]['sap_vs_dense']:.2f} dense", flush=True)
+    return out
 
 
 def aggregation(counts: list[int], memory_mib: float) -> list[dict]:
@@ -147,13 +204,21 @@ def aggregation(counts: list[int], memory_mib: float) -> list[dict]:
 
 def table(result: dict) -> str:
     lines = []
-    if result.get("loops"):
-        lines.append(f"{'N':>5} {'K':>4} {'bare s/round':>13} {'flow s/round':>13} {'overhead':>9} "
-                     f"{'bare RSS MiB':>13} {'flow RSS MiB':>13}")
-        for r in result["loops"]:
-            lines.append(f"{r['clients']:>5} {r['per_round']:>4} {r['bare_s_per_round']:>13.3f} "
-                         f"{r['flow_s_per_round']:>13.3f} {r['flow_overhead_pct']:>8.1f}% "
-                         f"{r['bare_peak_rss_mib']:>13.0f} {r['flow_peak_rss_mib']:>13.0f}")
+    for r in result.get("loops", []):
+        for way in WAYS:
+            if f"{way}_s_per_round" in r:
+                over = r.get(f"{way}_overhead_pct")
+                seconds = r[f"{way}_s_per_round"]
+                lines.append(f"N={r['clients']:<5} K={r['per_round']:<4} {way:>5}: {seconds:7.3f} s/round"
+                             f"{'' if over is None else f' ({over:+.1f}% vs bare)':<18} "
+                             f"peak RSS {r[f'{way}_peak_rss_mib']:5.0f} MiB")
+    if result.get("sap"):
+        lines.append(f"{'SAP step, batch 64':<20} {'threads':>7} {'dense s':>8} {'no SAP s':>9} {'SAP s':>7} "
+                     f"{'SAP/dense':>9} {'SAP/no SAP':>10} {'kept':>6} {'max dev':>8}")
+        for r in result["sap"]:
+            lines.append(f"{r['arch']:<20} {r['threads']:>7} {r['dense_s']:>8.3f} {r['no_sap_s']:>9.3f} "
+                         f"{r['sap_s']:>7.3f} {r['sap_vs_dense']:>9.2f} {r['sap_vs_no_sap']:>10.2f} "
+                         f"{r['kept_fraction']:>6.3f} {r['max_kept_error']:>8.4f}")
     if result.get("aggregation"):
         lines.append(f"{'K (ResNet18 updates)':>21} {'streaming RSS MiB':>18} {'in-memory RSS MiB':>18}")
         for r in result["aggregation"]:
@@ -169,21 +234,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--updates", type=int, nargs="+", default=UPDATE_COUNTS,
                         help="numbers of ResNet18-sized updates to aggregate")
+    parser.add_argument("--ways", nargs="+", choices=WAYS, default=WAYS, help="ways of running the loops")
+    parser.add_argument("--sap-reps", type=int, default=5, help="timed SAP/dense steps (after one warm-up)")
     parser.add_argument("--skip-loops", action="store_true")
     parser.add_argument("--skip-aggregation", action="store_true")
+    parser.add_argument("--skip-sap", action="store_true")
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)  # a single measurement (subprocess)
     args = parser.parse_args()
     if args.one:
         kind, way, *rest = args.one
-        answer = run_loop(way, *map(int, rest)) if kind == "loop" else run_aggregation(way, int(rest[0]))
+        if kind == "loop":
+            answer = run_loop(way, *map(int, rest))
+        elif kind == "sap":
+            answer = run_sap_step(way, *map(int, rest))
+        else:
+            answer = run_aggregation(way, int(rest[0]))
         print(json.dumps(answer))
         return
     memory_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     result = {
         "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]),
         "note": f"medians of {args.repeats} alternating runs per way on a shared machine; peak RSS per subprocess",
-        "loops": [] if args.skip_loops else loops(args.rounds, args.repeats),
+        "loops": [] if args.skip_loops else loops(args.rounds, args.repeats, args.ways),
         "aggregation": [] if args.skip_aggregation else aggregation(args.updates, memory_mib),
+        "sap": [] if args.skip_sap else sap_steps(args.sap_reps),
     }
     print(table(result))
     out = ROOT / "bench" / "results" / "scale.json"

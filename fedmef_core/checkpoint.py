@@ -2,6 +2,10 @@
 
 Each `X.pt` gets a sidecar `X.pt.sha256` written after it. A checkpoint whose sidecar is missing (the
 write was interrupted) or does not match (the file was truncated or damaged) is refused, never loaded.
+
+Exchange files (a round's broadcast and client updates, handed between processes and deleted within the
+round) are written atomically too but carry no checksum: they never outlive a round, the folder they live
+in is cleared when a run starts, and hashing them twice cost a third of the per-client exchange time.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 import torch
 
 from fedmef_core.errors import UserError
-from fedmef_core.io import write_bytes, write_text
+from fedmef_core.io import atomic_path, write_bytes, write_text
 
 _ROUND_FILE = re.compile(r"^round_(\d+)\.pt$")
 FINAL_NAME = "final.pt"
@@ -54,6 +58,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a file that is not a checkpoint
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def save_exchange(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write a round's exchange file (atomic: a reader sees all of it or no file)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_exchange(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: the exchange file is gone (was the run folder cleared by another run?)") \
+            from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a file that is not ours
+        raise CheckpointError(f"{path}: cannot be read as an exchange file ({type(exc).__name__}: {exc})") \
+            from None
 
 
 def round_checkpoint_path(directory: str | Path, rnd: int) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import TerminationSignal
+from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedmef_core.config import ConfigError, ExperimentConfig, PruningMethod
@@ -76,13 +78,25 @@ def sweep_cell(config: ExperimentConfig, tags: dict[str, str], name: str) -> lis
 
 
 def run_cells(cells: list[Cell], tags: dict[str, str], jobs: int) -> dict[str, list[str]]:
-    """Every cell, `jobs` at a time (one job runs them in the flow's own thread, where torch is fastest)."""
+    """Every cell, `jobs` at a time (one job runs them in the flow's own thread, where torch is fastest),
+    with a line as each one finishes."""
+    started, steps = time.monotonic(), {}
+
+    def finished(cell: Cell, ran: list[str]) -> None:
+        steps[cell.name] = ran
+        print(f"sweep: {len(steps)}/{len(cells)} experiments done after {time.monotonic() - started:.0f}s "
+              f"({cell.name}: {'+'.join(ran) if ran else 'already done'})", flush=True)
+
     if jobs == 1:
-        return {c.name: sweep_cell(c.config, tags, c.name) for c in cells}
-    with shared_cpu_threads(jobs), ThreadPoolTaskRunner(max_workers=jobs) as runner:
-        futures = {c.name: runner.submit(sweep_cell, {"config": c.config, "tags": tags, "name": c.name})
-                   for c in cells}
-        return {name: future.result() for name, future in futures.items()}
+        for c in cells:
+            finished(c, sweep_cell(c.config, tags, c.name))
+    else:
+        with shared_cpu_threads(jobs), ThreadPoolTaskRunner(max_workers=jobs) as runner:
+            by_future = {runner.submit(sweep_cell, {"config": c.config, "tags": tags, "name": c.name}): c
+                         for c in cells}
+            for future in as_completed(list(by_future)):
+                finished(by_future[future], future.result())
+    return {c.name: steps[c.name] for c in cells}
 
 
 def publish_comparison(results: list[CellResult], reference: str, title: str, out_dir: Path,

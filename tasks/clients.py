@@ -19,7 +19,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedmef_core.algorithms import ClientResult
-from fedmef_core.checkpoint import load_checkpoint, save_checkpoint
+from fedmef_core.checkpoint import load_exchange, save_exchange
 from fedmef_core.client import Broadcast, NonFiniteLossError, run_client
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import load_dataset, load_partition
@@ -46,29 +46,32 @@ def update_path(out_dir: str | Path, rnd: int, client_id: int) -> Path:
 
 
 def client_update(config: ExperimentConfig, broadcast: Broadcast, client_id: int, out_dir: str) -> dict:
-    """Train one client from the broadcast; write its update and return ``{"path", "num_samples"}``.
+    """Train one client from the broadcast; write its update and return ``{"path", "num_samples", "loss"}``.
 
     Workers load their own shard from the partition files: only paths cross the task boundary.
     """
     train, _ = load_dataset(config.data)
     indices = cached_partition(config.runtime.partitions_dir)[client_id]
     result = run_client(config, broadcast, client_id, train, indices, resolve_device(config.runtime.device))
-    path = save_checkpoint(update_path(out_dir, broadcast.round, client_id), result.to_dict())
+    path = save_exchange(update_path(out_dir, broadcast.round, client_id), result.to_dict())
     print(f"round {broadcast.round}: client {client_id} trained on {result.num_samples} samples, "
           f"loss {result.train_loss:.4f}", flush=True)
-    return {"path": str(path), "num_samples": result.num_samples}
+    return {"path": str(path), "num_samples": result.num_samples, "loss": result.train_loss}
 
 
-@task(name="client-wave", cache_policy=NO_CACHE, task_run_name="round-{rnd}-clients-{first}-{last}")
+# log_prints=False: each client's line goes to the console only; Prefect gets one line per wave (from the
+# flow), so the API traffic of a round does not grow with its clients.
+@task(name="client-wave", cache_policy=NO_CACHE, task_run_name="round-{rnd}-clients-{first}-{last}",
+      log_prints=False)
 def client_wave(config: ExperimentConfig, broadcast_path: str, rnd: int, first: int, last: int,
                 clients: list[int], out_dir: str) -> dict:
     """Train a wave of clients in turn (one task, one broadcast read); a failing client is retried
     `runtime.client_retries` times, then dropped, while the others go on. A NaN/inf loss is not retried:
     it stops the run.
 
-    Returns ``{"updates": {client: {"path", "num_samples"}}, "failures": {client: "Error: message"}}``.
+    Returns ``{"updates": {client: {"path", "num_samples", "loss"}}, "failures": {client: "Error: message"}}``.
     """
-    broadcast = Broadcast.from_dict(load_checkpoint(broadcast_path))
+    broadcast = Broadcast.from_dict(load_exchange(broadcast_path))
     updates, failures = {}, {}
     for c in clients:
         try:
@@ -123,7 +126,7 @@ class ClientUpdates:
 
     def __call__(self, broadcast: Broadcast, clients: list[int]) -> RoundResults:
         rnd = broadcast.round
-        bpath = save_checkpoint(self.exchange_dir / f"broadcast_r{rnd:04d}.pt", broadcast.to_dict())
+        bpath = save_exchange(self.exchange_dir / f"broadcast_r{rnd:04d}.pt", broadcast.to_dict())
         batches = waves(sorted(clients), self.config.runtime.workers)
         futures = [self.submit(client_wave, self._parameters(bpath, rnd, wave)) for wave in batches]
         updates, failures = {}, []
@@ -137,6 +140,7 @@ class ClientUpdates:
                     answer = {"updates": {}, "failures": {c: f"{type(exc).__name__}: {exc}" for c in wave}}
                 updates.update(answer["updates"])
                 failures += [f"client {c}: {why}" for c, why in answer["failures"].items()]
+                print(wave_summary(rnd, wave, answer), flush=True)
         finally:
             _remove(bpath)
         self.dropped[rnd] = len(failures)
@@ -159,16 +163,27 @@ class ClientUpdates:
             )
 
 
+def wave_summary(rnd: int, wave: list[int], answer: dict) -> str:
+    """One line for a wave: how many of its clients trained, on how many samples, their losses, drops."""
+    done = answer["updates"]
+    line = f"round {rnd}: clients {wave[0]}-{wave[-1]}: {len(done)} of {len(wave)} trained"
+    if done:
+        losses = {c: u["loss"] for c, u in done.items()}
+        worst = max(losses, key=losses.get)
+        line += (f" on {sum(u['num_samples'] for u in done.values())} samples, loss mean "
+                 f"{sum(losses.values()) / len(losses):.4f} (highest {losses[worst]:.4f}, client {worst})")
+    return line + (f", {len(answer['failures'])} dropped" if answer["failures"] else "")
+
+
 def _read_once(path: Path) -> ClientResult:
     """A client update from the exchange folder, which is then deleted."""
-    result = ClientResult.from_dict(load_checkpoint(path))
+    result = ClientResult.from_dict(load_exchange(path))
     _remove(path)
     return result
 
 
 def _remove(path: Path) -> None:
     path.unlink(missing_ok=True)
-    path.with_name(path.name + ".sha256").unlink(missing_ok=True)
 
 
 EXCHANGE_NAME = ".exchange"

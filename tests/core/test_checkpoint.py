@@ -6,10 +6,12 @@ from fedmef_core.checkpoint import (
     CheckpointError,
     latest_good_checkpoint,
     load_checkpoint,
+    load_exchange,
     remove_checkpoints,
     round_checkpoint_path,
     round_checkpoints,
     save_checkpoint,
+    save_exchange,
 )
 
 
@@ -75,3 +77,22 @@ def test_remove_checkpoints(tmp_path):
     save_checkpoint(tmp_path / "final.pt", {"round": 2})
     remove_checkpoints(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_exchange_files_round_trip_atomically_and_refuse_damage_and_pickles(tmp_path):
+    path = save_exchange(tmp_path / "update.pt", {"w": torch.arange(5.0)})
+    assert torch.equal(load_exchange(path)["w"], torch.arange(5.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["update.pt"]  # no temp file, no sidecar
+    path.write_bytes(path.read_bytes()[:40])  # torn by a dying worker
+    for bad, words in ((path, "cannot be read"), (tmp_path / "gone.pt", "is gone")):
+        try:
+            load_exchange(bad)
+            raise AssertionError(f"{bad.name} was loaded")
+        except CheckpointError as exc:
+            assert words in str(exc) and bad.name in str(exc)
+    save_exchange(path, {"obj": Evil()})
+    try:
+        load_exchange(path)
+        raise AssertionError("an arbitrary pickle was loaded")
+    except CheckpointError as exc:
+        assert "Evil" in str(exc)

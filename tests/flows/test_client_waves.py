@@ -81,7 +81,7 @@ def test_one_task_per_wave_and_the_updates_equal_the_in_process_ones(round_setup
     assert not list(updates.exchange_dir.iterdir())
 
 
-def test_a_failing_client_in_a_wave_is_retried_then_dropped_while_its_wave_goes_on(round_setup):
+def test_a_failing_client_in_a_wave_is_retried_then_dropped_while_its_wave_goes_on(round_setup, capsys):
     server, updates, submitted, attempts, fail_always, fail_once, _ = round_setup
     picked = server.sample_clients(1)
     first_wave = clients.waves(picked, 2)[0]
@@ -92,6 +92,9 @@ def test_a_failing_client_in_a_wave_is_retried_then_dropped_while_its_wave_goes_
     assert attempts[first_wave[1]] == 1 + server.config.runtime.client_retries  # then dropped
     assert updates.dropped[1] == 1
     assert list(results.samples) == [c for c in picked if c != first_wave[1]]  # the rest of its wave trained
+    shown = capsys.readouterr().out  # one summary line per wave (what Prefect gets), each client on the console
+    summary = f"round 1: clients {first_wave[0]}-{first_wave[-1]}: {len(first_wave) - 1} of {len(first_wave)} trained"
+    assert summary in shown and "1 dropped" in shown and f"client {first_wave[2]} trained on" in shown
     metrics = server.finish_round(1, results, 0.0)
     assert metrics["clients"] == len(picked) - 1
 

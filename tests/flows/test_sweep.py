@@ -73,10 +73,12 @@ def _artifacts(flow_run_id: str) -> list[dict]:
     return [a for a in asyncio.run(read()) if a["flow_run_id"] == flow_run_id]
 
 
-def test_sweep_runs_children_under_one_parent_and_resumes_only_the_unfinished_cell(prefect_harness, tmp_path):
+def test_sweep_runs_children_under_one_parent_and_resumes_only_the_unfinished_cell(prefect_harness, tmp_path,
+                                                                                   caplog):
     sweep = spec(tmp_path, jobs=2)
     first = sweep_flow(sweep)
     assert sorted(map(tuple, first["steps"].values())) == [("train", "evaluate")] * 4
+    assert all(f"sweep: {i}/4 experiments done" in caplog.text for i in (1, 2, 3, 4))  # progress, as cells end
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = client.get_run(first["parent_run_id"])
