@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
 from fedmef_core.algorithms import ClientResult
 from fedmef_core.checkpoint import load_exchange, save_exchange
@@ -95,9 +96,17 @@ def _retried(config: ExperimentConfig, broadcast: Broadcast, client_id: int, out
         except Exception as exc:  # noqa: BLE001 - the last attempt's fault drops the client
             if attempt == retries:
                 raise
-            print(f"round {broadcast.round}: client {client_id} failed ({type(exc).__name__}: {exc}); "
-                  f"retry {attempt + 1} of {retries}", flush=True)
+            _warn(f"round {broadcast.round}: client {client_id} failed ({type(exc).__name__}: {exc}); "
+                  f"retry {attempt + 1} of {retries}")
     raise AssertionError("unreachable")
+
+
+def _warn(message: str) -> None:
+    """A retry is worth seeing in the Prefect UI too (the task's prints stay on the console)."""
+    try:
+        get_run_logger().warning(message)
+    except MissingContextError:  # called outside a task run (tests, the bare loop)
+        print(message, flush=True)
 
 
 class RoundFailedError(UserError):
