@@ -30,7 +30,8 @@ images, adjustments every 5 rounds until round 25, 3 seeds; FedMef in its paper 
 BaE), the baselines with BatchNorm.
 The full setting: 100 clients, 10 per round, 50 rounds of 2 local epochs, all 60k/10k images,
 adjustments every 5 rounds until round 40, 3 seeds.
-Writes ``bench/results/accuracy.json`` (``{method: {density: {mean, std, per_seed, post_adjust_drop,
+Writes ``bench/results/accuracy.json`` (``--medium``: ``accuracy_medium.json``;
+``{method: {density: {mean, std, per_seed, post_adjust_drop,
 prune_drop, footprint_mib, mlflow_run_ids}}, "paired": {fedtiny|feddst: [{method, density, differences, mean,
 low, high}]}}``, accuracies in [0, 1]) and ``bench/results/accuracy.png``,
 and prints the sweep's table.
@@ -188,7 +189,8 @@ def main() -> None:
     parser.add_argument("--jobs", "--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="cells trained at the same time")
     parser.add_argument("--root", type=Path, default=Path("runs"), help="folder of the cells' run folders")
-    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/accuracy.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default bench/results/accuracy.json; --medium: accuracy_medium.json)")
     parser.add_argument("--sap", choices=["auto", "on", "off"], default="auto",
                         help="scaled activation pruning: auto = the config default (on for fedmef only)")
     parser.add_argument("--norm", choices=["auto", "batch", "nsconv"], default=None,
@@ -204,7 +206,8 @@ def main() -> None:
         args.methods = args.methods or ["fedtiny", "fedmef"]
         args.sap = "off"
     args.methods = args.methods or METHODS
-    out = args.out or RESULTS / ("accuracy_bae.json" if args.bae else "accuracy.json")
+    out = args.out or RESULTS / {"bae": "accuracy_bae.json", "medium": "accuracy_medium.json"}.get(setting,
+                                                                                                   "accuracy.json")
     started = time.perf_counter()
     result = sweep_main(sweep_args(args, setting, name=f"bench-{out.stem}-{setting}"))
     table = results_json(result)
