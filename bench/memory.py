@@ -153,8 +153,10 @@ def _step(model, opt, x, y) -> float:
 
 def step_times(models: list, x, y, reps: int) -> list[float]:
     """Median step seconds of each model, the models timed in turn (one warm-up step each), so that load
-    changes on a shared machine hit all alike."""
-    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in models]
+    changes on a shared machine hit all alike. The SGD step runs with lr 0: the same work, but the weights
+    stay put, so repeated steps on one random batch cannot diverge (NaN activations would make SAP look
+    cheap: it keeps no NaN)."""
+    opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in models]
     times: list[list[float]] = [[] for _ in models]
     for m in models:
         m.train()
