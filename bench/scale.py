@@ -2,12 +2,15 @@
 sqlite) vs the same flow on a local Ray cluster, the peak memory of aggregation alone with ResNet18-sized
 updates, streamed vs all in memory, and the time of a SAP training step against a dense one.
 
-    python bench/scale.py [--rounds 3] [--repeats 3] [--ways bare flow ray] [--updates 10 100 1000]
+    python bench/scale.py [--rounds 4] [--repeats 3] [--ways bare flow ray] [--updates 10 100 1000]
                           [--sap-reps 5] [--skip-loops] [--skip-aggregation] [--skip-sap]
 
 Loops: FedAvg, small CNN, 1 local epoch, batch 32, iid shards of 20 samples a client, at
-(clients, clients per round) in {(100, 10), (1000, 100)}; `--repeats` alternating runs of each way, the
-median reported (the machine is shared: the same loop drifts by 10-20% over minutes). Bare and flow train
+(clients, clients per round) in {(100, 10), (1000, 100)}; s/round is the steady state, from the end of
+round 1 to the end of round R (bare loop: its round callback; flows: the MLflow timestamps of each round's
+metrics), so it counts everything a round does — training, exchange, aggregation, checkpoints, tracking —
+but not start-up or round 1's first calls (Ray: worker start, ~10 s); `--repeats` alternating runs of each
+way, the median reported (the machine is shared: the same loop drifts by 10-20% over minutes). Bare and flow train
 one client at a time on one thread; the Ray way runs `runtime.workers: 2` waves at a time on a local
 cluster of 2 CPUs, a thread each (so on a 2-core machine it may beat the bare loop). Aggregation: the
 FedAvg `Aggregator` fed K synthetic ResNet18 state dicts through `RoundResults` (one alive at a time) vs
@@ -79,14 +82,21 @@ def run_loop(way: str, clients: int, per_round: int, rounds: int) -> dict:
         if way == "bare":
             train, test = load_dataset(config.data)
             server = Server(config, train, test, parts, resolve_device("cpu"))
-            start = time.perf_counter()
-            run_rounds(server, checkpoint_dir=config.runtime.checkpoints_dir)
-            seconds = (time.perf_counter() - start) / rounds
+            ends = [time.perf_counter()]
+            run_rounds(server, checkpoint_dir=config.runtime.checkpoints_dir,
+                       on_round=lambda rnd, metrics: rnd and ends.append(time.perf_counter()))
         else:
+            from mlflow import MlflowClient
+
             from flows.train import train_flow
 
-            seconds = train_flow(config)["seconds_per_round"]
-    return {"s_per_round": seconds, "peak_rss_mib": peak_rss_mib()}
+            started = time.time()
+            run_id = train_flow(config)["mlflow_run_id"]
+            history = MlflowClient(config.tracking.mlflow_uri).get_metric_history(run_id, "train_loss")
+            ends = [started] + [m.timestamp / 1000 for m in sorted(history, key=lambda m: m.step)]
+    # steady state: round ends 1..R (the first round pays worker start-up and first-call costs)
+    return {"s_per_round": (ends[-1] - ends[1]) / (rounds - 1), "first_round_s": ends[1] - ends[0],
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def run_aggregation(way: str, count: int) -> dict:
@@ -175,6 +185,7 @@ def loops(rounds: int, repeats: int, ways: list[str]) -> list[dict]:
         row: dict = {"clients": clients, "per_round": per_round}
         for way, rs in runs.items():
             row[f"{way}_s_per_round"] = statistics.median(r["s_per_round"] for r in rs)
+            row[f"{way}_first_round_s"] = statistics.median(r["first_round_s"] for r in rs)
             row[f"{way}_peak_rss_mib"] = max(r["peak_rss_mib"] for r in rs)
             if way != "bare" and "bare" in runs:
                 row[f"{way}_overhead_pct"] = 100 * (row[f"{way}_s_per_round"] / row["bare_s_per_round"] - 1)
@@ -211,6 +222,7 @@ def table(result: dict) -> str:
                 seconds = r[f"{way}_s_per_round"]
                 lines.append(f"N={r['clients']:<5} K={r['per_round']:<4} {way:>5}: {seconds:7.3f} s/round"
                              f"{'' if over is None else f' ({over:+.1f}% vs bare)':<18} "
+                             f"round 1 {r.get(f'{way}_first_round_s', float('nan')):6.2f} s  "
                              f"peak RSS {r[f'{way}_peak_rss_mib']:5.0f} MiB")
     if result.get("sap"):
         lines.append(f"{'SAP step, batch 64':<20} {'threads':>7} {'dense s':>8} {'no SAP s':>9} {'SAP s':>7} "
@@ -230,7 +242,7 @@ def table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4, help="rounds a loop runs (s/round: rounds 2 to R)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--updates", type=int, nargs="+", default=UPDATE_COUNTS,
                         help="numbers of ResNet18-sized updates to aggregate")
@@ -252,15 +264,20 @@ def main() -> None:
         print(json.dumps(answer))
         return
     memory_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    out = ROOT / "bench" / "results" / "scale.json"
+    last = json.loads(out.read_text()) if out.is_file() else {}  # a skipped part keeps its last results
+    command = " ".join(["python", "bench/scale.py", *sys.argv[1:]])
     result = {
-        "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]),
-        "note": f"medians of {args.repeats} alternating runs per way on a shared machine; peak RSS per subprocess",
-        "loops": [] if args.skip_loops else loops(args.rounds, args.repeats, args.ways),
-        "aggregation": [] if args.skip_aggregation else aggregation(args.updates, memory_mib),
-        "sap": [] if args.skip_sap else sap_steps(args.sap_reps),
+        "note": "medians of alternating runs per way; peak RSS per subprocess; `commands`: what made each part",
+        "commands": {**last.get("commands", {}), **{part: command for part, skipped in
+                     (("loops", args.skip_loops), ("aggregation", args.skip_aggregation), ("sap", args.skip_sap))
+                     if not skipped}},
+        "loops": last.get("loops", []) if args.skip_loops else loops(args.rounds, args.repeats, args.ways),
+        "aggregation": last.get("aggregation", []) if args.skip_aggregation else aggregation(args.updates,
+                                                                                            memory_mib),
+        "sap": last.get("sap", []) if args.skip_sap else sap_steps(args.sap_reps),
     }
     print(table(result))
-    out = ROOT / "bench" / "results" / "scale.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     from fedmef_core.io import write_text
 

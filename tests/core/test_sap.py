@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmef_core import sap as sap_module
 from fedmef_core.config import SapConfig, parse_config
 from fedmef_core.data import load_dataset, partition_indices
 from fedmef_core.device import resolve_device
 from fedmef_core.engine import Server, run_rounds
-from fedmef_core import sap as sap_module
 from fedmef_core.sap import (
     SAMPLE,
     apply_sap,
