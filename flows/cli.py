@@ -17,7 +17,7 @@ import yaml
 
 from fedmef_core.config import ConfigError, ExperimentConfig, checked, load_config
 from fedmef_core.errors import UserError
-from flows.lifecycle import EXIT_CODES, Interrupted, detach_temporary_server, signals_interrupt
+from flows.lifecycle import detach_temporary_server, exit_code, signals_interrupt
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -58,7 +58,7 @@ def main(
         sys.exit(2)
     except (KeyboardInterrupt, TerminationSignal) as exc:
         print("interrupted: the last checkpoint is kept", file=sys.stderr)
-        sys.exit(exc.exit_code if isinstance(exc, Interrupted) else EXIT_CODES.get(getattr(exc, "signal", 2), 130))
+        sys.exit(exit_code(exc))
 
 
 def fails_cleanly(body: Callable[..., Any]) -> Callable[..., Any]:

@@ -33,9 +33,12 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
-    @property
-    def exit_code(self) -> int:
-        return EXIT_CODES.get(self.signum, 128 + self.signum)
+
+def exit_code(stopped: BaseException) -> int:
+    """The exit status for a flow stopped by `stopped`: an :class:`Interrupted`, Prefect's
+    ``TerminationSignal`` (it carries ``signal``) or a plain ``KeyboardInterrupt`` (Ctrl-C)."""
+    signum = stopped.signum if isinstance(stopped, Interrupted) else getattr(stopped, "signal", signal.SIGINT)
+    return EXIT_CODES.get(signum, 128 + signum)
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:

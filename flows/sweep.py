@@ -32,7 +32,7 @@ from fedmef_core.data import load_dataset
 from fedmef_core.errors import UserError
 from fedmef_core.io import write_json, write_text
 from flows.cli import _parse_override
-from flows.lifecycle import Interrupted, detach_temporary_server, signals_interrupt
+from flows.lifecycle import detach_temporary_server, exit_code, signals_interrupt
 from flows.train import train
 from tasks.comparison import (
     CellResult,
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (KeyboardInterrupt, TerminationSignal) as exc:
         print("interrupted: finished cells and checkpoints are kept; run the same sweep again to resume",
               file=sys.stderr)
-        sys.exit(exc.exit_code if isinstance(exc, Interrupted) else 143)
+        sys.exit(exit_code(exc))
 
 
 if __name__ == "__main__":

@@ -99,3 +99,14 @@ def test_kill_9_leaves_no_temporary_server_behind(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     _no_orphans(home)
+
+
+def test_every_way_a_flow_is_stopped_has_its_shells_exit_status():
+    """The CLI and the sweep share one mapping: SIGINT 130, SIGTERM 143, whatever raised it."""
+    from prefect.exceptions import TerminationSignal
+
+    from flows.lifecycle import Interrupted, exit_code
+
+    assert exit_code(Interrupted(signal.SIGINT)) == exit_code(KeyboardInterrupt()) == 130
+    assert exit_code(Interrupted(signal.SIGTERM)) == exit_code(TerminationSignal(signal.SIGTERM)) == 143
+    assert exit_code(Interrupted(signal.SIGHUP)) == 128 + signal.SIGHUP
