@@ -11,7 +11,7 @@ import time
 from prefect import flow
 
 from fedmef_core.config import ExperimentConfig
-from fedmef_core.data import partition_digest
+from fedmef_core.data import split_digest
 from fedmef_core.runs import run_lock, run_name, run_paths
 from flows.cli import fails_cleanly, main
 from flows.lifecycle import safe_points
@@ -27,15 +27,16 @@ from tasks.tracking import tracked_run
 def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
     """One experiment in its run folder: the round loop. `tags` go on a new MLflow run (e.g. a sweep's
     parent run id). Called by the train flow and by every cell of a sweep."""
-    paths, rt = run_paths(config), config.runtime
+    paths = run_paths(config)
     with run_lock(paths):
         server = start_server(config)
         memory = client_step_report(config, server.model, server.train, server.device)  # of the initial model
-        resumed = resume(server, config, paths)
+        partition = split_digest(server.parts)  # part of what a checkpoint must match to be resumed
+        resumed = resume(server, config, paths, partition)
         run_id = (resumed or {}).get("extra", {}).get("mlflow_run_id") or None
         with tracked_run(config, run_name(config), run_id, tags) as tracker, client_updates(config, paths) as updates:
             log_memory_report(config, memory, paths, tracker if resumed is None else None)
-            identity = {"mlflow_run_id": tracker.run_id or "", "partition": partition_digest(rt.partitions_dir)}
+            identity = {"mlflow_run_id": tracker.run_id or "", "partition": partition}
             save = RoundSaver(config, paths, identity, fresh=resumed is None)
             report = RoundReporter(config, paths, tracker, first_round=server.round + 1)
             report.setup(server.setup(updates))

@@ -23,7 +23,7 @@ from fedmef_core.checkpoint import (
     save_checkpoint,
 )
 from fedmef_core.config import ExperimentConfig, identity_of
-from fedmef_core.data import load_dataset, load_partition, partition_digest, partition_origin
+from fedmef_core.data import load_dataset, load_partition, partition_origin
 from fedmef_core.device import resolve_device
 from fedmef_core.engine import Server
 from fedmef_core.models import build_model
@@ -33,7 +33,7 @@ from tasks.masks import save_adjusted_masks
 
 def resume_point(config: ExperimentConfig, paths: RunPaths, partition: str) -> dict | None:
     """The newest good checkpoint written by this same configuration on this same partition (its
-    :func:`partition_digest`), or None."""
+    :func:`~fedmef_core.data.split_digest`), or None."""
     if not config.runtime.resume:
         return None
     identity = config.identity()
@@ -88,9 +88,10 @@ def start_server(config: ExperimentConfig) -> Server:
     return Server(config, train, test, parts, resolve_device(config.runtime.device))
 
 
-def resume(server: Server, config: ExperimentConfig, paths: RunPaths) -> dict | None:
-    """Restore `server` from this run's newest good checkpoint on the same partition; return it (or None)."""
-    resumed = resume_point(config, paths, partition_digest(config.runtime.partitions_dir))
+def resume(server: Server, config: ExperimentConfig, paths: RunPaths, partition: str) -> dict | None:
+    """Restore `server` from this run's newest good checkpoint on the same partition (`partition`: the
+    :func:`split_digest` of the server's split); return it (or None)."""
+    resumed = resume_point(config, paths, partition)
     if resumed is not None:
         server.restore(resumed)
         print(f"resuming from round {server.round} (checkpoint in {paths.checkpoints})", flush=True)

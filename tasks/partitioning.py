@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import task
 
 from fedmef_core.config import ExperimentConfig
-from fedmef_core.data import load_dataset, partition_indices, partition_origin, partition_stats, save_partition
+from fedmef_core.data import load_dataset, write_partition
 from fedmef_core.plots import plot_partition_heatmap
 
 
@@ -21,10 +21,7 @@ def partition_dataset(config: ExperimentConfig) -> dict:
     """Write `clients.json` (with the record of what it was made from), `stats.json` and the heat map;
     return a small summary."""
     train, _ = load_dataset(config.data)
-    labels = train.labels.numpy()
-    parts = partition_indices(labels, config.federation.num_clients, config.partition)
-    stats = partition_stats(parts, labels, train.num_classes)
-    save_partition(parts, stats, config.runtime.partitions_dir, origin=partition_origin(config, labels))
+    parts, stats = write_partition(config, train.labels.numpy(), train.num_classes)
     plot_partition_heatmap(stats["histogram"], partition_plot_path(config), class_names=train.class_names)
     sizes = stats["sizes"]
     return {

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedmef_core.config import parse_config
-from fedmef_core.data import load_dataset, partition_indices, partition_origin, partition_stats, save_partition
+from fedmef_core.data import load_dataset, partition_indices, write_partition
 from fedmef_core.device import resolve_device
 from fedmef_core.engine import Server, run_rounds
 
@@ -79,13 +79,7 @@ def prepare_run(tmp_path: Path, **federation) -> tuple[Path, object]:
 def save_partition_of(config) -> list:
     """Split the training set as the partition stage does and save it where the train flow reads it."""
     train, _ = load_dataset(config.data)
-    labels = train.labels.numpy()
-    parts = partition_indices(labels, config.federation.num_clients, config.partition)
-    save_partition(
-        parts, partition_stats(parts, labels, train.num_classes), config.runtime.partitions_dir,
-        origin=partition_origin(config, labels),
-    )
-    return parts
+    return write_partition(config, train.labels.numpy(), train.num_classes)[0]
 
 
 def uninterrupted_metrics(config) -> list[tuple]:

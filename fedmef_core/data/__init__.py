@@ -10,6 +10,8 @@ from fedmef_core.data.partition import (
     partition_origin,
     partition_stats,
     save_partition,
+    split_digest,
+    write_partition,
 )
 
 __all__ = [
@@ -24,4 +26,6 @@ __all__ = [
     "partition_origin",
     "partition_stats",
     "save_partition",
+    "split_digest",
+    "write_partition",
 ]

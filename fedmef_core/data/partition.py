@@ -177,6 +177,15 @@ def save_partition(parts: list[np.ndarray], stats: dict, out_dir: str | Path, or
     write_json(out_dir / "stats.json", stats)
 
 
+def write_partition(config: ExperimentConfig, labels: np.ndarray, num_classes: int) -> tuple[list[np.ndarray], dict]:
+    """Split `labels` as `config` says and save the split, its origin and its stats in
+    `runtime.partitions_dir` (the partition stage's work); returns (parts, stats)."""
+    parts = partition_indices(labels, config.federation.num_clients, config.partition)
+    stats = partition_stats(parts, labels, num_classes)
+    save_partition(parts, stats, config.runtime.partitions_dir, origin=partition_origin(config, labels))
+    return parts, stats
+
+
 def load_partition(out_dir: str | Path, expected: dict[str, Any] | None = None) -> list[np.ndarray]:
     """Read out_dir/clients.json back into int64 arrays, refusing anything training could trip over.
 
@@ -203,15 +212,20 @@ def load_partition(out_dir: str | Path, expected: dict[str, Any] | None = None) 
 
 
 def partition_digest(out_dir: str | Path) -> str:
-    """A sha256 of the saved split (which samples each client holds, in client order), hex.
+    """:func:`split_digest` of the split saved in `out_dir`."""
+    return split_digest(load_partition(out_dir))
+
+
+def split_digest(parts: list[np.ndarray]) -> str:
+    """A sha256 of a split (which samples each client holds, in client order), hex.
 
     It depends only on the index lists: not on JSON formatting nor on the recorded origin, so two saves of
     the same split agree, and any moved, added or removed sample changes it.
     """
     digest = hashlib.sha256()
-    for part in load_partition(out_dir):
+    for part in parts:
         digest.update(np.int64(part.size).astype("<i8").tobytes())
-        digest.update(part.astype("<i8").tobytes())
+        digest.update(np.asarray(part).astype("<i8").tobytes())
     return digest.hexdigest()
 
 
