@@ -4,8 +4,10 @@
     python bench/overhead.py [--rounds 5] [--repeats 2] [--params params.yaml]
 
 Prints a table and writes bench/results/overhead.json. The default experiment's config is used with
-`federation.rounds` lowered; every way runs the same rounds, so the comparison is like for like. The
-ways run in turn, `--repeats` times, and the median is reported: on a shared machine the speed of the
+`federation.rounds` lowered; every way runs the same rounds, so the comparison is like for like, and
+s/round is the steady state from the end of round 1 to the end of the last (`bench.scale.timed_rounds`:
+start-up and round 1's first calls are left out; before, they were spread over the rounds). The ways run
+in turn, `--repeats` times, and the median is reported: on a shared machine the speed of the
 same loop drifts by 10-20% over minutes, as much as the overhead being measured.
 """
 
@@ -17,22 +19,14 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import flows  # noqa: E402,F401 - quiet Prefect defaults
+from bench.scale import timed_rounds  # noqa: E402
 from fedmef_core.config import load_config, parse_config  # noqa: E402
-from fedmef_core.data import (  # noqa: E402
-    load_dataset,
-    partition_indices,
-    partition_origin,
-    partition_stats,
-    save_partition,
-)
-from fedmef_core.device import resolve_device  # noqa: E402
-from fedmef_core.engine import Server, run_rounds  # noqa: E402
+from fedmef_core.data import load_dataset, write_partition  # noqa: E402
 
 
 def _config(params: str, rounds: int, work: Path, **runtime):
@@ -46,28 +40,12 @@ def _config(params: str, rounds: int, work: Path, **runtime):
     return parse_config(raw)
 
 
-def prepared(config):
-    """Write the partition the train flow reads (the same split for every way)."""
+def seconds_per_round(config, bare: bool) -> float:
+    """Write the partition the train flow reads (the same split for every way) and time the rounds
+    (steady state, see :func:`bench.scale.timed_rounds`) of the bare loop on it, or of the train flow."""
     train, _ = load_dataset(config.data)
-    parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
-    stats = partition_stats(parts, train.labels.numpy(), train.num_classes)
-    save_partition(parts, stats, config.runtime.partitions_dir, origin=partition_origin(config, train.labels.numpy()))
-    return config
-
-
-def bare(config) -> float:
-    train, test = load_dataset(config.data)
-    parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
-    server = Server(config, train, test, parts, resolve_device(config.runtime.device))
-    start = time.perf_counter()
-    run_rounds(server, checkpoint_dir=config.runtime.checkpoints_dir)
-    return (time.perf_counter() - start) / config.federation.rounds
-
-
-def flow(config) -> float:
-    from flows.train import train_flow
-
-    return train_flow(config)["seconds_per_round"]
+    parts, _ = write_partition(config, train.labels.numpy(), train.num_classes)
+    return timed_rounds(config, parts if bare else None)["s_per_round"]
 
 
 def main() -> None:
@@ -78,17 +56,17 @@ def main() -> None:
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args()
-    ways = {"bare fedmef_core loop": (bare, {}), "Prefect flow + MLflow (local)": (flow, {})}
+    ways = {"bare fedmef_core loop": (True, {}), "Prefect flow + MLflow (local)": (False, {})}
     if not args.skip_ray:
-        ways["Prefect flow + MLflow (Ray, 2 workers)"] = (flow, {"runner": "ray", "workers": 2})
+        ways["Prefect flow + MLflow (Ray, 2 workers)"] = (False, {"runner": "ray", "workers": 2})
     samples: dict[str, list[float]] = {name: [] for name in ways}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))
         for rep in range(args.repeats):
-            for i, (name, (run, runtime)) in enumerate(ways.items()):
-                config = prepared(_config(args.params, args.rounds, work / f"{rep}-{i}", **runtime))
-                samples[name].append(run(config))
+            for i, (name, (bare, runtime)) in enumerate(ways.items()):
+                config = _config(args.params, args.rounds, work / f"{rep}-{i}", **runtime)
+                samples[name].append(seconds_per_round(config, bare))
                 print(f"[repeat {rep + 1}/{args.repeats}] {name}: {samples[name][-1]:.2f} s/round", flush=True)
     results = {name: statistics.median(values) for name, values in samples.items()}
     base = results["bare fedmef_core loop"]

@@ -68,35 +68,43 @@ def loop_config(work: Path, clients: int, per_round: int, rounds: int, way: str 
     return parse_config(raw)
 
 
-def run_loop(way: str, clients: int, per_round: int, rounds: int) -> dict:
-    """One way's seconds per round (this process)."""
+def timed_rounds(config, parts: list | None = None) -> dict:
+    """How long `config`'s rounds take: ``s_per_round``, the steady state from the end of round 1 to the end
+    of round R (the first round pays start-up and first-call costs: Ray's workers, ~10 s), and
+    ``first_round_s``, round 1 with the start-up. With `parts` the bare `fedmef_core` loop runs on them (its
+    round callback times them); without, the train flow does (the MLflow timestamps of each round's metrics:
+    tracking must be on)."""
     import flows  # noqa: F401 - quiet Prefect defaults
     from fedmef_core.data import load_dataset
     from fedmef_core.device import resolve_device
     from fedmef_core.engine import Server, run_rounds
+
+    if parts is not None:
+        train, test = load_dataset(config.data)
+        server = Server(config, train, test, parts, resolve_device(config.runtime.device))
+        ends = [time.perf_counter()]
+        run_rounds(server, checkpoint_dir=config.runtime.checkpoints_dir,
+                   on_round=lambda rnd, metrics: rnd and ends.append(time.perf_counter()))
+    else:
+        from mlflow import MlflowClient
+
+        from flows.train import train_flow
+
+        started = time.time()
+        run_id = train_flow(config)["mlflow_run_id"]
+        history = MlflowClient(config.tracking.mlflow_uri).get_metric_history(run_id, "train_loss")
+        ends = [started] + [m.timestamp / 1000 for m in sorted(history, key=lambda m: m.step)]
+    return {"s_per_round": (ends[-1] - ends[1]) / (len(ends) - 2), "first_round_s": ends[1] - ends[0]}
+
+
+def run_loop(way: str, clients: int, per_round: int, rounds: int) -> dict:
+    """One way's seconds per round (this process)."""
     from tests.conftest import save_partition_of
 
     with tempfile.TemporaryDirectory(prefix="fedmef-scale-") as tmp:
         config = loop_config(Path(tmp), clients, per_round, rounds, way)
         parts = save_partition_of(config)
-        if way == "bare":
-            train, test = load_dataset(config.data)
-            server = Server(config, train, test, parts, resolve_device("cpu"))
-            ends = [time.perf_counter()]
-            run_rounds(server, checkpoint_dir=config.runtime.checkpoints_dir,
-                       on_round=lambda rnd, metrics: rnd and ends.append(time.perf_counter()))
-        else:
-            from mlflow import MlflowClient
-
-            from flows.train import train_flow
-
-            started = time.time()
-            run_id = train_flow(config)["mlflow_run_id"]
-            history = MlflowClient(config.tracking.mlflow_uri).get_metric_history(run_id, "train_loss")
-            ends = [started] + [m.timestamp / 1000 for m in sorted(history, key=lambda m: m.step)]
-    # steady state: round ends 1..R (the first round pays worker start-up and first-call costs)
-    return {"s_per_round": (ends[-1] - ends[1]) / (rounds - 1), "first_round_s": ends[1] - ends[0],
-            "peak_rss_mib": peak_rss_mib()}
+        return {**timed_rounds(config, parts if way == "bare" else None), "peak_rss_mib": peak_rss_mib()}
 
 
 def run_aggregation(way: str, count: int) -> dict:
