@@ -127,8 +127,8 @@ def run_aggregation(way: str, count: int) -> dict:
 
     start = time.perf_counter()
     if way == "streaming":
-        results = RoundResults({c: 10 + c % 5 for c in range(count)}, update)
-        aggregator = FederatedAlgorithm(parse_config(tiny_raw())).aggregator(1, model, {}, results.total_samples)
+        results = RoundResults.fetched(range(count), update)
+        aggregator = FederatedAlgorithm(parse_config(tiny_raw())).aggregator(1, model, {})
         for r in results:
             aggregator.add(r)
             del r

@@ -1,43 +1,41 @@
 """Server aggregation: sample-weighted averaging of client states (FedAvg), one state at a time.
 
-`WeightedSum` folds each client state into float64 running sums as it arrives, so the server holds
-the running sums and one client state, never all K of them. The weights' total is fixed up front
-(the server knows each answering client's sample count before it reads any state), which makes the
-streamed result bit-identical to averaging the list in the same order.
+`WeightedSum` folds each client state into float64 running sums as it arrives (``sum_k n_k * state_k``)
+and divides by the weights that really arrived at the end, so the server holds the running sums and one
+client state, never all K of them, and needs to know neither how many clients will answer nor their
+sample counts up front (a client dropped half-way through a round changes nothing else). Folded in the
+same order, the streamed result is bit-identical to averaging the list.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
 
 class WeightedSum:
-    """The weighted mean of states added one by one; `total` is the sum of all the weights to come.
+    """The weighted mean of states added one by one.
 
-    Floating tensors are accumulated in float64 (``acc += state * (weight / total)``, in the order of
-    :meth:`add`) and cast back by :meth:`result`, so it is the exact weighted mean up to the final
-    rounding. Integer buffers (e.g. BatchNorm's batch counter) take the maximum.
+    Floating tensors are accumulated in float64 (``acc += state * weight``, in the order of :meth:`add`),
+    divided by the sum of the weights and cast back by :meth:`result`, so it is the exact weighted mean up
+    to the final rounding. Integer buffers (e.g. BatchNorm's batch counter) take the maximum.
     """
 
-    def __init__(self, total: float):
-        self.total = float(total)
-        if self.total <= 0:
-            raise ValueError("the weights must sum to a positive number")
+    def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
         self._dtypes: dict[str, torch.dtype] = {}
-        self._added = 0.0
+        self.total = 0.0
 
     def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
+        if float(weight) <= 0:
+            raise ValueError(f"a state's weight must be positive, not {weight}")
         if not self._sums:
             self._start(state)
-        share = float(weight) / self.total
-        self._added += float(weight)
+        self.total += float(weight)
         for key, acc in self._sums.items():
             if self._dtypes[key].is_floating_point:
-                acc.add_(state[key].to(torch.float64), alpha=share)
+                acc.add_(state[key].to(torch.float64), alpha=float(weight))
             else:
                 torch.maximum(acc, state[key], out=acc)
 
@@ -50,9 +48,8 @@ class WeightedSum:
     def result(self) -> dict[str, torch.Tensor]:
         if not self._sums:
             raise ValueError("weighted_average needs at least one state")
-        if not math.isclose(self._added, self.total, rel_tol=1e-9):
-            raise ValueError(f"the weights added sum to {self._added}, not to the announced total {self.total}")
-        return {key: acc.to(self._dtypes[key]) for key, acc in self._sums.items()}
+        return {key: (acc / self.total if self._dtypes[key].is_floating_point else acc).to(self._dtypes[key])
+                for key, acc in self._sums.items()}
 
 
 def weighted_average(
@@ -64,7 +61,7 @@ def weighted_average(
         raise ValueError("weighted_average needs at least one state")
     if len(states) != len(weights):
         raise ValueError(f"{len(states)} states but {len(weights)} weights")
-    acc = WeightedSum(sum(weights))
+    acc = WeightedSum()
     for state, w in zip(states, weights):
         acc.add(state, w)
     return acc.result()

@@ -4,11 +4,12 @@
 updates (in-process here; Prefect tasks or Ray workers in the pipeline), aggregate, evaluate,
 checkpoint. Methods vary it only through the hooks of `FederatedAlgorithm`.
 
-Aggregation streams: an executor may return :class:`RoundResults`, which names the clients that
-answered (and their sample counts) up front and hands over their results one at a time, in client-id
-order; the method's :class:`~fedmef_core.algorithms.base.Aggregator` folds each into running sums and
-drops it, so the server never holds more than one client's update (the in-process executor of
-`run_rounds` trains each client only when its result is read).
+Aggregation streams: an executor may return :class:`RoundResults`, which hands over the round's
+client results one at a time, in client-id order, as they are read from disk or trained; the method's
+:class:`~fedmef_core.algorithms.base.Aggregator` folds each into running sums and drops it, so the server
+never holds more than one client's update (the in-process executor of `run_rounds` trains each client
+only when the aggregation asks for its result). Nothing is needed up front: a client that never answers
+simply never arrives.
 
 On adjustment rounds of methods that prune the averaged model on the server (FedTiny, FedMef, PruneFL)
 the engine also tests the averaged model right before the prune-and-grow and reports
@@ -19,7 +20,7 @@ other rounds or methods).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,41 +37,37 @@ from fedmef_core.models import GLOBAL_RNG, build_model
 
 
 class RoundResults:
-    """A round's client results, handed over one at a time in client-id order.
+    """A round's client results, handed over one at a time in client-id order by iterating.
 
-    `samples` maps every client that answered to its sample count, known before any result is read
-    (so aggregation weights are fixed up front); ``fetch(client_id)`` returns that client's whole
-    result (reads it from disk, or trains it), once. ``fetch_seconds`` adds up the time spent fetching.
+    `results` yields them lazily (reads each from disk, or trains it, when asked); iterate once.
+    ``fetch_seconds`` adds up the time spent producing them.
     """
 
-    def __init__(self, samples: Mapping[int, int], fetch: Callable[[int], ClientResult]):
-        self.samples = dict(sorted(samples.items()))
-        self._fetch = fetch
+    def __init__(self, results: Iterable[ClientResult]):
+        self._results = iter(results)
         self.fetch_seconds = 0.0
 
     @classmethod
     def of(cls, results: Iterable[ClientResult]) -> RoundResults:
-        """Results already in memory."""
-        by_id = {r.client_id: r for r in results}
-        return cls({c: r.num_samples for c, r in by_id.items()}, by_id.__getitem__)
+        """Results already in memory (in any order)."""
+        return cls(sorted(results, key=lambda r: r.client_id))
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    @property
-    def total_samples(self) -> int:
-        return sum(self.samples.values())
+    @classmethod
+    def fetched(cls, clients: Iterable[int], fetch: Callable[[int], ClientResult]) -> RoundResults:
+        """``fetch(client_id)`` for each of `clients`, in client-id order, when the aggregation reaches it."""
+        return cls(fetch(c) for c in sorted(clients))
 
     def __iter__(self) -> Iterator[ClientResult]:
-        for client_id in self.samples:
-            yield self._timed_fetch(client_id)  # no reference kept here: one result alive at a time
-
-    def _timed_fetch(self, client_id: int) -> ClientResult:
-        start = time.perf_counter()
-        try:
-            return self._fetch(client_id)
-        finally:
-            self.fetch_seconds += time.perf_counter() - start
+        while True:
+            start = time.perf_counter()
+            try:
+                result = next(self._results)
+            except StopIteration:
+                return
+            finally:
+                self.fetch_seconds += time.perf_counter() - start
+            yield result
+            del result  # no reference kept here: one result alive at a time
 
 
 ClientExecutor = Callable[[Broadcast, list[int]], "RoundResults | list[ClientResult]"]
@@ -137,12 +134,14 @@ class Server:
         before this call (time spent fetching streamed results is added)."""
         if not isinstance(results, RoundResults):
             results = RoundResults.of(results)
-        aggregator = self.algorithm.aggregator(rnd, self.model, self.state, results.total_samples)
+        aggregator = self.algorithm.aggregator(rnd, self.model, self.state)
         losses = []
         for r in results:
             aggregator.add(r)
             losses.append(r.train_loss * r.num_samples)
             del r  # released before the next one is fetched
+        if not aggregator.clients:
+            raise ValueError(f"round {rnd}: no client result to aggregate")
         before: list[EvalResult] = []  # the averaged model's test result, where the method prunes it after
         method_metrics = aggregator.finish(self.model, self.state,
                                            before_adjust=lambda: before.append(self._evaluate()))
@@ -150,8 +149,8 @@ class Server:
         metrics: dict[str, float] = {
             "round": rnd,
             "lr": self.lr_for_round(rnd),
-            "train_loss": sum(losses) / results.total_samples,
-            "clients": len(results),
+            "train_loss": sum(losses) / aggregator.samples,
+            "clients": aggregator.clients,
             "round_seconds": seconds + results.fetch_seconds,
             **method_metrics,
         }
@@ -213,7 +212,7 @@ def streaming_executor(server: Server) -> ClientExecutor:
         def train(c: int) -> ClientResult:
             return run_client(server.config, broadcast, c, server.train, server.parts[c], server.device)
 
-        return RoundResults({c: len(server.parts[c]) for c in clients}, train)
+        return RoundResults.fetched(clients, train)
 
     return execute
 

@@ -4,8 +4,9 @@
   send SIGTERM. Both become a :class:`Interrupted` (a ``KeyboardInterrupt``) in the flow, so the training
   unwinds through its context managers: the MLflow run is marked KILLED, the run folder's lock and the
   exchange folder are released, and the last checkpoint (written atomically) is kept. During training the
-  exception is raised only at safe points (:func:`safe_points`): at once while clients compute (nothing
-  shared is being written then), otherwise when the round's checkpoint and tracking writes are done.
+  exception is raised only at safe points (:func:`safe_points`): at once while clients compute or the
+  server aggregates (nothing shared is being written then), otherwise when the round's checkpoint and
+  tracking writes are done.
 - Without ``PREFECT_API_URL``, Prefect runs flows against a temporary server it starts as a child process.
   That child is moved into its own session, so a terminal's Ctrl-C does not stop it under a flow that is
   still reporting to it, and it is told to die with its parent, so a ``kill -9`` leaves no server behind.

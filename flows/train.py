@@ -1,4 +1,4 @@
-"""Train flow: federated rounds in order, one Prefect task per client update, tracked in MLflow.
+"""Train flow: federated rounds in order, one Prefect task per wave of client updates, tracked in MLflow.
 
 The whole training, top to bottom: hold the run folder, resume or start, then per round broadcast,
 client updates, aggregate, checkpoint, report.
@@ -43,9 +43,9 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
             with safe_points() as stop:  # Ctrl-C / SIGTERM: at once while clients train, else after the writes
                 for rnd in server.pending_rounds():
                     started = time.perf_counter()
-                    with stop.interruptible():
+                    with stop.interruptible():  # training and aggregation change nothing on disk
                         results = updates(server.broadcast(rnd), server.sample_clients(rnd))
-                    metrics = server.finish_round(rnd, results, time.perf_counter() - started)
+                        metrics = server.finish_round(rnd, results, time.perf_counter() - started)
                     metrics["dropped_clients"] = updates.dropped.pop(rnd, 0)
                     save(server, rnd, metrics, tracker)
                     report(server, rnd, metrics)

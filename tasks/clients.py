@@ -1,9 +1,14 @@
-"""Client updates as Prefect tasks: one task per wave of clients, each client retried, then dropped; only
-paths cross the boundary.
+"""Client updates as Prefect tasks: one task per wave of clients, each client retried, then dropped.
 
 `client_updates(config)` opens the round's exchange folder and the task runner (local or Ray) and yields
-an executor, ``updates(broadcast, clients) -> RoundResults``, that the train flow calls once a round; the
-server's aggregation then reads the updates from disk one at a time.
+an executor, ``updates(broadcast, clients) -> RoundResults``, that the train flow calls once a round. Two
+ways to hand the updates to the server's aggregation, which folds them one at a time in client-id order:
+
+- one worker in the flow's own thread (`runtime.runner: local`, `runtime.workers: 1`, the default): the
+  wave is a generator task that yields each client's update as it is trained, straight into the
+  aggregation — nothing is written to disk and only one update is alive at a time;
+- several workers (threads or Ray): each wave writes its updates to the exchange folder and only paths
+  cross the task boundary; the aggregation then reads them one at a time, deleting each once read.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from fedmef_core.device import resolve_device
 from fedmef_core.engine import RoundResults
 from fedmef_core.errors import UserError
 from fedmef_core.runs import RunPaths
-from tasks.runners import Submit, task_runner
+from tasks.runners import Submit, runs_in_this_thread, task_runner
 
 
 @lru_cache(maxsize=4)
@@ -46,18 +51,49 @@ def update_path(out_dir: str | Path, rnd: int, client_id: int) -> Path:
     return Path(out_dir) / f"update_r{rnd:04d}_c{client_id:04d}.pt"
 
 
-def client_update(config: ExperimentConfig, broadcast: Broadcast, client_id: int, out_dir: str) -> dict:
-    """Train one client from the broadcast; write its update and return ``{"path", "num_samples", "loss"}``.
-
-    Workers load their own shard from the partition files: only paths cross the task boundary.
-    """
+def train_client(config: ExperimentConfig, broadcast: Broadcast, client_id: int) -> ClientResult:
+    """Train one client from the broadcast. Workers load their own shard from the partition files."""
     train, _ = load_dataset(config.data)
     indices = cached_partition(config.runtime.partitions_dir)[client_id]
     result = run_client(config, broadcast, client_id, train, indices, resolve_device(config.runtime.device))
-    path = save_exchange(update_path(out_dir, broadcast.round, client_id), result.to_dict())
     print(f"round {broadcast.round}: client {client_id} trained on {result.num_samples} samples, "
           f"loss {result.train_loss:.4f}", flush=True)
-    return {"path": str(path), "num_samples": result.num_samples, "loss": result.train_loss}
+    return result
+
+
+class Trained:
+    """One client of a wave: its update, or why it was dropped (`failure`, "Error: message").
+
+    The update is taken out with :meth:`take`, which leaves the box empty: whatever still holds the box
+    (Prefect's generator engine keeps the last value yielded while the next client trains) no longer
+    holds the update, so only one is alive at a time.
+    """
+
+    def __init__(self, client: int, result: ClientResult | None = None, failure: str | None = None):
+        self.client, self._result, self.failure = client, result, failure
+
+    def take(self) -> ClientResult:
+        result, self._result = self._result, None
+        if result is None:
+            raise ValueError(f"client {self.client}: no update to take ({self.failure or 'already taken'})")
+        return result
+
+
+def train_clients(config: ExperimentConfig, broadcast: Broadcast, clients: list[int]) -> Iterator[Trained]:
+    """Train `clients` in turn, one :class:`Trained` each: its update, or the failure of a client that failed
+    `runtime.client_retries` + 1 times (dropped; the others go on). A NaN/inf loss is not retried: it stops
+    the run."""
+    for c in clients:
+        try:
+            result = _retried(config, broadcast, c)
+        except NonFiniteLossError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any client fault (CUDA OOM included) drops the client
+            yield Trained(c, failure=f"{type(exc).__name__}: {exc}")
+            continue
+        trained = Trained(c, result)
+        del result  # the box holds the only reference
+        yield trained
 
 
 # log_prints=False: each client's line goes to the console only; Prefect gets one line per wave (from the
@@ -66,31 +102,40 @@ def client_update(config: ExperimentConfig, broadcast: Broadcast, client_id: int
       log_prints=False)
 def client_wave(config: ExperimentConfig, broadcast_path: str, rnd: int, first: int, last: int,
                 clients: list[int], out_dir: str) -> dict:
-    """Train a wave of clients in turn (one task, one broadcast read); a failing client is retried
-    `runtime.client_retries` times, then dropped, while the others go on. A NaN/inf loss is not retried:
-    it stops the run.
+    """Train a wave of clients in turn (one task, one broadcast read), writing each update to `out_dir`
+    (see :func:`train_clients` for retries and drops).
 
     Returns ``{"updates": {client: {"path", "num_samples", "loss"}}, "failures": {client: "Error: message"}}``.
     """
     broadcast = Broadcast.from_dict(load_exchange(broadcast_path))
     updates, failures = {}, {}
-    for c in clients:
-        try:
-            updates[c] = _retried(config, broadcast, c, out_dir)
-        except NonFiniteLossError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any client fault (CUDA OOM included) drops the client
-            failures[c] = f"{type(exc).__name__}: {exc}"
+    for trained in train_clients(config, broadcast, clients):
+        if trained.failure is not None:
+            failures[trained.client] = trained.failure
+            continue
+        result = trained.take()
+        path = save_exchange(update_path(out_dir, rnd, result.client_id), result.to_dict())
+        updates[result.client_id] = {"path": str(path), "num_samples": result.num_samples,
+                                     "loss": result.train_loss}
     return {"updates": updates, "failures": failures}
 
 
-def _retried(config: ExperimentConfig, broadcast: Broadcast, client_id: int, out_dir: str) -> dict:
-    """:func:`client_update`, retried `runtime.client_retries` times on any fault but a NaN/inf loss (a retry
+@task(name="client-wave", cache_policy=NO_CACHE, task_run_name="round-{rnd}-clients-{first}-{last}",
+      log_prints=False)
+def client_wave_in_memory(config: ExperimentConfig, broadcast: Broadcast, rnd: int, first: int, last: int,
+                          clients: list[int]) -> Iterator[Trained]:
+    """Train a wave of clients in turn in this process, yielding each update (or its drop) as it is
+    trained (see :func:`train_clients`); the task run ends when the last client has been handed over."""
+    yield from train_clients(config, broadcast, clients)
+
+
+def _retried(config: ExperimentConfig, broadcast: Broadcast, client_id: int) -> ClientResult:
+    """:func:`train_client`, retried `runtime.client_retries` times on any fault but a NaN/inf loss (a retry
     would fail the same way)."""
     retries = config.runtime.client_retries
     for attempt in range(retries + 1):
         try:
-            return client_update(config, broadcast, client_id, out_dir)
+            return train_client(config, broadcast, client_id)
         except NonFiniteLossError:
             raise
         except Exception as exc:  # noqa: BLE001 - the last attempt's fault drops the client
@@ -120,25 +165,30 @@ def waves(clients: list[int], count: int) -> list[list[int]]:
 
 
 class ClientUpdates:
-    """``updates(broadcast, clients)``: the round's client updates, as `runtime.workers` Prefect tasks
+    """``updates(broadcast, clients)``: the round's client updates, as at most `runtime.workers` Prefect tasks
     (waves of clients), so the orchestration cost per round does not grow with the clients per round.
 
     A failing client is retried `runtime.client_retries` times inside its wave, then dropped
     (``dropped[round]`` counts them); a wave that fails as a whole drops its clients. The round goes on with
-    the clients that succeeded unless fewer than `federation.min_clients` did. The updates stay on disk
-    until the aggregation reads them, one at a time (a :class:`RoundResults`); each file is deleted once read.
+    the clients that succeeded unless fewer than `federation.min_clients` did. The updates reach the
+    aggregation one at a time (a :class:`RoundResults`): in memory from a wave trained in this thread
+    (`in_memory`), else from the exchange folder, each file deleted once read. With `in_memory` the clients
+    train while the aggregation iterates, so drops are counted (and too few successes raised) when it has
+    read the last one.
     """
 
-    def __init__(self, config: ExperimentConfig, exchange_dir: Path, submit: Submit):
-        self.config, self.exchange_dir, self.submit = config, exchange_dir, submit
+    def __init__(self, config: ExperimentConfig, exchange_dir: Path, submit: Submit, in_memory: bool = False):
+        self.config, self.exchange_dir, self.submit, self.in_memory = config, exchange_dir, submit, in_memory
         self.dropped: dict[int, int] = {}
 
     def __call__(self, broadcast: Broadcast, clients: list[int]) -> RoundResults:
+        if self.in_memory:
+            return RoundResults(self._trained_here(broadcast, sorted(clients)))
         rnd = broadcast.round
         bpath = save_exchange(self.exchange_dir / f"broadcast_r{rnd:04d}.pt", broadcast.to_dict())
         batches = waves(sorted(clients), self.config.runtime.workers)
         futures = [self.submit(client_wave, self._parameters(bpath, rnd, wave)) for wave in batches]
-        updates, failures = {}, []
+        updates, failures = {}, {}
         try:
             for wave, future in zip(batches, futures):
                 try:
@@ -148,27 +198,43 @@ class ClientUpdates:
                 except Exception as exc:  # noqa: BLE001 - a wave lost as a whole (e.g. its worker died)
                     answer = {"updates": {}, "failures": {c: f"{type(exc).__name__}: {exc}" for c in wave}}
                 updates.update(answer["updates"])
-                failures += [f"client {c}: {why}" for c, why in answer["failures"].items()]
+                failures.update(answer["failures"])
                 print(wave_summary(rnd, wave, answer), flush=True)
         finally:
             _remove(bpath)
-        self.dropped[rnd] = len(failures)
-        for line in failures:
-            print(f"round {rnd}: dropped {line}", flush=True)
-        self._require_enough(rnd, len(updates), len(clients), failures)
-        return RoundResults({c: u["num_samples"] for c, u in updates.items()},
-                            lambda c: _read_once(Path(updates[c]["path"])))
+        self._close_round(rnd, len(updates), len(clients), failures)
+        return RoundResults.fetched(updates, lambda c: _read_once(Path(updates[c]["path"])))
+
+    def _trained_here(self, broadcast: Broadcast, clients: list[int]) -> Iterator[ClientResult]:
+        """One wave, trained in this thread as the aggregation asks for each update."""
+        rnd = broadcast.round
+        done, failures = {}, {}
+        for trained in client_wave_in_memory(self.config, broadcast, rnd, clients[0], clients[-1], clients):
+            if trained.failure is not None:
+                failures[trained.client] = trained.failure
+                continue
+            result = trained.take()
+            done[result.client_id] = {"num_samples": result.num_samples, "loss": result.train_loss}
+            yield result
+            del result  # the aggregation holds the only reference
+        print(wave_summary(rnd, clients, {"updates": done, "failures": failures}), flush=True)
+        self._close_round(rnd, len(done), len(clients), failures)
 
     def _parameters(self, broadcast_path: Path, rnd: int, wave: list[int]) -> dict:
         return {"config": self.config, "broadcast_path": str(broadcast_path), "rnd": rnd, "first": wave[0],
                 "last": wave[-1], "clients": wave, "out_dir": str(self.exchange_dir)}
 
-    def _require_enough(self, rnd: int, succeeded: int, asked: int, failures: list[str]) -> None:
+    def _close_round(self, rnd: int, succeeded: int, asked: int, failures: dict[int, str]) -> None:
+        """Count and show the round's drops; too few successes fail the round."""
+        self.dropped[rnd] = len(failures)
+        lines = [f"client {c}: {why}" for c, why in failures.items()]
+        for line in lines:
+            print(f"round {rnd}: dropped {line}", flush=True)
         need = self.config.federation.min_clients
         if succeeded < need:
             raise RoundFailedError(
                 f"round {rnd}: only {succeeded} of {asked} client updates succeeded (federation.min_clients is "
-                f"{need}); the last good checkpoint is kept. Failures: " + "; ".join(failures)
+                f"{need}); the last good checkpoint is kept. Failures: " + "; ".join(lines)
             )
 
 
@@ -221,4 +287,4 @@ def exchange_folder(config: ExperimentConfig, paths: RunPaths) -> Iterator[Path]
 def client_updates(config: ExperimentConfig, paths: RunPaths) -> Iterator[ClientUpdates]:
     """The executor of client updates, with its exchange folder and task runner."""
     with exchange_folder(config, paths) as exchange, task_runner(config) as submit:
-        yield ClientUpdates(config, exchange, submit)
+        yield ClientUpdates(config, exchange, submit, in_memory=runs_in_this_thread(config))

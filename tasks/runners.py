@@ -34,11 +34,16 @@ def _run_here(task: Any, parameters: dict[str, Any]) -> _Finished:
     return _Finished(task, parameters)
 
 
+def runs_in_this_thread(config: ExperimentConfig) -> bool:
+    """Whether client tasks run one at a time in the flow's own thread (local runner, one worker)."""
+    return config.runtime.runner == "local" and config.runtime.workers == 1
+
+
 @contextmanager
 def task_runner(config: ExperimentConfig) -> Iterator[Submit]:
     """Yield a `submit(task, parameters)` for `runtime.runner`."""
     if config.runtime.runner == "local":
-        if config.runtime.workers == 1:
+        if runs_in_this_thread(config):
             yield _run_here  # one at a time: the flow's own thread, where torch runs fastest
         else:
             yield lambda task, parameters: task.submit(**parameters)

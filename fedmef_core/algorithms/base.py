@@ -63,16 +63,20 @@ class Aggregator:
 
     The loop is shared; methods vary it through three hooks of their algorithm: ``round_sums`` (the running
     sums a round needs beyond the weighted average, e.g. summed gradient scores), ``fold`` (add one
-    client's result to them) and ``finish_aggregate`` (turn the averaged state and the sums into the new
-    global model and server state). `total` is the sum of the sample counts of all the results to come.
+    client's result to them, weighted by its sample count) and ``finish_aggregate`` (turn the averaged
+    state and the sums into the new global model and server state). Nothing about the results to come is
+    needed up front: ``clients`` and ``samples`` count those added so far.
     """
 
-    def __init__(self, algorithm: FederatedAlgorithm, rnd: int, model: nn.Module, state: dict[str, Any],
-                 total: float):
+    def __init__(self, algorithm: FederatedAlgorithm, rnd: int, model: nn.Module, state: dict[str, Any]):
         self.algorithm, self.rnd = algorithm, rnd
-        self.average = WeightedSum(total)
-        self.sums = algorithm.round_sums(rnd, model, state, float(total))
+        self.average = WeightedSum()
+        self.sums = algorithm.round_sums(rnd, model, state)
         self.clients = 0
+
+    @property
+    def samples(self) -> int:
+        return int(self.average.total)
 
     def add(self, result: ClientResult) -> None:
         self.average.add(result.state, result.num_samples)
@@ -112,9 +116,9 @@ class FederatedAlgorithm:
         """Extra data broadcast to the round's clients with the global weights."""
         return {}
 
-    def aggregator(self, rnd: int, model: nn.Module, state: dict[str, Any], total: float) -> Aggregator:
-        """A fresh :class:`Aggregator` for round `rnd`; `total`: the sample count of all its results."""
-        return Aggregator(self, rnd, model, state, total)
+    def aggregator(self, rnd: int, model: nn.Module, state: dict[str, Any]) -> Aggregator:
+        """A fresh :class:`Aggregator` for round `rnd`."""
+        return Aggregator(self, rnd, model, state)
 
     def aggregate(
         self, rnd: int, model: nn.Module, results: list[ClientResult], state: dict[str, Any],
@@ -123,12 +127,12 @@ class FederatedAlgorithm:
         """Fold a list of client results into the global `model` (in place), in client-id order; return
         metrics to log. The engine streams them through :meth:`aggregator` instead."""
         results = sorted(results, key=lambda r: r.client_id)
-        aggregator = self.aggregator(rnd, model, state, sum(r.num_samples for r in results))
+        aggregator = self.aggregator(rnd, model, state)
         for r in results:
             aggregator.add(r)
         return aggregator.finish(model, state, before_adjust)
 
-    def round_sums(self, rnd: int, model: nn.Module, state: dict[str, Any], total: float) -> dict[str, Any]:
+    def round_sums(self, rnd: int, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
         """The running sums round `rnd` folds every client result into, besides the weighted average."""
         return {}
 

@@ -60,28 +60,27 @@ class FedDST(MaskedAlgorithm):
             return {}
         return {"mask": {k: m.cpu() for k, m in self._masks.items()}}
 
-    def adjust_sums(self, rnd: int, state: dict[str, Any], total: float) -> dict[str, Any]:
+    def adjust_sums(self, rnd: int, state: dict[str, Any]) -> dict[str, Any]:
         """Per coordinate: the sample-weighted sum of the clients' weights where their mask holds it (`num`),
-        and the share of the samples whose mask holds it (`votes`)."""
+        and the samples whose mask holds it (`votes`, exact integers in float64)."""
         zeros = {k: torch.zeros(m.shape, dtype=torch.float64) for k, m in state["masks"].items()}
         return {"num": zeros, "votes": {k: z.clone() for k, z in zeros.items()}}
 
     def fold_adjust(self, sums: dict[str, Any], result: ClientResult) -> None:
-        share = result.num_samples / sums["total"]
         for name, num in sums["num"].items():
             m = result.upload["mask"][name]
             num += result.state[name].double() * m * result.num_samples
-            sums["votes"][name] += m.double() * share
+            sums["votes"][name] += m.double() * result.num_samples
 
     def adjust_aggregate(self, rnd: int, model: nn.Module, averaged: dict[str, torch.Tensor], sums: dict[str, Any],
                          state: dict[str, Any], before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
         """Union, coordinate-wise average and prune-back in one pass (no separate averaged model, so
         ``before_adjust`` is not called)."""
-        old, total = state["masks"], sums["total"]
+        old = state["masks"]
         new_masks, pruned, grown = {}, 0, 0
         for name, mask in old.items():
             num, votes = sums["num"][name], sums["votes"][name]
-            value = torch.where(votes > 0, num / (votes * total).clamp_min(1e-300), torch.zeros_like(num))
+            value = torch.where(votes > 0, num / votes.clamp_min(1), torch.zeros_like(num))
             union = (votes > 0).flatten()
             cand = union.nonzero().flatten()
             keep_n = int(mask.sum())

@@ -48,8 +48,8 @@ class FedMef(FedTiny):
         state["marked"] = low  # for bae/low_norm_global; taken out again by adjust
         return {"low": low}
 
-    def adjust_sums(self, rnd: int, state: dict[str, Any], total: float) -> dict[str, Any]:
-        return {**super().adjust_sums(rnd, state, total), "low_norm_start": [], "low_norm_end": []}
+    def adjust_sums(self, rnd: int, state: dict[str, Any]) -> dict[str, Any]:
+        return {**super().adjust_sums(rnd, state), "low_norm_start": [], "low_norm_end": []}
 
     def fold_adjust(self, sums: dict[str, Any], result: ClientResult) -> None:
         super().fold_adjust(sums, result)
@@ -60,7 +60,7 @@ class FedMef(FedTiny):
                          state: dict[str, Any]) -> dict[str, float]:
         weights = prunable_weights(model)
         marked = state.pop("marked")
-        metrics = {f"bae/{key}": sum(sums[key]) / sums["total"] for key in ("low_norm_start", "low_norm_end")}
+        metrics = {f"bae/{key}": sum(sums[key]) / sums["samples"] for key in ("low_norm_start", "low_norm_end")}
         metrics["bae/low_norm_global"] = float(sum(weights[k].detach().flatten()[i].norm() for k, i in marked.items()))
         return {**metrics, **super().adjust_from_sums(rnd, model, sums, state)}
 

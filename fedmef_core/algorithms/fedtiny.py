@@ -104,14 +104,13 @@ class FedTiny(MaskedAlgorithm):
             val_out[name] = vals[top].to(torch.float32)
         return {"grad_idx": idx_out, "grad_val": val_out}
 
-    def adjust_sums(self, rnd: int, state: dict[str, Any], total: float) -> dict[str, Any]:
+    def adjust_sums(self, rnd: int, state: dict[str, Any]) -> dict[str, Any]:
         return {"scores": {k: torch.zeros(m.numel(), dtype=torch.float64) for k, m in state["masks"].items()}}
 
     def fold_adjust(self, sums: dict[str, Any], result: ClientResult) -> None:
-        share = result.num_samples / sums["total"]
         for name, scores in sums["scores"].items():
             idx, val = result.upload["grad_idx"][name], result.upload["grad_val"][name]
-            scores.index_add_(0, idx.long(), val.double() * share)
+            scores.index_add_(0, idx.long(), val.double() * result.num_samples)
 
     def adjust_from_sums(self, rnd: int, model: nn.Module, sums: dict[str, Any],
                          state: dict[str, Any]) -> dict[str, float]:

@@ -52,13 +52,12 @@ class PruneFL(MaskedAlgorithm):
         record_effective_grads(model, False)
         return {"grad2": {k: v.detach().cpu().float() for k, v in self._grad2.items()}}
 
-    def adjust_sums(self, rnd: int, state: dict[str, Any], total: float) -> dict[str, Any]:
+    def adjust_sums(self, rnd: int, state: dict[str, Any]) -> dict[str, Any]:
         return {"importance": {k: torch.zeros(m.shape, dtype=torch.float64) for k, m in state["masks"].items()}}
 
     def fold_adjust(self, sums: dict[str, Any], result: ClientResult) -> None:
-        share = result.num_samples / sums["total"]
         for k, imp in sums["importance"].items():
-            imp += result.upload["grad2"][k].double() * share
+            imp += result.upload["grad2"][k].double() * result.num_samples
 
     def adjust_from_sums(self, rnd: int, model: nn.Module, sums: dict[str, Any],
                          state: dict[str, Any]) -> dict[str, float]:

@@ -127,17 +127,18 @@ class MaskedAlgorithm(FederatedAlgorithm):
         """Bytes of :meth:`adjust_payload` per client (the mask itself travels as the sparse weights' index)."""
         return 0
 
-    def round_sums(self, rnd: int, model: nn.Module, state: dict[str, Any], total: float) -> dict[str, Any]:
+    def round_sums(self, rnd: int, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
         masks = state["masks"]
         adjust = self.adjusting(rnd)
         extra = self.adjust_download_bytes(self.move_counts(rnd, masks)) if adjust else 0
-        sums: dict[str, Any] = {"total": total, "adjust": adjust, "upload_bytes": 0, "masks": masks,
+        sums: dict[str, Any] = {"samples": 0, "adjust": adjust, "upload_bytes": 0, "masks": masks,
                                 "download_each": state_bytes(model.state_dict(), masks) + extra}
         if adjust:
-            sums.update(self.adjust_sums(rnd, state, total))
+            sums.update(self.adjust_sums(rnd, state))
         return sums
 
     def fold(self, sums: dict[str, Any], result: ClientResult) -> None:
+        sums["samples"] += result.num_samples
         sums["upload_bytes"] += state_bytes(result.state, sums["masks"]) + tensor_bytes(result.upload)
         if sums["adjust"]:
             self.fold_adjust(sums, result)
@@ -162,12 +163,13 @@ class MaskedAlgorithm(FederatedAlgorithm):
         apply_masks(prunable_weights(model), masks)
 
     # ---- adjustment rounds: what a method sums over the clients, and what it does with the sums ----
-    def adjust_sums(self, rnd: int, state: dict[str, Any], total: float) -> dict[str, Any]:
+    def adjust_sums(self, rnd: int, state: dict[str, Any]) -> dict[str, Any]:
         """Running sums an adjustment round adds to :meth:`round_sums` (e.g. summed gradient scores)."""
         return {}
 
     def fold_adjust(self, sums: dict[str, Any], result: ClientResult) -> None:
-        """Add one client's adjustment-round upload to `sums` (weights: ``result.num_samples / sums["total"]``)."""
+        """Add one client's adjustment-round upload to `sums`, weighted by ``result.num_samples`` (the
+        clients' total is ``sums["samples"]`` once all are folded)."""
 
     def adjust_aggregate(self, rnd: int, model: nn.Module, averaged: dict[str, torch.Tensor], sums: dict[str, Any],
                          state: dict[str, Any], before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
@@ -186,8 +188,7 @@ class MaskedAlgorithm(FederatedAlgorithm):
     def adjust(self, rnd: int, model: nn.Module, results: list[ClientResult],
                state: dict[str, Any]) -> dict[str, float]:
         """:meth:`adjust_from_sums` for a list of results (folded in client-id order)."""
-        total = float(sum(r.num_samples for r in results))
-        sums = {"total": total, **self.adjust_sums(rnd, state, total)}
+        sums = {"samples": sum(r.num_samples for r in results), **self.adjust_sums(rnd, state)}
         for r in sorted(results, key=lambda r: r.client_id):
             self.fold_adjust(sums, r)
         return self.adjust_from_sums(rnd, model, sums, state)

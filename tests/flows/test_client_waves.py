@@ -1,6 +1,10 @@
-"""Client updates in waves: one task per wave of clients, each client still retried, then dropped, on its own."""
+"""Client updates in waves: one task per wave of clients, each client still retried, then dropped, on its own;
+with one worker in the flow's thread the updates go straight from training to the aggregation, in memory."""
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 import pytest
 import torch
@@ -27,11 +31,9 @@ class Finished:
         return self.value
 
 
-@pytest.fixture
-def round_setup(tmp_path, monkeypatch):
-    """A tiny config with 5 clients a round in 2 waves, the server, and a recording `submit`."""
+def _round_setup(tmp_path, monkeypatch, workers: int):
     _, config = prepare_run(tmp_path, num_clients=6, clients_per_round=5, min_clients=1)
-    config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"workers": 2,
+    config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"workers": workers,
                                                                                    "client_retries": 2})})
     parts = save_partition_of(config)
     train, test = load_dataset(config.data)
@@ -57,8 +59,24 @@ def round_setup(tmp_path, monkeypatch):
     monkeypatch.setattr(clients, "run_client", run_client)
     exchange = tmp_path / "exchange"
     exchange.mkdir()
-    updates = clients.ClientUpdates(config, exchange, submit)
+    updates = clients.ClientUpdates(config, exchange, submit, in_memory=workers == 1)
     return server, updates, submitted, attempts, fail_always, fail_once, lost_waves
+
+
+@pytest.fixture
+def round_setup(tmp_path, monkeypatch):
+    """A tiny config with 5 clients a round in 2 waves, the server, and a recording `submit`."""
+    return _round_setup(tmp_path, monkeypatch, workers=2)
+
+
+@pytest.fixture
+def in_memory_setup(prefect_harness, tmp_path, monkeypatch):
+    """The same with one worker in this thread: one in-memory wave (a real Prefect task run, here outside a
+    flow run, so its logs stay off the API)."""
+    from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
+
+    with temporary_settings({PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
+        yield _round_setup(tmp_path, monkeypatch, workers=1)
 
 
 def test_waves_are_contiguous_and_at_most_workers():
@@ -72,13 +90,19 @@ def test_one_task_per_wave_and_the_updates_equal_the_in_process_ones(round_setup
     picked = server.sample_clients(1)
     results = updates(server.broadcast(1), picked)
     assert submitted == clients.waves(picked, 2)  # 2 tasks for 5 clients
-    assert list(results.samples) == picked and not updates.dropped[1]
-    expected = {c: clients.run_client(server.config, server.broadcast(1), c, server.train, server.parts[c],
-                                      server.device) for c in picked}
+    assert len(list(updates.exchange_dir.glob("update_*.pt"))) == len(picked) and not updates.dropped[1]
+    expected = _expected(server, picked)
+    arrived = []
     for r in results:  # read one at a time from disk, in client-id order, and the file is gone afterwards
         assert not clients.update_path(updates.exchange_dir, 1, r.client_id).exists()
         assert all(torch.equal(v, expected[r.client_id].state[k]) for k, v in r.state.items())
-    assert not list(updates.exchange_dir.iterdir())
+        arrived.append(r.client_id)
+    assert arrived == picked and not list(updates.exchange_dir.iterdir())
+
+
+def _expected(server, picked):
+    return {c: clients.run_client(server.config, server.broadcast(1), c, server.train, server.parts[c],
+                                  server.device) for c in picked}
 
 
 def test_a_failing_client_in_a_wave_is_retried_then_dropped_while_its_wave_goes_on(round_setup, capsys):
@@ -91,11 +115,12 @@ def test_a_failing_client_in_a_wave_is_retried_then_dropped_while_its_wave_goes_
     assert attempts[first_wave[0]] == 2  # failed once, retried, succeeded
     assert attempts[first_wave[1]] == 1 + server.config.runtime.client_retries  # then dropped
     assert updates.dropped[1] == 1
-    assert list(results.samples) == [c for c in picked if c != first_wave[1]]  # the rest of its wave trained
+    arrived = list(results)
+    assert [r.client_id for r in arrived] == [c for c in picked if c != first_wave[1]]  # the rest trained
     shown = capsys.readouterr().out  # one summary line per wave (what Prefect gets), each client on the console
     summary = f"round 1: clients {first_wave[0]}-{first_wave[-1]}: {len(first_wave) - 1} of {len(first_wave)} trained"
     assert summary in shown and "1 dropped" in shown and f"client {first_wave[2]} trained on" in shown
-    metrics = server.finish_round(1, results, 0.0)
+    metrics = server.finish_round(1, arrived, 0.0)
     assert metrics["clients"] == len(picked) - 1
 
 
@@ -106,7 +131,7 @@ def test_a_wave_lost_as_a_whole_drops_its_clients_only(round_setup):
     lost_waves.add(second[0])
     results = updates(server.broadcast(1), picked)
     assert updates.dropped[1] == len(second)
-    assert list(results.samples) == [c for c in picked if c not in second]
+    assert [r.client_id for r in results] == [c for c in picked if c not in second]
 
 
 def test_too_few_clients_fail_the_round(round_setup):
@@ -115,3 +140,70 @@ def test_too_few_clients_fail_the_round(round_setup):
     fail_always.update(picked)
     with pytest.raises(clients.RoundFailedError, match="only 0 of 5"):
         updates(server.broadcast(1), picked)
+
+
+# ---- one worker in the flow's thread: updates handed to the aggregation in memory ---------------------------
+def test_in_memory_updates_are_trained_as_the_aggregation_reads_them_and_never_touch_disk(in_memory_setup):
+    server, updates, submitted, attempts, *_ = in_memory_setup
+    picked = server.sample_clients(1)
+    expected = _expected(server, picked)
+    attempts.clear()
+    results = updates(server.broadcast(1), picked)
+    assert not attempts  # nothing trained yet: each client trains when the aggregation asks for it
+    arrived = []
+    for r in results:
+        assert attempts == {c: 1 for c in picked[: len(arrived) + 1]}
+        assert all(torch.equal(v, expected[r.client_id].state[k]) for k, v in r.state.items())
+        assert not list(updates.exchange_dir.iterdir())
+        arrived.append(r.client_id)
+    assert arrived == picked and updates.dropped[1] == 0 and not submitted  # no task runner involved
+
+
+def test_in_memory_keeps_one_update_alive_at_a_time(in_memory_setup, monkeypatch):
+    server, updates, *_ = in_memory_setup
+    alive, most = [], []
+    trained = clients.run_client
+
+    def run_client(*args, **kwargs):
+        gc.collect()
+        most.append(sum(ref() is not None for ref in alive))
+        result = trained(*args, **kwargs)
+        alive.append(weakref.ref(result))
+        return result
+
+    monkeypatch.setattr(clients, "run_client", run_client)
+    picked = server.sample_clients(1)
+    server.finish_round(1, updates(server.broadcast(1), picked), 0.0)
+    assert len(most) == len(picked) and max(most) == 0  # each update was folded and freed before the next trained
+
+
+def test_in_memory_a_failing_client_is_retried_then_dropped_and_the_rest_are_averaged(in_memory_setup, capsys):
+    from fedmef_core.aggregation import weighted_average
+
+    server, updates, submitted, attempts, fail_always, fail_once, _ = in_memory_setup
+    picked = server.sample_clients(1)
+    expected = _expected(server, picked)
+    attempts.clear()
+    fail_once.add(picked[0])
+    fail_always.add(picked[1])
+    metrics = server.finish_round(1, updates(server.broadcast(1), picked), 0.0)
+    assert attempts[picked[0]] == 2  # failed once, retried, succeeded
+    assert attempts[picked[1]] == 1 + server.config.runtime.client_retries  # then dropped
+    assert updates.dropped[1] == 1 and metrics["clients"] == len(picked) - 1
+    kept = [expected[c] for c in picked if c != picked[1]]
+    average = weighted_average([r.state for r in kept], [r.num_samples for r in kept])
+    assert all(torch.equal(v, average[k]) for k, v in server.model.state_dict().items())
+    shown = capsys.readouterr().out
+    assert f"round 1: clients {picked[0]}-{picked[-1]}: {len(picked) - 1} of {len(picked)} trained" in shown
+    assert f"round 1: dropped client {picked[1]}: RuntimeError: CUDA out of memory (injected)" in shown
+
+
+def test_in_memory_too_few_clients_fail_the_round_and_leave_the_model_as_it_was(in_memory_setup):
+    server, updates, submitted, attempts, fail_always, *_ = in_memory_setup
+    picked = server.sample_clients(1)
+    fail_always.update(picked)  # federation.min_clients is 1
+    before = {k: v.clone() for k, v in server.model.state_dict().items()}
+    with pytest.raises(clients.RoundFailedError, match="only 0 of 5"):
+        server.finish_round(1, updates(server.broadcast(1), picked), 0.0)
+    assert all(torch.equal(v, before[k]) for k, v in server.model.state_dict().items())
+    assert server.round == 0 and not server.history
