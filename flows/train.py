@@ -23,6 +23,8 @@ from tasks.outputs import RoundReporter
 from tasks.reporting import publish_summary
 from tasks.tracking import tracked_run
 
+METRICS_EVERY_S = 2.0  # per-round metrics go to MLflow in one batch at most this often (and at checkpoints)
+
 
 def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
     """One experiment in its run folder: the round loop. `tags` go on a new MLflow run (e.g. a sweep's
@@ -34,7 +36,8 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
         partition = split_digest(server.parts)  # part of what a checkpoint must match to be resumed
         resumed = resume(server, config, paths, partition)
         run_id = (resumed or {}).get("extra", {}).get("mlflow_run_id") or None
-        with tracked_run(config, run_name(config), run_id, tags) as tracker, client_updates(config, paths) as updates:
+        with tracked_run(config, run_name(config), run_id, tags, send_every_s=METRICS_EVERY_S) as tracker, \
+                client_updates(config, paths) as updates:
             log_memory_report(config, memory, paths, tracker if resumed is None else None)
             identity = {"mlflow_run_id": tracker.run_id or "", "partition": partition}
             save = RoundSaver(config, paths, identity, fresh=resumed is None)
@@ -47,8 +50,8 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
                         results = updates(server.broadcast(rnd), server.sample_clients(rnd))
                         metrics = server.finish_round(rnd, results, time.perf_counter() - started)
                     metrics["dropped_clients"] = updates.dropped.pop(rnd, 0)
-                    save(server, rnd, metrics, tracker)
                     report(server, rnd, metrics)
+                    save(server, rnd, metrics, tracker)  # a checkpoint first sends the metrics held back
             save.final(server)
             summary = report.finish(server)
     return summary

@@ -55,6 +55,8 @@ class RoundSaver:
     def __call__(self, server: Server, rnd: int, metrics: dict[str, float], tracker: Any = None) -> None:
         cfg = self.config
         if rnd % cfg.runtime.checkpoint_every == 0 or rnd == cfg.federation.rounds:
+            if tracker is not None:  # the rounds this checkpoint holds will not run again after a resume
+                tracker.flush()
             if self.stale:
                 remove_checkpoints(self.paths.checkpoints)
                 self.stale = False

@@ -1,7 +1,8 @@
 """Round progress: a line per round on a terminal, a progress artifact in the Prefect UI.
 
 Off a terminal (CI, `dvc repro > log`) the per-round lines are left out; the flow's start and end
-messages and the Prefect UI's progress artifact still tell where a run is.
+messages and the Prefect UI's progress artifact still tell where a run is. The artifact is updated at most
+every `ARTIFACT_EVERY_S` seconds (and at the last round): each update is a call to the Prefect API.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import sys
 import time
 from uuid import UUID
+
+ARTIFACT_EVERY_S = 2.0
 
 
 def _eta(seconds: float) -> str:
@@ -29,11 +32,12 @@ def _in_flow_run() -> bool:
 class RoundProgress:
     """Call `update(round, metrics)` after each round of a run that starts at `first_round`."""
 
-    def __init__(self, total: int, first_round: int = 1, *, stream=None):
-        self.total, self.first_round = total, first_round
+    def __init__(self, total: int, first_round: int = 1, *, stream=None, clock=time.monotonic):
+        self.total, self.first_round, self.clock = total, first_round, clock
         self.stream = stream if stream is not None else sys.__stderr__
         self.started = time.perf_counter()
         self._artifact: UUID | None = None
+        self._artifact_at = float("-inf")
         if _in_flow_run():
             from prefect.artifacts import create_progress_artifact
 
@@ -58,7 +62,9 @@ class RoundProgress:
     def update(self, rnd: int, metrics: dict[str, float]) -> None:
         if self.on_terminal:
             print(self.line(rnd, metrics), file=self.stream, flush=True)
-        if self._artifact is not None:
+        now = self.clock()
+        if self._artifact is not None and (now - self._artifact_at >= ARTIFACT_EVERY_S or rnd == self.total):
             from prefect.artifacts import update_progress_artifact
 
             update_progress_artifact(self._artifact, progress=100.0 * rnd / self.total)
+            self._artifact_at = now

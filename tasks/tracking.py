@@ -3,6 +3,10 @@
 The store is checked before any work (a wrong or dead URI is one message). Once a run is open, tracking
 never stops a training: an outage mid-run prints one warning, the tracker keeps what it could not send in
 memory and sends it at the next round's metrics or at the end, where it says what was lost, if anything.
+
+A training's tracker sends its per-round metrics at most every `send_every_s` seconds, as one batch (each
+send is a store transaction, which would otherwise cost fast rounds more than their clients' training);
+the train flow flushes it before every checkpoint, so whatever a checkpoint holds is in the store too.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 PER_ROUND_METRIC = "train_loss"  # logged every round: its last step is how far a run got
+MAX_BATCH_METRICS = 1000  # what one MLflow log_batch call takes
 
 
 class TrackingUnavailable(UserError):
@@ -99,15 +104,20 @@ def prefect_flow_run_id() -> str:
 class Tracker:
     """Logs to one MLflow run; a disabled tracker accepts every call and does nothing.
 
-    What the store refuses mid-run waits in `pending` (in order) and is sent again at the next metrics and
-    at :meth:`end`. After :meth:`reopen`, steps the run already holds are not logged again."""
+    Metrics are held back and sent as one batch once `send_every_s` seconds have passed since the last send
+    (0: at once), or at :meth:`flush`. What the store refuses mid-run waits in `pending` (in order) and is
+    sent again at the next send and at :meth:`end`. After :meth:`reopen`, steps the run already holds are
+    not logged again."""
 
-    def __init__(self, cfg: TrackingConfig, run_id: str | None = None):
+    def __init__(self, cfg: TrackingConfig, run_id: str | None = None, send_every_s: float = 0.0):
         self.cfg = cfg
         self.run_id = run_id
         self.uri = store_uri(cfg.mlflow_uri)
         self._client = None
         self.pending: list[tuple[tuple[str, str], Callable[[], Any]]] = []  # ((kind, what), call)
+        self.send_every_s = send_every_s
+        self._held: list[Any] = []  # metrics (mlflow Metric) not yet handed to `pending`
+        self._last_send = float("-inf")
         self.offline = False
         self._logged_through, self._logged_keys = -1, frozenset()  # what a resumed run already holds
         if cfg.enabled:
@@ -215,11 +225,25 @@ class Tracker:
         if step <= self._logged_through:  # a re-run round: only what the run does not hold yet
             metrics = {k: v for k, v in metrics.items() if k not in self._logged_keys}
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if batch:
-            self._send(("metrics", str(step)), lambda: self._client.log_batch(self.run_id, metrics=batch))
-        else:
-            self._flush()
+        self._held += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if time.monotonic() - self._last_send >= self.send_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the metrics held back, and try again what an outage kept, now."""
+        if self._client is None or not self.run_id:
+            return
+        self._last_send = time.monotonic()
+        self._hand_held_to_pending()
+        self._flush()
+
+    def _hand_held_to_pending(self) -> None:
+        for i in range(0, len(self._held), MAX_BATCH_METRICS):
+            chunk = self._held[i : i + MAX_BATCH_METRICS]
+            steps = ",".join(str(step) for step in dict.fromkeys(m.step for m in chunk))
+            self.pending.append((("metrics", steps), functools.partial(self._client.log_batch, self.run_id,
+                                                                       metrics=chunk)))
+        self._held = []
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self._client is None or not self.run_id:
@@ -253,9 +277,10 @@ class Tracker:
 
     def _send(self, what: tuple[str, str], call: Callable[[], Any]) -> None:
         """Queue `call` behind anything still pending; try to send now — while the store is away, only
-        metrics (once a round) and the end try again, so an outage costs seconds, not minutes."""
+        the metrics' sends and the end try again, so an outage costs seconds, not minutes."""
+        self._hand_held_to_pending()  # in the order they were logged
         self.pending.append((what, call))
-        if not self.offline or what[0] in ("metrics", "status"):
+        if not self.offline or what[0] == "status":
             self._flush()
 
     def _flush(self) -> None:
@@ -295,7 +320,7 @@ def short(exc: Exception, limit: int = 160) -> str:
 
 def describe_lost(lost: list[tuple[str, str]]) -> str:
     """``metrics of steps 2, 3; artifacts plots/a.png; its end (FINISHED: ...)`` from (kind, what) pairs."""
-    steps = sorted({int(w) for k, w in lost if k == "metrics"})
+    steps = sorted({int(step) for k, w in lost if k == "metrics" for step in w.split(",")})
     parts = [f"metrics of steps {', '.join(map(str, steps))}"] if steps else []
     for kind, label in (("artifact", "artifacts"), ("tag", "tags")):
         if names := [w for k, w in lost if k == kind]:
@@ -306,10 +331,10 @@ def describe_lost(lost: list[tuple[str, str]]) -> str:
 
 @contextmanager
 def tracked_run(config: ExperimentConfig, run_name: str, run_id: str | None = None,
-                tags: dict[str, str] | None = None) -> Iterator[Tracker]:
+                tags: dict[str, str] | None = None, send_every_s: float = 0.0) -> Iterator[Tracker]:
     """The training's MLflow run (see :func:`open_run`), ended on every way out: FINISHED, KILLED on an
-    interrupt or Prefect's termination signal (SIGTERM), FAILED on an error."""
-    tracker = Tracker(config.tracking, run_id=run_id)
+    interrupt or Prefect's termination signal (SIGTERM), FAILED on an error. Metrics: see :class:`Tracker`."""
+    tracker = Tracker(config.tracking, run_id=run_id, send_every_s=send_every_s)
     open_run(tracker, config, run_name, tags)
     with ended(tracker):
         yield tracker

@@ -242,3 +242,39 @@ def test_a_resume_does_not_log_the_re_run_rounds_again(tmp_path):
              for key in ("setup/bn_loss", "train_loss", "accuracy", "final_accuracy")}
     assert steps == {"setup/bn_loss": [0], "train_loss": [1, 2, 3, 4], "accuracy": [1, 2, 3, 4],
                      "final_accuracy": [3]}
+
+
+def test_a_training_tracker_holds_metrics_back_and_sends_them_as_one_batch(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = ExperimentConfig(tracking=TrackingConfig(mlflow_uri=uri, experiment="t"))
+    tracker = Tracker(config.tracking, send_every_s=3600)
+    run_id = tracker.start(config, run_name="r")
+    sent = []
+    real = tracker._client.log_batch
+    tracker._client.log_batch = lambda run, metrics: (sent.append(sorted({m.step for m in metrics})),
+                                                      real(run, metrics=metrics))
+    client = MlflowClient(uri)
+
+    def steps():
+        return [m.step for m in client.get_metric_history(run_id, "train_loss")]
+
+    tracker.log_metrics({"train_loss": 1.0, "lr": 0.1}, step=1)  # the first send is due at once
+    for rnd in (2, 3, 4):
+        tracker.log_metrics({"train_loss": 1.0 / rnd, "lr": 0.1}, step=rnd)
+    assert steps() == [1] and sent == [[1]]  # rounds 2-4 held back
+    tracker.flush()  # e.g. before a checkpoint
+    assert steps() == [1, 2, 3, 4] and sent == [[1], [2, 3, 4]]  # one transaction for three rounds
+    tracker.log_metrics({"train_loss": 0.1}, step=5)
+    tracker.end()  # the end sends what is still held
+    assert steps() == [1, 2, 3, 4, 5] and client.get_run(run_id).info.status == "FINISHED"
+
+    timed = Tracker(config.tracking, send_every_s=0.2)
+    timed.start(config, run_name="timed")
+    timed.log_metrics({"train_loss": 1.0}, step=1)
+    timed.log_metrics({"train_loss": 0.5}, step=2)
+    assert timed._held  # within 0.2 s of the last send
+    import time
+
+    time.sleep(0.25)
+    timed.log_metrics({"train_loss": 0.25}, step=3)
+    assert not timed._held and not timed.pending  # due again: everything held went out
