@@ -2,8 +2,8 @@
 sqlite) vs the same flow on a local Ray cluster, the peak memory of aggregation alone with ResNet18-sized
 updates, streamed vs all in memory, and the time of a SAP training step against a dense one.
 
-    python bench/scale.py [--rounds 4] [--repeats 3] [--ways bare flow ray] [--updates 10 100 1000]
-                          [--sap-reps 5] [--skip-loops] [--skip-aggregation] [--skip-sap]
+    python bench/scale.py [--rounds 8] [--repeats 3] [--ways bare flow ray] [--threads 1 2]
+                          [--updates 10 100 1000] [--sap-reps 5] [--skip-loops] [--skip-aggregation] [--skip-sap]
 
 Loops: FedAvg, small CNN, 1 local epoch, batch 32, iid shards of 20 samples a client, at
 (clients, clients per round) in {(100, 10), (1000, 100)}; s/round is the steady state, from the end of
@@ -11,8 +11,10 @@ round 1 to the end of round R (bare loop: its round callback; flows: the MLflow 
 metrics), so it counts everything a round does — training, exchange, aggregation, checkpoints, tracking —
 but not start-up or round 1's first calls (Ray: worker start, ~10 s); `--repeats` alternating runs of each
 way, the median reported (the machine is shared: the same loop drifts by 10-20% over minutes). Bare and flow train
-one client at a time on one thread; the Ray way runs `runtime.workers: 2` waves at a time on a local
-cluster of 2 CPUs, a thread each (so on a 2-core machine it may beat the bare loop). Aggregation: the
+one client at a time with `--threads` torch threads (each value its own rows: 1, one thread a client, leaves a
+core of this machine to Prefect's API server, which works ~25 ms per task run; 2 shares both cores with it);
+the Ray way (threads 1 only) runs `runtime.workers: 2` waves at a time on a local cluster of 2 CPUs, a
+thread each (so on a 2-core machine it may beat the bare loop). Aggregation: the
 FedAvg `Aggregator` fed K synthetic ResNet18 state dicts through `RoundResults` (one alive at a time) vs
 the same K state dicts built in a list first and averaged (as before streaming), K in {10, 100, 1000};
 the list way is skipped where K updates would not fit in memory. SAP step: one training step (forward,
@@ -97,12 +99,15 @@ def timed_rounds(config, parts: list | None = None) -> dict:
     return {"s_per_round": (ends[-1] - ends[1]) / (len(ends) - 2), "first_round_s": ends[1] - ends[0]}
 
 
-def run_loop(way: str, clients: int, per_round: int, rounds: int) -> dict:
-    """One way's seconds per round (this process)."""
+def run_loop(way: str, clients: int, per_round: int, rounds: int, threads: int) -> dict:
+    """One way's seconds per round (this process), training with `threads` torch threads."""
+    import torch
+
     from tests.conftest import save_partition_of
 
     with tempfile.TemporaryDirectory(prefix="fedmef-scale-") as tmp:
         config = loop_config(Path(tmp), clients, per_round, rounds, way)
+        torch.set_num_threads(threads)  # after tests.conftest, which sets its own
         parts = save_partition_of(config)
         return {**timed_rounds(config, parts if way == "bare" else None), "peak_rss_mib": peak_rss_mib()}
 
@@ -181,24 +186,30 @@ def in_subprocess(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def loops(rounds: int, repeats: int, ways: list[str]) -> list[dict]:
+def loops(rounds: int, repeats: int, ways: list[str], thread_counts: list[int]) -> list[dict]:
     rows = []
-    for clients, per_round in SHAPES:
-        runs: dict[str, list[dict]] = {way: [] for way in ways}
-        for i in range(repeats):  # alternate the ways, so drift hits all alike
-            for way in runs:
-                runs[way].append(in_subprocess("loop", way, str(clients), str(per_round), str(rounds)))
-                print(f"  N={clients} K={per_round} {way} run {i + 1}: {runs[way][-1]['s_per_round']:.3f} s/round",
-                      flush=True)
-        row: dict = {"clients": clients, "per_round": per_round}
-        for way, rs in runs.items():
-            row[f"{way}_s_per_round"] = statistics.median(r["s_per_round"] for r in rs)
-            row[f"{way}_first_round_s"] = statistics.median(r["first_round_s"] for r in rs)
-            row[f"{way}_peak_rss_mib"] = max(r["peak_rss_mib"] for r in rs)
-            if way != "bare" and "bare" in runs:
-                row[f"{way}_overhead_pct"] = 100 * (row[f"{way}_s_per_round"] / row["bare_s_per_round"] - 1)
-        rows.append({**row, "runs": runs})
+    for threads in thread_counts:
+        for clients, per_round in SHAPES:
+            rows.append(loop_row(rounds, repeats, [w for w in ways if w != "ray" or threads == 1], threads,
+                                 clients, per_round))
     return rows
+
+
+def loop_row(rounds: int, repeats: int, ways: list[str], threads: int, clients: int, per_round: int) -> dict:
+    runs: dict[str, list[dict]] = {way: [] for way in ways}
+    for i in range(repeats):  # alternate the ways, so drift hits all alike
+        for way in runs:
+            runs[way].append(in_subprocess("loop", way, str(clients), str(per_round), str(rounds), str(threads)))
+            print(f"  N={clients} K={per_round} threads={threads} {way} run {i + 1}: "
+                  f"{runs[way][-1]['s_per_round']:.3f} s/round", flush=True)
+    row: dict = {"clients": clients, "per_round": per_round, "threads": threads}
+    for way, rs in runs.items():
+        row[f"{way}_s_per_round"] = statistics.median(r["s_per_round"] for r in rs)
+        row[f"{way}_first_round_s"] = statistics.median(r["first_round_s"] for r in rs)
+        row[f"{way}_peak_rss_mib"] = max(r["peak_rss_mib"] for r in rs)
+        if way != "bare" and "bare" in runs:
+            row[f"{way}_overhead_pct"] = 100 * (row[f"{way}_s_per_round"] / row["bare_s_per_round"] - 1)
+    return {**row, "runs": runs}
 
 
 def sap_steps(reps: int) -> list[dict]:
@@ -228,7 +239,8 @@ def table(result: dict) -> str:
             if f"{way}_s_per_round" in r:
                 over = r.get(f"{way}_overhead_pct")
                 seconds = r[f"{way}_s_per_round"]
-                lines.append(f"N={r['clients']:<5} K={r['per_round']:<4} {way:>5}: {seconds:7.3f} s/round"
+                lines.append(f"N={r['clients']:<5} K={r['per_round']:<4} threads {r.get('threads', 1)} "
+                             f"{way:>5}: {seconds:7.3f} s/round"
                              f"{'' if over is None else f' ({over:+.1f}% vs bare)':<18} "
                              f"round 1 {r.get(f'{way}_first_round_s', float('nan')):6.2f} s  "
                              f"peak RSS {r[f'{way}_peak_rss_mib']:5.0f} MiB")
@@ -250,7 +262,9 @@ def table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=4, help="rounds a loop runs (s/round: rounds 2 to R)")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds a loop runs (s/round: rounds 2 to R)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="torch threads a client trains with (each value its own rows; Ray: 1 only)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--updates", type=int, nargs="+", default=UPDATE_COUNTS,
                         help="numbers of ResNet18-sized updates to aggregate")
@@ -280,7 +294,8 @@ def main() -> None:
         "commands": {**last.get("commands", {}), **{part: command for part, skipped in
                      (("loops", args.skip_loops), ("aggregation", args.skip_aggregation), ("sap", args.skip_sap))
                      if not skipped}},
-        "loops": last.get("loops", []) if args.skip_loops else loops(args.rounds, args.repeats, args.ways),
+        "loops": last.get("loops", []) if args.skip_loops else loops(args.rounds, args.repeats, args.ways,
+                                                                                 args.threads),
         "aggregation": last.get("aggregation", []) if args.skip_aggregation else aggregation(args.updates,
                                                                                             memory_mib),
         "sap": last.get("sap", []) if args.skip_sap else sap_steps(args.sap_reps),

@@ -227,7 +227,8 @@ class RuntimeConfig(_Section):
     runner: Literal["local", "ray"] = Field(
         "local",
         description="Where client updates run: in this process (in the flow's own thread when `workers` is 1, "
-        "else a thread pool), or as tasks on a Ray cluster.",
+        "each update handed to the aggregation in memory as it is trained; else a thread pool), or as tasks on "
+        "a Ray cluster (updates passed as files).",
     )
     workers: int = Field(1, ge=1, description="Client updates run concurrently by the task runner.")
     run_dir: str | None = Field(
@@ -238,8 +239,8 @@ class RuntimeConfig(_Section):
     )
     exchange_dir: str | None = Field(
         None,
-        description="Folder for per-round weight files passed to workers (null: a temp folder); "
-        "on a multi-node Ray cluster, a path every node shares.",
+        description="Folder for per-round weight files passed to workers (null: `.exchange` in the run folder; "
+        "not used by one local worker); on a multi-node Ray cluster, a path every node shares.",
     )
     client_retries: int = Field(1, ge=0, description="Retries of a failing client update before it is dropped.")
     resume: bool = Field(

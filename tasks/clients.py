@@ -23,6 +23,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
+from prefect.utilities.annotations import quote
 
 from fedmef_core.algorithms import ClientResult
 from fedmef_core.checkpoint import load_exchange, save_exchange
@@ -209,7 +210,9 @@ class ClientUpdates:
         """One wave, trained in this thread as the aggregation asks for each update."""
         rnd = broadcast.round
         done, failures = {}, {}
-        for trained in client_wave_in_memory(self.config, broadcast, rnd, clients[0], clients[-1], clients):
+        # quote: Prefect need not walk the config and the weights looking for futures (the task gets them as is)
+        wave = client_wave_in_memory(quote(self.config), quote(broadcast), rnd, clients[0], clients[-1], clients)
+        for trained in wave:
             if trained.failure is not None:
                 failures[trained.client] = trained.failure
                 continue
