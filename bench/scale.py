@@ -3,10 +3,14 @@ sqlite) vs the same flow on a local Ray cluster, the peak memory of aggregation 
 updates, streamed vs all in memory, and the time of a SAP training step against a dense one.
 
     python bench/scale.py [--rounds 8] [--repeats 3] [--ways bare flow ray] [--threads 1 2]
-                          [--updates 10 100 1000] [--sap-reps 5] [--skip-loops] [--skip-aggregation] [--skip-sap]
+                          [--workloads whole tiny] [--updates 10 100 1000] [--sap-reps 5]
+                          [--skip-loops] [--skip-aggregation] [--skip-sap]
 
-Loops: FedAvg, small CNN, 1 local epoch, batch 32, iid shards of 20 samples a client, at
-(clients, clients per round) in {(100, 10), (1000, 100)}; s/round is the steady state, from the end of
+Loops: FedAvg, small CNN, 1 local epoch, batch 32, iid shards, at (clients, clients per round) in
+{(100, 10), (1000, 100)}, two workloads: `whole`, the whole Fashion-MNIST training set split over the
+clients (600 / 60 samples a client: the workload of the issue that set the targets), and `tiny`, 20 samples
+a client (one batch: a client trains for ~20 ms, so the fixed costs per client and per round show the most);
+s/round is the steady state, from the end of
 round 1 to the end of round R (bare loop: its round callback; flows: the MLflow timestamps of each round's
 metrics), so it counts everything a round does — training, exchange, aggregation, checkpoints, tracking —
 but not start-up or round 1's first calls (Ray: worker start, ~10 s); `--repeats` alternating runs of each
@@ -45,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 SHAPES = [(100, 10), (1000, 100)]
 WAYS = ["bare", "flow", "ray"]
 SAP_ARCHS = ["resnet18", "mobilenetv2"]
-SAMPLES_PER_CLIENT = 20
+WORKLOADS = {"whole": None, "tiny": 20}  # samples a client (None: the whole training set split over the clients)
 UPDATE_COUNTS = [10, 100, 1000]
 
 
@@ -53,12 +57,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def loop_config(work: Path, clients: int, per_round: int, rounds: int, way: str = "bare"):
+def loop_config(work: Path, clients: int, per_round: int, rounds: int, way: str = "bare",
+                samples: int | None = WORKLOADS["tiny"]):
+    """The loops' experiment: `samples` a client (None: the whole training set split over the clients)."""
     from fedmef_core.config import parse_config
     from tests.conftest import tiny_raw
 
     raw = tiny_raw(work)
-    raw["data"].update(train_limit=clients * SAMPLES_PER_CLIENT, test_limit=1000)
+    raw["data"].update(train_limit=None if samples is None else clients * samples, test_limit=1000)
     raw["partition"] = {"scheme": "iid", "seed": 1}
     raw["federation"].update(num_clients=clients, clients_per_round=per_round, min_clients=1, rounds=rounds,
                              local_epochs=1, batch_size=32)
@@ -70,12 +76,44 @@ def loop_config(work: Path, clients: int, per_round: int, rounds: int, way: str 
     return parse_config(raw)
 
 
-def timed_rounds(config, parts: list | None = None) -> dict:
+class TrainingClock:
+    """Times every client's training (`run_client`, where the bare loop and the flow's in-process waves call
+    it): the time a round spends outside it is what the loop around the clients costs. (Not for Ray: its
+    clients train in other processes.)"""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, float]] = []  # (end, seconds), wall clock
+
+    def install(self) -> TrainingClock:
+        import fedmef_core.engine as engine
+        import tasks.clients as clients
+
+        for module in (engine, clients):
+            module.run_client = self._timed(module.run_client)
+        return self
+
+    def _timed(self, run_client):
+        def timed(*args, **kwargs):
+            start = time.time()
+            try:
+                return run_client(*args, **kwargs)
+            finally:
+                end = time.time()
+                self.calls.append((end, end - start))
+
+        return timed
+
+    def seconds(self, after: float, until: float) -> float:
+        """Training seconds of the calls that ended in (after, until]."""
+        return sum(s for end, s in self.calls if after < end <= until)
+
+
+def timed_rounds(config, parts: list | None = None, clock: TrainingClock | None = None) -> dict:
     """How long `config`'s rounds take: ``s_per_round``, the steady state from the end of round 1 to the end
     of round R (the first round pays start-up and first-call costs: Ray's workers, ~10 s), and
     ``first_round_s``, round 1 with the start-up. With `parts` the bare `fedmef_core` loop runs on them (its
     round callback times them); without, the train flow does (the MLflow timestamps of each round's metrics:
-    tracking must be on)."""
+    tracking must be on). With `clock` also ``train_s_per_round``, the clients' training in those rounds."""
     import flows  # noqa: F401 - quiet Prefect defaults
     from fedmef_core.data import load_dataset
     from fedmef_core.device import resolve_device
@@ -84,9 +122,9 @@ def timed_rounds(config, parts: list | None = None) -> dict:
     if parts is not None:
         train, test = load_dataset(config.data)
         server = Server(config, train, test, parts, resolve_device(config.runtime.device))
-        ends = [time.perf_counter()]
+        ends = [time.time()]
         run_rounds(server, checkpoint_dir=config.runtime.checkpoints_dir,
-                   on_round=lambda rnd, metrics: rnd and ends.append(time.perf_counter()))
+                   on_round=lambda rnd, metrics: rnd and ends.append(time.time()))
     else:
         from mlflow import MlflowClient
 
@@ -96,20 +134,25 @@ def timed_rounds(config, parts: list | None = None) -> dict:
         run_id = train_flow(config)["mlflow_run_id"]
         history = MlflowClient(config.tracking.mlflow_uri).get_metric_history(run_id, "train_loss")
         ends = [started] + [m.timestamp / 1000 for m in sorted(history, key=lambda m: m.step)]
-    return {"s_per_round": (ends[-1] - ends[1]) / (len(ends) - 2), "first_round_s": ends[1] - ends[0]}
+    rounds = len(ends) - 2
+    timed = {"s_per_round": (ends[-1] - ends[1]) / rounds, "first_round_s": ends[1] - ends[0]}
+    if clock is not None:
+        timed["train_s_per_round"] = clock.seconds(ends[1], ends[-1]) / rounds
+    return timed
 
 
-def run_loop(way: str, clients: int, per_round: int, rounds: int, threads: int) -> dict:
+def run_loop(way: str, workload: str, clients: int, per_round: int, rounds: int, threads: int) -> dict:
     """One way's seconds per round (this process), training with `threads` torch threads."""
     import torch
 
     from tests.conftest import save_partition_of
 
     with tempfile.TemporaryDirectory(prefix="fedmef-scale-") as tmp:
-        config = loop_config(Path(tmp), clients, per_round, rounds, way)
+        config = loop_config(Path(tmp), clients, per_round, rounds, way, WORKLOADS[workload])
         torch.set_num_threads(threads)  # after tests.conftest, which sets its own
         parts = save_partition_of(config)
-        return {**timed_rounds(config, parts if way == "bare" else None), "peak_rss_mib": peak_rss_mib()}
+        clock = TrainingClock().install() if way != "ray" else None
+        return {**timed_rounds(config, parts if way == "bare" else None, clock), "peak_rss_mib": peak_rss_mib()}
 
 
 def run_aggregation(way: str, count: int) -> dict:
@@ -186,29 +229,41 @@ def in_subprocess(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def loops(rounds: int, repeats: int, ways: list[str], thread_counts: list[int]) -> list[dict]:
+def loops(rounds: int, repeats: int, ways: list[str], thread_counts: list[int], workloads: list[str]) -> list[dict]:
     rows = []
-    for threads in thread_counts:
-        for clients, per_round in SHAPES:
-            rows.append(loop_row(rounds, repeats, [w for w in ways if w != "ray" or threads == 1], threads,
-                                 clients, per_round))
+    for workload in workloads:
+        for threads in thread_counts:
+            for clients, per_round in SHAPES:
+                rows.append(loop_row(rounds, repeats, [w for w in ways if w != "ray" or threads == 1], threads,
+                                     workload, clients, per_round))
     return rows
 
 
-def loop_row(rounds: int, repeats: int, ways: list[str], threads: int, clients: int, per_round: int) -> dict:
+def loop_row(rounds: int, repeats: int, ways: list[str], threads: int, workload: str, clients: int,
+             per_round: int) -> dict:
     runs: dict[str, list[dict]] = {way: [] for way in ways}
     for i in range(repeats):  # alternate the ways, so drift hits all alike
         for way in runs:
-            runs[way].append(in_subprocess("loop", way, str(clients), str(per_round), str(rounds), str(threads)))
-            print(f"  N={clients} K={per_round} threads={threads} {way} run {i + 1}: "
+            runs[way].append(in_subprocess("loop", way, workload, str(clients), str(per_round), str(rounds),
+                                           str(threads)))
+            print(f"  {workload} N={clients} K={per_round} threads={threads} {way} run {i + 1}: "
                   f"{runs[way][-1]['s_per_round']:.3f} s/round", flush=True)
-    row: dict = {"clients": clients, "per_round": per_round, "threads": threads}
+    samples = WORKLOADS[workload]
+    row: dict = {"workload": workload, "samples_per_client": samples or 60_000 // clients, "clients": clients,
+                 "per_round": per_round, "threads": threads}
     for way, rs in runs.items():
         row[f"{way}_s_per_round"] = statistics.median(r["s_per_round"] for r in rs)
         row[f"{way}_first_round_s"] = statistics.median(r["first_round_s"] for r in rs)
         row[f"{way}_peak_rss_mib"] = max(r["peak_rss_mib"] for r in rs)
+        if "train_s_per_round" in rs[0]:  # the time of a round outside the clients' training
+            row[f"{way}_train_s_per_round"] = statistics.median(r["train_s_per_round"] for r in rs)
+            row[f"{way}_other_s_per_round"] = statistics.median(r["s_per_round"] - r["train_s_per_round"]
+                                                               for r in rs)
         if way != "bare" and "bare" in runs:
             row[f"{way}_overhead_pct"] = 100 * (row[f"{way}_s_per_round"] / row["bare_s_per_round"] - 1)
+            if f"{way}_other_s_per_round" in row:  # what the way adds outside training, over a bare round
+                row[f"{way}_added_outside_training_pct"] = 100 * (
+                    row[f"{way}_other_s_per_round"] - row["bare_other_s_per_round"]) / row["bare_s_per_round"]
     return {**row, "runs": runs}
 
 
@@ -239,9 +294,13 @@ def table(result: dict) -> str:
             if f"{way}_s_per_round" in r:
                 over = r.get(f"{way}_overhead_pct")
                 seconds = r[f"{way}_s_per_round"]
-                lines.append(f"N={r['clients']:<5} K={r['per_round']:<4} threads {r.get('threads', 1)} "
+                other, added = r.get(f"{way}_other_s_per_round"), r.get(f"{way}_added_outside_training_pct")
+                lines.append(f"{r.get('workload', 'tiny'):<5} N={r['clients']:<5} K={r['per_round']:<4} "
+                             f"threads {r.get('threads', 1)} "
                              f"{way:>5}: {seconds:7.3f} s/round"
                              f"{'' if over is None else f' ({over:+.1f}% vs bare)':<18} "
+                             f"{'' if other is None else f'outside training {other:6.3f} s':<26}"
+                             f"{'' if added is None else f' ({added:+.1f}% of bare)':<16} "
                              f"round 1 {r.get(f'{way}_first_round_s', float('nan')):6.2f} s  "
                              f"peak RSS {r[f'{way}_peak_rss_mib']:5.0f} MiB")
     if result.get("sap"):
@@ -266,6 +325,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="torch threads a client trains with (each value its own rows; Ray: 1 only)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS),
+                        help="whole: the training set split over the clients; tiny: 20 samples a client")
     parser.add_argument("--updates", type=int, nargs="+", default=UPDATE_COUNTS,
                         help="numbers of ResNet18-sized updates to aggregate")
     parser.add_argument("--ways", nargs="+", choices=WAYS, default=WAYS, help="ways of running the loops")
@@ -278,7 +339,7 @@ def main() -> None:
     if args.one:
         kind, way, *rest = args.one
         if kind == "loop":
-            answer = run_loop(way, *map(int, rest))
+            answer = run_loop(way, rest[0], *map(int, rest[1:]))
         elif kind == "sap":
             answer = run_sap_step(way, *map(int, rest))
         else:
@@ -295,7 +356,8 @@ def main() -> None:
                      (("loops", args.skip_loops), ("aggregation", args.skip_aggregation), ("sap", args.skip_sap))
                      if not skipped}},
         "loops": last.get("loops", []) if args.skip_loops else loops(args.rounds, args.repeats, args.ways,
-                                                                                 args.threads),
+                                                                                 args.threads,
+                                                                                 args.workloads),
         "aggregation": last.get("aggregation", []) if args.skip_aggregation else aggregation(args.updates,
                                                                                             memory_mib),
         "sap": last.get("sap", []) if args.skip_sap else sap_steps(args.sap_reps),
