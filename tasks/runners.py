@@ -39,6 +39,22 @@ def runs_in_this_thread(config: ExperimentConfig) -> bool:
     return config.runtime.runner == "local" and config.runtime.workers == 1
 
 
+def temporary_api_url() -> str | None:
+    """The address of the temporary Prefect server this process runs flows against, or None when a server
+    is configured (``PREFECT_API_URL``; Ray's workers then read the same setting).
+
+    A worker of a local Ray cluster that finds no server configured would start a temporary server of its
+    own for its task runs (seconds of start-up and a core's share per worker) and record them there, out of
+    the flow run's sight; given this address, it reports to the flow's server."""
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL
+
+    run = FlowRunContext.get()
+    if PREFECT_API_URL.value() or run is None:
+        return None
+    return str(run.client.api_url)
+
+
 @contextmanager
 def task_runner(config: ExperimentConfig) -> Iterator[Submit]:
     """Yield a `submit(task, parameters)` for `runtime.runner`."""
@@ -57,8 +73,11 @@ def task_runner(config: ExperimentConfig) -> Iterator[Submit]:
         ) from None
     ray = config.ray
     init_kwargs: dict[str, Any] = {"include_dashboard": False}
-    if ray.address is None and ray.local_cpus is not None:
-        init_kwargs["num_cpus"] = ray.local_cpus
+    if ray.address is None:
+        if ray.local_cpus is not None:
+            init_kwargs["num_cpus"] = ray.local_cpus
+        if api_url := temporary_api_url():
+            init_kwargs["runtime_env"] = {"env_vars": {"PREFECT_API_URL": api_url}}
     runner = RayTaskRunner(address=ray.address, init_kwargs=init_kwargs)
     with runner:
 

@@ -82,6 +82,24 @@ def save_partition_of(config) -> list:
     return write_partition(config, train.labels.numpy(), train.num_classes)[0]
 
 
+def processes_with_home(home: Path, running: str | None = None) -> list[int]:
+    """Live processes whose environment has PREFECT_HOME=home (a flow started with it, its temporary Prefect
+    server, Ray workers it started), only those whose command line contains `running` if given."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"PREFECT_HOME={home}".encode() in env and state != "Z" and (running is None or running in command):
+            found.append(int(entry.name))
+    return found
+
+
 def uninterrupted_metrics(config) -> list[tuple]:
     """(round, accuracy, loss) of the plain in-process loop: the reference every runner must match."""
     train, test = load_dataset(config.data)

@@ -1,12 +1,19 @@
-"""Client updates as Prefect tasks on a real local Ray cluster (2 workers) give the local runner's metrics."""
+"""Client updates as Prefect tasks on a real local Ray cluster (2 workers): the local runner's metrics, and
+no Prefect server of the workers' own."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import torch
 
-from tests.conftest import prepare_run, uninterrupted_metrics
+from tests.conftest import prepare_run, processes_with_home, uninterrupted_metrics
 
 
 def test_ray_runner_matches_the_local_runner(prefect_harness, tmp_path):
@@ -31,3 +38,37 @@ def test_ray_runner_matches_the_local_runner(prefect_harness, tmp_path):
         torch.set_num_threads(threads)
     assert on_ray == reference
     assert json.loads((tmp_path / "metrics" / "train.json").read_text())["accuracy"] == summary["accuracy"]
+
+
+def test_ray_workers_report_to_the_flows_temporary_server_instead_of_starting_their_own(tmp_path):
+    """`python -m flows.train` with no Prefect server configured runs against a temporary server; the workers
+    of its local Ray cluster are told its address, so no worker starts a temporary server of its own (each
+    cost seconds of start-up and a share of a core, beside the flow's)."""
+    from fedmef_core.config import parse_config
+
+    _, config = prepare_run(tmp_path, rounds=2)
+    raw = config.model_dump(mode="json")
+    raw["runtime"].update(runner="ray", workers=2)
+    raw["ray"] = {"address": None, "local_cpus": 2, "num_cpus": 1.0, "num_gpus": 0.0}
+    (tmp_path / "params.yaml").write_text(parse_config(raw).to_yaml())
+    home = tmp_path / "prefect-home"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    servers, done = set(), threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            servers.update(processes_with_home(home, running="prefect.server.api.server"))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        run = subprocess.run([sys.executable, "-m", "flows.train", "--params", str(tmp_path / "params.yaml")],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        done.set()
+        watcher.join()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "round 2: clients" in run.stdout + run.stderr  # the waves ran (on Ray)
+    assert len(servers) == 1, f"{len(servers)} Prefect servers were started: the flow's and one per Ray worker"

@@ -16,25 +16,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import prepare_run
+from tests.conftest import prepare_run, processes_with_home
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _processes_with_home(home: Path) -> list[int]:
-    """Live processes whose environment has PREFECT_HOME=home (the flow and its temporary server)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if f"PREFECT_HOME={home}".encode() in env and state != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 def _start(tmp_path: Path, params: Path) -> tuple[subprocess.Popen, Path]:
@@ -56,7 +40,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 def _no_orphans(home: Path, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
-    while (left := _processes_with_home(home)) and time.monotonic() < deadline:
+    while (left := processes_with_home(home)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"processes left behind: {left}"
 
@@ -95,7 +79,7 @@ def test_kill_9_leaves_no_temporary_server_behind(tmp_path):
     params, config = prepare_run(tmp_path, rounds=4)
     proc, home = _start(tmp_path, params)
     _wait_for(Path(config.runtime.checkpoints_dir) / "round_0001.pt.sha256", proc)
-    assert len(_processes_with_home(home)) >= 2  # the flow and its temporary Prefect server
+    assert len(processes_with_home(home)) >= 2  # the flow and its temporary Prefect server
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     _no_orphans(home)
