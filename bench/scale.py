@@ -229,18 +229,27 @@ def in_subprocess(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def loops(rounds: int, repeats: int, ways: list[str], thread_counts: list[int], workloads: list[str]) -> list[dict]:
+def loops(rounds: int, repeats: int, ways: list[str], thread_counts: list[int], workloads: list[str],
+          earlier: list[dict]) -> list[dict]:
+    """The loop rows; a way not run keeps its runs from `earlier` (the last results) in the same row."""
+    def key(row: dict) -> tuple:
+        return row.get("workload", "tiny"), row["clients"], row["per_round"], row.get("threads", 1)
+
+    last = {key(row): row for row in earlier}
     rows = []
     for workload in workloads:
         for threads in thread_counts:
             for clients, per_round in SHAPES:
-                rows.append(loop_row(rounds, repeats, [w for w in ways if w != "ray" or threads == 1], threads,
-                                     workload, clients, per_round))
+                row = loop_row(rounds, repeats, [w for w in ways if w != "ray" or threads == 1], threads,
+                               workload, clients, per_round)
+                kept = {w: rs for w, rs in last.get(key(row), {}).get("runs", {}).items() if w not in row["runs"]}
+                rows.append(summary(row, {**kept, **row["runs"]}))
     return rows
 
 
 def loop_row(rounds: int, repeats: int, ways: list[str], threads: int, workload: str, clients: int,
              per_round: int) -> dict:
+    """`repeats` runs of each way, in turn."""
     runs: dict[str, list[dict]] = {way: [] for way in ways}
     for i in range(repeats):  # alternate the ways, so drift hits all alike
         for way in runs:
@@ -249,9 +258,16 @@ def loop_row(rounds: int, repeats: int, ways: list[str], threads: int, workload:
             print(f"  {workload} N={clients} K={per_round} threads={threads} {way} run {i + 1}: "
                   f"{runs[way][-1]['s_per_round']:.3f} s/round", flush=True)
     samples = WORKLOADS[workload]
-    row: dict = {"workload": workload, "samples_per_client": samples or 60_000 // clients, "clients": clients,
-                 "per_round": per_round, "threads": threads}
-    for way, rs in runs.items():
+    return {"workload": workload, "samples_per_client": samples or 60_000 // clients, "clients": clients,
+            "per_round": per_round, "threads": threads, "runs": runs}
+
+
+def summary(row: dict, runs: dict[str, list[dict]]) -> dict:
+    """`row`'s medians of `runs` (each way's runs), and each way against the bare loop."""
+    row = {k: v for k, v in row.items() if k in ("workload", "samples_per_client", "clients", "per_round",
+                                                  "threads")}
+    for way in [w for w in WAYS if w in runs]:
+        rs = runs[way]
         row[f"{way}_s_per_round"] = statistics.median(r["s_per_round"] for r in rs)
         row[f"{way}_first_round_s"] = statistics.median(r["first_round_s"] for r in rs)
         row[f"{way}_peak_rss_mib"] = max(r["peak_rss_mib"] for r in rs)
@@ -353,11 +369,11 @@ def main() -> None:
     result = {
         "note": "medians of alternating runs per way; peak RSS per subprocess; `commands`: what made each part",
         "commands": {**last.get("commands", {}), **{part: command for part, skipped in
-                     (("loops", args.skip_loops), ("aggregation", args.skip_aggregation), ("sap", args.skip_sap))
-                     if not skipped}},
+                     [*((f"loops/{way}", args.skip_loops) for way in args.ways),
+                      ("aggregation", args.skip_aggregation), ("sap", args.skip_sap)] if not skipped}},
         "loops": last.get("loops", []) if args.skip_loops else loops(args.rounds, args.repeats, args.ways,
-                                                                                 args.threads,
-                                                                                 args.workloads),
+                                                                     args.threads, args.workloads,
+                                                                     last.get("loops", [])),
         "aggregation": last.get("aggregation", []) if args.skip_aggregation else aggregation(args.updates,
                                                                                             memory_mib),
         "sap": last.get("sap", []) if args.skip_sap else sap_steps(args.sap_reps),
