@@ -82,6 +82,14 @@ def save_partition_of(config) -> list:
     return write_partition(config, train.labels.numpy(), train.num_classes)[0]
 
 
+def standalone_env(home: Path) -> dict[str, str]:
+    """The environment of a `python -m flows.<name>` subprocess run as a user would: this checkout importable,
+    Prefect's state in `home`, no Prefect server configured (so the flow starts its own temporary one)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
 def processes_with_home(home: Path, running: str | None = None) -> list[int]:
     """Live processes whose environment has PREFECT_HOME=home (a flow started with it, its temporary Prefect
     server, Ray workers it started), only those whose command line contains `running` if given."""

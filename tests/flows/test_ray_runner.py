@@ -4,16 +4,14 @@ no Prefect server of the workers' own."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-from tests.conftest import prepare_run, processes_with_home, uninterrupted_metrics
+from tests.conftest import prepare_run, processes_with_home, standalone_env, uninterrupted_metrics
 
 
 def test_ray_runner_matches_the_local_runner(prefect_harness, tmp_path):
@@ -52,8 +50,6 @@ def test_ray_workers_report_to_the_flows_temporary_server_instead_of_starting_th
     raw["ray"] = {"address": None, "local_cpus": 2, "num_cpus": 1.0, "num_gpus": 0.0}
     (tmp_path / "params.yaml").write_text(parse_config(raw).to_yaml())
     home = tmp_path / "prefect-home"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PREFECT_HOME": str(home)}
-    env.pop("PREFECT_API_URL", None)
     servers, done = set(), threading.Event()
 
     def watch() -> None:
@@ -65,7 +61,7 @@ def test_ray_workers_report_to_the_flows_temporary_server_instead_of_starting_th
     watcher.start()
     try:
         run = subprocess.run([sys.executable, "-m", "flows.train", "--params", str(tmp_path / "params.yaml")],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                             cwd=tmp_path, env=standalone_env(home), capture_output=True, text=True, timeout=600)
     finally:
         done.set()
         watcher.join()

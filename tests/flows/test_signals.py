@@ -16,16 +16,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import prepare_run, processes_with_home
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import prepare_run, processes_with_home, standalone_env
 
 
 def _start(tmp_path: Path, params: Path) -> tuple[subprocess.Popen, Path]:
     home = tmp_path / "prefect-home"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(home)}
-    env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "flows.train", "--params", str(params)], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "flows.train", "--params", str(params)], cwd=tmp_path,
+                            env=standalone_env(home),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     return proc, home
 
