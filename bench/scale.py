@@ -240,15 +240,17 @@ def loops(rounds: int, repeats: int, ways: list[str], thread_counts: list[int], 
     for workload in workloads:
         for threads in thread_counts:
             for clients, per_round in SHAPES:
-                row = loop_row(rounds, repeats, [w for w in ways if w != "ray" or threads == 1], threads,
-                               workload, clients, per_round)
-                kept = {w: rs for w, rs in last.get(key(row), {}).get("runs", {}).items() if w not in row["runs"]}
-                rows.append(summary(row, {**kept, **row["runs"]}))
+                runs = loop_runs(rounds, repeats, [w for w in ways if w != "ray" or threads == 1], threads,
+                                 workload, clients, per_round)
+                row = {"workload": workload, "samples_per_client": WORKLOADS[workload] or 60_000 // clients,
+                       "clients": clients, "per_round": per_round, "threads": threads}
+                kept = {w: rs for w, rs in last.get(key(row), {}).get("runs", {}).items() if w not in runs}
+                rows.append(summary(row, {**kept, **runs}))
     return rows
 
 
-def loop_row(rounds: int, repeats: int, ways: list[str], threads: int, workload: str, clients: int,
-             per_round: int) -> dict:
+def loop_runs(rounds: int, repeats: int, ways: list[str], threads: int, workload: str, clients: int,
+              per_round: int) -> dict[str, list[dict]]:
     """`repeats` runs of each way, in turn."""
     runs: dict[str, list[dict]] = {way: [] for way in ways}
     for i in range(repeats):  # alternate the ways, so drift hits all alike
@@ -257,15 +259,13 @@ def loop_row(rounds: int, repeats: int, ways: list[str], threads: int, workload:
                                            str(threads)))
             print(f"  {workload} N={clients} K={per_round} threads={threads} {way} run {i + 1}: "
                   f"{runs[way][-1]['s_per_round']:.3f} s/round", flush=True)
-    samples = WORKLOADS[workload]
-    return {"workload": workload, "samples_per_client": samples or 60_000 // clients, "clients": clients,
-            "per_round": per_round, "threads": threads, "runs": runs}
+    return runs
 
 
-def summary(row: dict, runs: dict[str, list[dict]]) -> dict:
-    """`row`'s medians of `runs` (each way's runs), and each way against the bare loop."""
-    row = {k: v for k, v in row.items() if k in ("workload", "samples_per_client", "clients", "per_round",
-                                                  "threads")}
+def summary(what: dict, runs: dict[str, list[dict]]) -> dict:
+    """The row `what` (workload, shape, threads) with the medians of `runs` (each way's runs) and each way
+    against the bare loop."""
+    row = dict(what)
     for way in [w for w in WAYS if w in runs]:
         rs = runs[way]
         row[f"{way}_s_per_round"] = statistics.median(r["s_per_round"] for r in rs)
