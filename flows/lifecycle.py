@@ -46,6 +46,19 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
+def interrupt_behind(exc: BaseException) -> Interrupted | None:
+    """The :class:`Interrupted` that `exc` was raised while handling, if any. A signal can land inside
+    library code whose own clean-up then fails (Prefect's task engine, stopped before its task run exists,
+    raises ``ValueError: Task run is not set`` from its crash handler): that is still the interrupt."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, Interrupted):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__context__
+    return None
+
+
 @contextmanager
 def signals_interrupt() -> Iterator[None]:
     """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread while inside."""
@@ -80,6 +93,10 @@ class SafePoints:
         self.immediate = True
         try:
             yield
+        except Exception as exc:
+            if (interrupt := interrupt_behind(exc)) is None:
+                raise
+            raise interrupt from None
         finally:
             self.immediate = False
         self.check()

@@ -91,3 +91,35 @@ def test_every_way_a_flow_is_stopped_has_its_shells_exit_status():
     assert exit_code(Interrupted(signal.SIGINT)) == exit_code(KeyboardInterrupt()) == 130
     assert exit_code(Interrupted(signal.SIGTERM)) == exit_code(TerminationSignal(signal.SIGTERM)) == 143
     assert exit_code(Interrupted(signal.SIGHUP)) == 128 + signal.SIGHUP
+
+
+def test_a_signal_while_prefect_starts_a_rounds_task_run_still_stops_cleanly(prefect_harness, tmp_path,
+                                                                             monkeypatch, capsys):
+    """The round's clients are a Prefect task run in this thread; a signal that lands while Prefect creates
+    it makes Prefect's own crash handler fail (``ValueError: Task run is not set``). Still: exit 130, one
+    line, the MLflow run KILLED, round 1's checkpoint kept."""
+    import prefect.task_engine
+
+    import flows.cli
+    from flows.train import train_flow
+    from tasks import preflight
+
+    params, config = prepare_run(tmp_path, rounds=3)
+    create = prefect.task_engine._create_task_run_locally
+
+    def signal_while_creating_round_2s_task_run(*args, **kwargs):
+        if kwargs["task"].name == "client-wave" and kwargs["parameters"]["rnd"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises here, before the task run exists
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(prefect.task_engine, "_create_task_run_locally", signal_while_creating_round_2s_task_run)
+    with pytest.raises(SystemExit) as stopped:
+        flows.cli.main(train_flow, preflight.for_train, argv=["--params", str(params)])
+    assert stopped.value.code == 130
+    assert "interrupted: the last checkpoint is kept" in capsys.readouterr().err
+    checkpoints = Path(config.runtime.checkpoints_dir)
+    assert (checkpoints / "round_0001.pt").exists() and not (checkpoints / "round_0002.pt").exists()
+    client = MlflowClient(config.tracking.mlflow_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "KILLED"
