@@ -11,13 +11,13 @@ import argparse
 import functools
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 
 from fedmef_core.config import ConfigError, ExperimentConfig, checked, load_config
 from fedmef_core.errors import UserError
-from flows.lifecycle import detach_temporary_server, exit_code, interrupt_behind, signals_interrupt
+from flows.lifecycle import detach_temporary_server, exit_code, signals_interrupt
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -57,16 +57,8 @@ def main(
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, TerminationSignal) as exc:
-        _interrupted(exc)
-    except Exception as exc:  # a library's clean-up that failed under a signal is still the signal
-        if (interrupt := interrupt_behind(exc)) is None:
-            raise
-        _interrupted(interrupt)
-
-
-def _interrupted(exc: BaseException) -> NoReturn:
-    print("interrupted: the last checkpoint is kept", file=sys.stderr)
-    sys.exit(exit_code(exc))
+        print("interrupted: the last checkpoint is kept", file=sys.stderr)
+        sys.exit(exit_code(exc))
 
 
 def fails_cleanly(body: Callable[..., Any]) -> Callable[..., Any]:

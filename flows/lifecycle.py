@@ -60,11 +60,23 @@ def interrupt_behind(exc: BaseException) -> Interrupted | None:
 
 
 @contextmanager
+def interrupt_unmasked() -> Iterator[None]:
+    """An error raised while handling an :class:`Interrupted` leaves the block as that interrupt."""
+    try:
+        yield
+    except Exception as exc:
+        if (interrupt := interrupt_behind(exc)) is None:
+            raise
+        raise interrupt from None
+
+
+@contextmanager
 def signals_interrupt() -> Iterator[None]:
     """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread while inside."""
     previous = {s: signal.signal(s, _raise_interrupted) for s in EXIT_CODES}
     try:
-        yield
+        with interrupt_unmasked():
+            yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -92,11 +104,8 @@ class SafePoints:
         self.check()
         self.immediate = True
         try:
-            yield
-        except Exception as exc:
-            if (interrupt := interrupt_behind(exc)) is None:
-                raise
-            raise interrupt from None
+            with interrupt_unmasked():
+                yield
         finally:
             self.immediate = False
         self.check()

@@ -82,6 +82,16 @@ def save_partition_of(config) -> list:
     return write_partition(config, train.labels.numpy(), train.num_classes)[0]
 
 
+def train_cli(params: Path, *overrides: str):
+    """`python -m flows.train --params PARAMS [--set k=v ...]`, in this process (the CLI's exits included)."""
+    import flows.cli
+    from flows.train import train_flow
+    from tasks import preflight
+
+    argv = ["--params", str(params)] + [a for o in overrides for a in ("--set", o)]
+    return flows.cli.main(train_flow, preflight.for_train, argv=argv)
+
+
 def standalone_env(home: Path) -> dict[str, str]:
     """The environment of a `python -m flows.<name>` subprocess run as a user would: this checkout importable,
     Prefect's state in `home`, no Prefect server configured (so the flow starts its own temporary one)."""

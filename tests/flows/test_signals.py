@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import prepare_run, processes_with_home, standalone_env
+from tests.conftest import prepare_run, processes_with_home, standalone_env, train_cli
 
 
 def _start(tmp_path: Path, params: Path) -> tuple[subprocess.Popen, Path]:
@@ -100,10 +100,6 @@ def test_a_signal_while_prefect_starts_a_rounds_task_run_still_stops_cleanly(pre
     line, the MLflow run KILLED, round 1's checkpoint kept."""
     import prefect.task_engine
 
-    import flows.cli
-    from flows.train import train_flow
-    from tasks import preflight
-
     params, config = prepare_run(tmp_path, rounds=3)
     create = prefect.task_engine._create_task_run_locally
 
@@ -115,7 +111,7 @@ def test_a_signal_while_prefect_starts_a_rounds_task_run_still_stops_cleanly(pre
 
     monkeypatch.setattr(prefect.task_engine, "_create_task_run_locally", signal_while_creating_round_2s_task_run)
     with pytest.raises(SystemExit) as stopped:
-        flows.cli.main(train_flow, preflight.for_train, argv=["--params", str(params)])
+        train_cli(params)
     assert stopped.value.code == 130
     assert "interrupted: the last checkpoint is kept" in capsys.readouterr().err
     checkpoints = Path(config.runtime.checkpoints_dir)

@@ -20,10 +20,9 @@ from mlflow.tracking import MlflowClient
 
 import flows.cli
 from flows.partition import partition_flow
-from flows.train import train_flow
 from tasks import preflight
 from tasks.outputs import RoundReporter
-from tests.conftest import prepare_run
+from tests.conftest import prepare_run, train_cli
 
 SECRET = "s3cret-Pa55"
 
@@ -69,11 +68,6 @@ def mlflow_server(tmp_path):
     server = MlflowServer(tmp_path)
     yield server
     server.kill()
-
-
-def train_cli(params: Path, *overrides: str):
-    argv = ["--params", str(params)] + [a for o in overrides for a in ("--set", o)]
-    return flows.cli.main(train_flow, preflight.for_train, argv=argv)
 
 
 def test_a_tracking_outage_mid_run_does_not_stop_training(prefect_harness, tmp_path, mlflow_server, monkeypatch,
