@@ -30,19 +30,21 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.autograd import Function
 
+from fedmef_core import sap_kernels
 from fedmef_core.config import ExperimentConfig, SapConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 WeightFn = Callable[..., torch.Tensor]
+Kept = TypeVar("Kept")
 
 
 def resolve_sap(config: ExperimentConfig) -> SapConfig | None:
@@ -139,28 +141,40 @@ def _sample_positions(n: int, device: torch.device) -> torch.Tensor:
     return torch.randint(0, n, (SAMPLE,), generator=torch.Generator().manual_seed(n)).to(device)
 
 
-def keep_mask(x: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Flat bool mask of the entries SAP keeps: about the n - floor(gamma n) largest magnitudes (module doc)."""
-    mag = x.detach().reshape(-1).abs()
-    n = mag.numel()
+def select(x: torch.Tensor, gamma: float, keep_at: Callable[[float], tuple[Kept, int]]) -> Kept:
+    """What SAP keeps of ``x``, built by ``keep_at(t)``: the entries ``|x| >= t`` (the non-zeros when t <= 0,
+    every entry when t is -inf) as a bool mask or a bitmap, with how many there are (module doc)."""
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
     k = n - math.floor(gamma * n + 1e-9)  # = ceil((1 - gamma) n), robust to float rounding
     if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=x.device)
+        return keep_at(-math.inf)[0]
     if n <= SAMPLE:
-        return _at_least(mag, kth_largest(mag.float(), k))
-    sample = mag.index_select(0, _sample_positions(n, mag.device)).float()
-    threshold = torch.kthvalue(sample, SAMPLE - math.ceil(k / n * SAMPLE) + 1).values
-    keep = _at_least(mag, threshold)
-    kept = count_true(keep)  # fewer than k is right when only the non-zeros are kept
+        return keep_at(float(kth_largest(flat.abs().float(), k)))[0]
+    sample = flat.index_select(0, _sample_positions(n, flat.device)).abs().float()
+    threshold = float(torch.kthvalue(sample, SAMPLE - math.ceil(k / n * SAMPLE) + 1).values)
+    keep, kept = keep_at(threshold)  # fewer than k is right when only the non-zeros are kept
     if kept > k + KEEP_TOLERANCE * n or (threshold > 0 and kept < k - KEEP_TOLERANCE * n):
-        keep = _at_least(mag, kth_largest(mag.float(), k))  # the sample missed (or ties): select exactly
+        keep, _ = keep_at(float(kth_largest(flat.abs().float(), k)))  # the sample missed (or ties): exactly
     return keep
 
 
-def _at_least(mag: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+def keep_mask(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Flat bool mask of the entries SAP keeps: about the n - floor(gamma n) largest magnitudes (module doc)."""
+    mag = x.detach().reshape(-1).abs()
+
+    def mask_at(threshold: float) -> tuple[torch.Tensor, int]:
+        if threshold == -math.inf:
+            return torch.ones(mag.numel(), dtype=torch.bool, device=x.device), mag.numel()
+        keep = _at_least(mag, threshold)
+        return keep, count_true(keep)
+
+    return select(x, gamma, mask_at)
+
+
+def _at_least(mag: torch.Tensor, threshold: float) -> torch.Tensor:
     """``mag >= threshold``, or the non-zeros when the threshold is 0 (dropping a zero changes nothing)."""
-    value = float(threshold)
-    return greater(mag, 0.0) if value <= 0 else at_least(mag, value)
+    return greater(mag, 0.0) if threshold <= 0 else at_least(mag, threshold)
 
 
 def kth_largest(values: torch.Tensor, k: int, exact_below: int = 1 << 15) -> torch.Tensor:
@@ -196,6 +210,10 @@ def _pack(x: torch.Tensor, sap: SapConfig | None) -> tuple[torch.Tensor, torch.T
     if sap is None:
         return x, None
     x = x.detach()
+    if sap_kernels.usable(x):  # one compiled pass to select and pack, one to compact
+        index = sap.positions != "bitmap"
+        kept = select(x, sap.gamma, lambda t: (c := sap_kernels.compact(x, t, index), c.total))
+        return kept.values(DTYPES[sap.value_dtype]), kept.positions() if index else kept.packed()
     keep = keep_mask(x, sap.gamma)
     idx = true_positions(keep)  # ascending: the values are in flat order
     values = x.reshape(-1).index_select(0, idx).to(DTYPES[sap.value_dtype])
@@ -208,6 +226,8 @@ def _unpack(values: torch.Tensor, positions: torch.Tensor | None, sap: SapConfig
             shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     if sap is None:
         return values
+    if sap.positions == "bitmap" and sap_kernels.handles(values.device, dtype):
+        return sap_kernels.scatter(positions, values, math.prod(shape), dtype).view(shape)
     out = torch.zeros(math.prod(shape), dtype=dtype, device=values.device)
     index = true_positions(unpack_bits(positions, out.numel())) if sap.positions == "bitmap" else positions.long()
     out.index_copy_(0, index, values.to(dtype))
@@ -303,14 +323,19 @@ class _MaskedClamp(Function):
     @staticmethod
     def forward(ctx: Any, x, max_val):
         out = x.clamp(0, max_val)
-        live = greater(x, 0.0) if max_val is None else between(x, 0.0, max_val)
-        ctx.save_for_backward(pack_bits(live))
+        if sap_kernels.usable(x):
+            ctx.save_for_backward(sap_kernels.relu_bits(x, max_val))
+        else:
+            live = greater(x, 0.0) if max_val is None else between(x, 0.0, max_val)
+            ctx.save_for_backward(pack_bits(live))
         ctx.meta = x.shape
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out):
         (packed,) = ctx.saved_tensors
+        if sap_kernels.usable(grad_out):
+            return sap_kernels.mask_grad(grad_out, packed), None
         live = unpack_bits(packed, grad_out.numel()).view(ctx.meta)
         return masked(grad_out.contiguous(), live), None
 

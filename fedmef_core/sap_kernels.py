@@ -1,0 +1,245 @@
+"""SAP's bool work on CPU, compiled: selection, bit packing and compaction in one pass over a tensor.
+
+Before, keeping the entries ``|x| >= t`` of an activation took six NumPy/torch passes (magnitude, comparison,
+positions as int64, gather, cast, bit packing) and its backward three (unpack, positions, scatter). Here a
+tensor is cut into one chunk per torch CPU thread (chunk bounds on byte boundaries of the bitmap) and each
+chunk is one compiled loop (Numba, ``nogil``, run on a small thread pool of this module):
+
+- :func:`keep_bits`: the packed bitmap of ``|x| >= t`` (``|x| > 0`` when ``t <= 0``) and the kept count of
+  every chunk, reading ``x`` once;
+- :func:`gather`: the kept values (and, for ``int32`` positions, their flat positions) in flat order,
+  reading ``x`` and the bitmap once;
+- :func:`scatter`: the inverse: a dense tensor from the bitmap and the values, writing every entry once;
+- :func:`relu_bits` / :func:`mask_grad`: the 1-bit ReLU mask and its backward, one pass each.
+
+The bitmap is :func:`numpy.packbits`'s layout (first entry in the highest bit, zero-padded at the end), so
+what is saved is byte for byte what the NumPy path saves; the tests compare the two. Float32 and float64
+tensors go this way; other dtypes (and other devices) keep the NumPy/torch path of :mod:`fedmef_core.sap`.
+Compiled code is cached beside this file (``__pycache__``) after the first use in a process tree.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from numba import njit
+
+MIN_CHUNK = 1 << 16  # entries: below this one chunk (a thread hand-off costs more than the work)
+_FLOATS = {torch.float32, torch.float64}
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether the compiled kernels handle ``t`` (a CPU float32/float64 tensor)."""
+    return handles(t.device, t.dtype)
+
+
+def handles(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype in _FLOATS
+
+
+# ---- compiled loops, one chunk each (views that start at the chunk's first entry, a multiple of 8) -------
+# Branch-free inner loops of 8 (one bitmap byte) from index 0 of their views: LLVM then vectorises the
+# comparisons, bit assembly and masking (with a chunk offset in the indices it did not: 6-9x slower), and
+# the compaction stores every entry and advances by its bit (no unpredictable branch).
+@njit(nogil=True, cache=True)
+def _compact(x, t, bitmap, values, positions, first):  # pragma: no cover - compiled
+    """Bits of ``|x| >= t`` (``|x| > 0`` when -inf < t <= 0; all when t is -inf) into bitmap, the kept values
+    into values and (when positions is not empty) their flat positions, counted from `first`; returns how
+    many were kept."""
+    strict = -np.inf < t <= 0.0
+    with_positions = positions.size > 0
+    n = x.size
+    k = 0
+    for b in range(n // 8):
+        byte = 0
+        for j in range(8):
+            v = x[b * 8 + j]
+            a = abs(v)
+            bit = (a > 0.0) if strict else (a >= t)
+            values[k] = v
+            if with_positions:
+                positions[k] = first + b * 8 + j
+            k += bit
+            byte |= bit << (7 - j)
+        bitmap[b] = byte
+    if n % 8:  # the last, partial byte (zero-padded)
+        byte = 0
+        for i in range(n // 8 * 8, n):
+            v = x[i]
+            a = abs(v)
+            bit = (a > 0.0) if strict else (a >= t)
+            values[k] = v
+            if with_positions:
+                positions[k] = first + i
+            k += bit
+            byte |= bit << (7 - i % 8)
+        bitmap[n // 8] = byte
+    return k
+
+
+@njit(nogil=True, cache=True)
+def _count(bitmap, table):  # pragma: no cover - compiled
+    count = 0
+    for j in range(bitmap.size):
+        count += table[bitmap[j]]
+    return count
+
+
+@njit(nogil=True, cache=True)
+def _scatter(bitmap, values, out):  # pragma: no cover - compiled
+    """out: the next of values where the bit is 1, else 0."""
+    if values.size == 0:
+        out[:] = 0.0
+        return
+    last = values.size - 1
+    k = 0
+    n = out.size
+    for b in range(n // 8):
+        byte = bitmap[b]
+        for j in range(8):
+            bit = (byte >> (7 - j)) & 1
+            v = values[min(k, last)]
+            out[b * 8 + j] = v if bit else 0.0
+            k += bit
+    for i in range(n // 8 * 8, n):
+        bit = (bitmap[i // 8] >> (7 - i % 8)) & 1
+        v = values[min(k, last)]
+        out[i] = v if bit else 0.0
+        k += bit
+
+
+@njit(nogil=True, cache=True)
+def _relu(x, high, bitmap):  # pragma: no cover - compiled
+    """Bits of ``0 < x < high`` into bitmap."""
+    n = x.size
+    for b in range(n // 8):
+        byte = 0
+        for j in range(8):
+            v = x[b * 8 + j]
+            byte |= ((v > 0.0) & (v < high)) << (7 - j)
+        bitmap[b] = byte
+    if n % 8:
+        byte = 0
+        for i in range(n // 8 * 8, n):
+            v = x[i]
+            byte |= ((v > 0.0) & (v < high)) << (7 - i % 8)
+        bitmap[n // 8] = byte
+
+
+@njit(nogil=True, cache=True)
+def _mask(grad, bitmap, out):  # pragma: no cover - compiled
+    n = grad.size
+    for b in range(n // 8):
+        byte = bitmap[b]
+        for j in range(8):
+            out[b * 8 + j] = grad[b * 8 + j] if (byte >> (7 - j)) & 1 else 0.0
+    for i in range(n // 8 * 8, n):
+        out[i] = grad[i] if (bitmap[i // 8] >> (7 - i % 8)) & 1 else 0.0
+
+
+# ---- chunking and threads ---------------------------------------------------------------------------
+def _bounds(n: int) -> list[tuple[int, int]]:
+    """One [lo, hi) per torch CPU thread (fewer for small tensors), lo on a multiple of 8."""
+    parts = max(1, min(torch.get_num_threads(), n // MIN_CHUNK))
+    step = max(8, (-(-n // parts) + 7) // 8 * 8)
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)] or [(0, 0)]
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="sap")
+        return _POOL
+
+
+def _each(bounds: list[tuple[int, int]], work) -> list:
+    """``work(lo, hi)`` for every chunk: the first in this thread, the others on the pool."""
+    if len(bounds) == 1:
+        return [work(*bounds[0])]
+    futures = [_pool().submit(work, lo, hi) for lo, hi in bounds[1:]]
+    first = work(*bounds[0])
+    return [first, *(f.result() for f in futures)]
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().reshape(-1).numpy()
+
+
+# ---- the operations ---------------------------------------------------------------------------------
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+
+
+def compact(x: torch.Tensor, threshold: float, with_positions: bool) -> Compacted:
+    """The entries of ``x`` with ``|x| >= threshold`` (``|x| > 0`` when threshold <= 0; all of them when it is
+    -inf): their packed bitmap, and their values (x's dtype) and int32 flat positions in flat order."""
+    a = _flat(x)
+    bounds = _bounds(a.size)
+    bitmap = np.empty((a.size + 7) // 8, dtype=np.uint8)
+    scratch = np.empty(a.size, dtype=a.dtype)  # chunk [lo, hi) compacts into scratch[lo:hi]
+    spots = np.empty(a.size if with_positions else 0, dtype=np.int32)
+    counts = _each(bounds, lambda lo, hi: _compact(a[lo:hi], float(threshold), bitmap[lo // 8:(hi + 7) // 8],
+                                                   scratch[lo:hi], spots[lo:hi], lo))
+    return Compacted(bitmap, scratch, spots if with_positions else None, bounds, counts)
+
+
+class Compacted:
+    """What :func:`compact` kept, still in per-chunk pieces; :meth:`values` joins them."""
+
+    def __init__(self, bitmap, scratch, spots, bounds, counts):
+        self.bitmap, self._scratch, self._spots, self._bounds, self.counts = bitmap, scratch, spots, bounds, counts
+        self.total = int(sum(counts))
+
+    def packed(self) -> torch.Tensor:
+        return torch.from_numpy(self.bitmap)
+
+    def values(self, dtype: torch.dtype) -> torch.Tensor:
+        return self._joined(self._scratch, dtype)
+
+    def positions(self) -> torch.Tensor:
+        return self._joined(self._spots, torch.int32)
+
+    def _joined(self, pieces: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(self.total, dtype=dtype)
+        at = 0
+        for (lo, _), count in zip(self._bounds, self.counts):
+            out[at:at + count] = torch.from_numpy(pieces[lo:lo + count])
+            at += count
+        return out
+
+
+def scatter(packed: torch.Tensor, values: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`compact`: a flat ``dtype`` tensor of ``numel`` entries, zero where the bitmap is 0 and
+    the next value where it is 1."""
+    bitmap = packed.numpy()
+    v = values.to(dtype).contiguous().numpy()
+    bounds = _bounds(numel)
+    counts = _each(bounds, lambda lo, hi: _count(bitmap[lo // 8:(hi + 7) // 8], _POPCOUNT))
+    starts = dict(zip(bounds, np.cumsum([0, *counts[:-1]]).tolist()))
+    out = np.empty(numel, dtype=v.dtype)
+    _each(bounds, lambda lo, hi: _scatter(bitmap[lo // 8:(hi + 7) // 8], v[starts[lo, hi]:], out[lo:hi]))
+    return torch.from_numpy(out)
+
+
+def relu_bits(x: torch.Tensor, max_val: float | None) -> torch.Tensor:
+    """The packed bits of ``x > 0`` (``0 < x < max_val``)."""
+    a = _flat(x)
+    bitmap = np.empty((a.size + 7) // 8, dtype=np.uint8)
+    high = np.inf if max_val is None else float(max_val)
+    _each(_bounds(a.size), lambda lo, hi: _relu(a[lo:hi], high, bitmap[lo // 8:(hi + 7) // 8]))
+    return torch.from_numpy(bitmap)
+
+
+def mask_grad(grad: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``grad`` where the packed bit is 1, else 0 (grad's shape)."""
+    g = _flat(grad)
+    bitmap = packed.numpy()
+    out = np.empty_like(g)
+    _each(_bounds(g.size), lambda lo, hi: _mask(g[lo:hi], bitmap[lo // 8:(hi + 7) // 8], out[lo:hi]))
+    return torch.from_numpy(out).view(grad.shape)

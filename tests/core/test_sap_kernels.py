@@ -1,0 +1,61 @@
+"""The compiled SAP kernels save byte for byte what the NumPy/torch path saves, and restore it exactly."""
+
+import pytest
+import torch
+
+from fedmef_core import sap, sap_kernels
+from fedmef_core.config import SapConfig
+
+
+def _reference_pack(x: torch.Tensor, cfg: SapConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the NumPy/torch path saves: kept values in flat order and a bitmap (or int32 positions)."""
+    keep = sap.keep_mask(x, cfg.gamma)
+    idx = sap.true_positions(keep)
+    values = x.reshape(-1).index_select(0, idx).to(sap.DTYPES[cfg.value_dtype])
+    return values, sap.pack_bits(keep) if cfg.positions == "bitmap" else idx.to(torch.int32)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("numel", [5, 37, 1000, 40_000, 300_001])
+@pytest.mark.parametrize("kind", ["gaussian", "relu"])
+def test_compiled_pack_and_unpack_equal_the_numpy_path(threads, numel, kind, monkeypatch):
+    monkeypatch.setattr(sap_kernels, "MIN_CHUNK", 64)  # several chunks even for small tensors
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+        if kind == "relu":
+            x = x.clamp(min=0)
+        for gamma in (0.0, 0.5, 0.7):
+            for positions in ("bitmap", "index"):
+                for value_dtype in ("float16", "float32"):
+                    cfg = SapConfig(enabled=True, gamma=gamma, positions=positions, value_dtype=value_dtype)
+                    assert sap_kernels.usable(x)
+                    values, where = sap._pack(x, cfg)
+                    ref_values, ref_where = _reference_pack(x, cfg)
+                    assert values.dtype == ref_values.dtype and torch.equal(values, ref_values)
+                    assert where.dtype == ref_where.dtype and torch.equal(where, ref_where)
+                    restored = sap._unpack(values, where, cfg, x.shape, torch.float32)
+                    expected = torch.zeros(numel).index_put_((sap.true_positions(sap.keep_mask(x, gamma)),),
+                                                             ref_values.float())
+                    assert torch.equal(restored, expected)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("max_val", [None, 6.0])
+@pytest.mark.parametrize("numel", [3, 64, 1001, 200_003])
+def test_compiled_relu_mask_equals_numpy_bits_and_masks_the_gradient(max_val, numel, monkeypatch):
+    monkeypatch.setattr(sap_kernels, "MIN_CHUNK", 64)
+    g = torch.Generator().manual_seed(numel)
+    x, grad = torch.randn(numel, generator=g) * 4, torch.randn(numel, generator=g)
+    live = sap.greater(x, 0.0) if max_val is None else sap.between(x, 0.0, max_val)
+    packed = sap_kernels.relu_bits(x, max_val)
+    assert torch.equal(packed, sap.pack_bits(live))
+    assert torch.equal(sap_kernels.mask_grad(grad, packed), grad * live)
+
+
+def test_other_dtypes_and_devices_keep_the_numpy_path():
+    assert not sap_kernels.usable(torch.zeros(4, dtype=torch.bfloat16))
+    assert not sap_kernels.usable(torch.zeros(4, dtype=torch.float16))
+    assert sap_kernels.usable(torch.zeros(4)) and sap_kernels.usable(torch.zeros(4, dtype=torch.float64))
