@@ -29,8 +29,12 @@ from fedmef_core.config import load_config, parse_config  # noqa: E402
 from fedmef_core.data import load_dataset, write_partition  # noqa: E402
 
 
-def _config(params: str, rounds: int, work: Path, **runtime):
+def experiment_config(params: str, rounds: int, work: Path, sections: dict | None = None, **runtime):
+    """`params`' experiment with `rounds` rounds, its outputs and MLflow store in `work`, and `sections`'
+    values (``{"data": {"train_limit": 4000}}``) and `runtime`'s over it."""
     raw = load_config(params).model_dump(mode="json")
+    for section, values in (sections or {}).items():
+        raw[section].update(values)
     raw["federation"]["rounds"] = rounds
     raw["runtime"].update(
         run_dir=str(work), partitions_dir=str(work / "partitions"), checkpoints_dir=str(work / "ckpt"),
@@ -65,7 +69,7 @@ def main() -> None:
         os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))
         for rep in range(args.repeats):
             for i, (name, (bare, runtime)) in enumerate(ways.items()):
-                config = _config(args.params, args.rounds, work / f"{rep}-{i}", **runtime)
+                config = experiment_config(args.params, args.rounds, work / f"{rep}-{i}", **runtime)
                 samples[name].append(seconds_per_round(config, bare))
                 print(f"[repeat {rep + 1}/{args.repeats}] {name}: {samples[name][-1]:.2f} s/round", flush=True)
     results = {name: statistics.median(values) for name, values in samples.items()}

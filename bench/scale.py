@@ -58,7 +58,7 @@ def peak_rss_mib() -> float:
 
 
 def loop_config(work: Path, clients: int, per_round: int, rounds: int, way: str = "bare",
-                samples: int | None = WORKLOADS["tiny"]):
+                samples: int | None = WORKLOADS["tiny"], threads: int = 1):
     """The loops' experiment: `samples` a client (None: the whole training set split over the clients)."""
     from fedmef_core.config import parse_config
     from tests.conftest import tiny_raw
@@ -68,7 +68,7 @@ def loop_config(work: Path, clients: int, per_round: int, rounds: int, way: str 
     raw["partition"] = {"scheme": "iid", "seed": 1}
     raw["federation"].update(num_clients=clients, clients_per_round=per_round, min_clients=1, rounds=rounds,
                              local_epochs=1, batch_size=32)
-    raw["runtime"].update(checkpoint_every=rounds, eval_every=rounds)
+    raw["runtime"].update(checkpoint_every=rounds, eval_every=rounds, threads=threads)
     raw["tracking"] = {"enabled": True, "mlflow_uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "scale"}
     if way == "ray":
         raw["runtime"].update(runner="ray", workers=2)
@@ -143,13 +143,10 @@ def timed_rounds(config, parts: list | None = None, clock: TrainingClock | None 
 
 def run_loop(way: str, workload: str, clients: int, per_round: int, rounds: int, threads: int) -> dict:
     """One way's seconds per round (this process), training with `threads` torch threads."""
-    import torch
-
     from tests.conftest import save_partition_of
 
     with tempfile.TemporaryDirectory(prefix="fedmef-scale-") as tmp:
-        config = loop_config(Path(tmp), clients, per_round, rounds, way, WORKLOADS[workload])
-        torch.set_num_threads(threads)  # after tests.conftest, which sets its own
+        config = loop_config(Path(tmp), clients, per_round, rounds, way, WORKLOADS[workload], threads)
         parts = save_partition_of(config)
         clock = TrainingClock().install() if way != "ray" else None
         return {**timed_rounds(config, parts if way == "bare" else None, clock), "peak_rss_mib": peak_rss_mib()}

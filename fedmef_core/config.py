@@ -231,6 +231,14 @@ class RuntimeConfig(_Section):
         "a Ray cluster (updates passed as files).",
     )
     workers: int = Field(1, ge=1, description="Client updates run concurrently by the task runner.")
+    threads: int = Field(
+        2,
+        ge=1,
+        le=1024,
+        description="torch CPU threads a training process uses (they also decide the last bits of the results, "
+        "so the default is fixed rather than 'all cores'; a sweep's cells share the cores; a Ray client uses the "
+        "ray.num_cpus it reserves).",
+    )
     run_dir: str | None = Field(
         None,
         description="Folder of this run's checkpoints, metrics and plots (the *_dir paths below are relative to "

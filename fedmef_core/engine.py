@@ -31,6 +31,7 @@ from fedmef_core.algorithms import ClientResult, build_algorithm
 from fedmef_core.checkpoint import FINAL_NAME, round_checkpoint_path, save_checkpoint
 from fedmef_core.client import SETUP_KEY, Broadcast, run_client
 from fedmef_core.config import ExperimentConfig
+from fedmef_core.cpu import use_threads
 from fedmef_core.data import ImageData
 from fedmef_core.evaluation import EvalResult, evaluate
 from fedmef_core.models import GLOBAL_RNG, build_model
@@ -92,6 +93,7 @@ class Server:
                 "re-run the partition stage (`dvc repro partition`)"
             )
         self.config, self.train, self.test, self.parts, self.device = config, train, test, parts, device
+        use_threads(config.runtime.threads)
         with GLOBAL_RNG:  # seeded and drawn in one turn, whatever other threads build meanwhile
             torch.manual_seed(fed.seed)
             self.model = build_model(config.model, train.images.shape[1], train.num_classes, train.images.shape[-1])

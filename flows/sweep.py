@@ -60,7 +60,6 @@ from tasks.sweep import (
     partitions,
     pending_steps,
     plan_cells,
-    shared_cpu_threads,
     sweep_name,
 )
 from tasks.tracking import Tracker
@@ -91,7 +90,7 @@ def run_cells(cells: list[Cell], tags: dict[str, str], jobs: int) -> dict[str, l
         for c in cells:
             finished(c, sweep_cell(c.config, tags, c.name))
     else:
-        with shared_cpu_threads(jobs), ThreadPoolTaskRunner(max_workers=jobs) as runner:
+        with ThreadPoolTaskRunner(max_workers=jobs) as runner:
             by_future = {runner.submit(sweep_cell, {"config": c.config, "tags": tags, "name": c.name}): c
                          for c in cells}
             for future in as_completed(list(by_future)):

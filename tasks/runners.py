@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from fedmef_core.config import ExperimentConfig
+from fedmef_core.cpu import worker_environment
 from fedmef_core.errors import UserError
 
 Submit = Callable[[Any, dict[str, Any]], Any]  # (task, parameters) -> PrefectFuture
@@ -72,12 +73,15 @@ def task_runner(config: ExperimentConfig) -> Iterator[Submit]:
             "runtime.runner is 'ray' but prefect-ray is not installed: pip install -e '.[distributed]'"
         ) from None
     ray = config.ray
+    # the workers compute as this process does (fedmef_core.cpu: wait policy, portable numerics)
+    env_vars = worker_environment()
     init_kwargs: dict[str, Any] = {"include_dashboard": False}
     if ray.address is None:
         if ray.local_cpus is not None:
             init_kwargs["num_cpus"] = ray.local_cpus
         if api_url := temporary_api_url():
-            init_kwargs["runtime_env"] = {"env_vars": {"PREFECT_API_URL": api_url}}
+            env_vars["PREFECT_API_URL"] = api_url
+    init_kwargs["runtime_env"] = {"env_vars": env_vars}
     runner = RayTaskRunner(address=ray.address, init_kwargs=init_kwargs)
     with runner:
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -123,8 +124,9 @@ def partition_key(config: ExperimentConfig) -> str:
                     "num_clients": config.federation.num_clients})
 
 
-def _placed(config: ExperimentConfig, root: str) -> ExperimentConfig:
-    """The cell's own run folder and the shared partition folder (runtime settings: not part of the identity)."""
+def _placed(config: ExperimentConfig, root: str, jobs: int) -> ExperimentConfig:
+    """The cell's own run folder, the shared partition folder and its share of the cores, `jobs` cells training
+    at once (runtime settings: not part of the identity)."""
     rt = config.runtime
     for key in ("checkpoints_dir", "metrics_dir", "plots_dir"):
         if Path(getattr(rt, key)).is_absolute():
@@ -133,6 +135,7 @@ def _placed(config: ExperimentConfig, root: str) -> ExperimentConfig:
     runtime = rt.model_copy(update={
         "run_dir": str(Path(root) / run_name(config)),
         "partitions_dir": str(Path(root) / "partitions" / partition_key(config)),
+        "threads": cell_threads(rt.threads, jobs),
     })
     return config.model_copy(update={"runtime": runtime})
 
@@ -149,7 +152,7 @@ def plan_cells(spec: SweepSpec) -> list[Cell]:
                     config = load_config(spec.params, overrides)
                 except ConfigError as exc:
                     raise ConfigError(f"sweep cell {method} d={density:g} seed {seed}: {exc}") from None
-                cells.append(Cell(method, density, seed, _placed(config, spec.root)))
+                cells.append(Cell(method, density, seed, _placed(config, spec.root, spec.jobs)))
     return cells
 
 
@@ -277,14 +280,6 @@ def child_tags(parent: Tracker, name: str) -> dict[str, str]:
     return {"mlflow.parentRunId": parent.run_id, "sweep": name} if parent.run_id else {}
 
 
-@contextmanager
-def shared_cpu_threads(jobs: int) -> Iterator[None]:
-    """`jobs` cells training at once in one process split torch's CPU threads between them."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before // jobs))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def cell_threads(threads: int, jobs: int) -> int:
+    """torch threads of one of `jobs` cells training at once in this process: cells x threads <= cores."""
+    return max(1, min(threads, (os.cpu_count() or 1) // jobs))

@@ -9,8 +9,6 @@ import sys
 import threading
 import time
 
-import torch
-
 from tests.conftest import prepare_run, processes_with_home, standalone_env, uninterrupted_metrics
 
 
@@ -20,20 +18,16 @@ def test_ray_runner_matches_the_local_runner(prefect_harness, tmp_path):
 
     _, config = prepare_run(tmp_path, rounds=2)
     raw = config.model_dump(mode="json")
-    raw["runtime"].update(runner="ray", workers=2)
+    # Ray gives each client num_cpus=1 intra-op thread; CPU kernels sum in a thread-count-dependent order,
+    # so the flow and the reference run with the same single thread (then the results are equal bit for bit)
+    raw["runtime"].update(runner="ray", workers=2, threads=1)
     raw["ray"] = {"address": None, "local_cpus": 2, "num_cpus": 1.0, "num_gpus": 0.0}
     ray_config = parse_config(raw)
     summary = train_flow(ray_config)
     rows = (tmp_path / "metrics" / "rounds.csv").read_text().strip().splitlines()[1:]
     on_ray = [(int(r.split(",")[0]), float(r.split(",")[1]), float(r.split(",")[2])) for r in rows]
-    # Ray gives each client num_cpus=1 intra-op thread; CPU kernels sum in a thread-count-dependent order,
-    # so the reference runs with the same single thread (then the results are equal bit for bit)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        reference = uninterrupted_metrics(config)
-    finally:
-        torch.set_num_threads(threads)
+    reference = uninterrupted_metrics(config.model_copy(update={"runtime": config.runtime.model_copy(
+        update={"threads": 1})}))
     assert on_ray == reference
     assert json.loads((tmp_path / "metrics" / "train.json").read_text())["accuracy"] == summary["accuracy"]
 

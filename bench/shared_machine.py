@@ -1,0 +1,129 @@
+"""Fast where users run: seconds per round of the reduced default experiment on an idle machine and beside a
+busy neighbour, per thread policy (torch threads x OpenMP wait policy).
+
+    python bench/shared_machine.py [--rounds 5] [--repeats 2] [--ways bare flow] [--loads 0 1 2]
+                                   [--policies 2:PASSIVE 2:ACTIVE 1:PASSIVE]
+
+The experiment is `params.yaml`'s (FedMef in its paper configuration: NSConv, SAP, BaE, d = 0.1, small CNN),
+reduced to 20 clients, 4 a round, on the first 4,000 training and 2,000 test images, adjustments every 2
+rounds. `bare` is the fedmef_core loop, `flow` the Prefect train flow with MLflow tracking (local runner).
+s/round is the steady state (rounds 2 to R, `bench.scale.timed_rounds`). A load of N is the neighbour this
+bench starts itself: N processes spinning a core each (`while True: pass`; 2 = a neighbour's 2-thread job),
+started before and stopped after each measurement. Each measurement runs in a subprocess of its own, with the
+policy's ``OMP_WAIT_POLICY`` set before torch loads (``ACTIVE``: spin at barriers, the libraries' default
+before `fedmef_core.cpu`; ``PASSIVE``: sleep, the default now) and ``runtime.threads`` threads. The loads and
+policies alternate within each repeat; the median is reported, with the slow-down against the same policy
+idle. Prints a table and writes bench/results/shared_machine.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+REDUCED = {
+    "data": {"train_limit": 4000, "test_limit": 2000},
+    "federation": {"num_clients": 20, "clients_per_round": 4},
+    "pruning": {"adjust_interval": 2},
+}
+POLICIES = ["2:PASSIVE", "2:ACTIVE", "1:PASSIVE"]
+
+
+@contextmanager
+def neighbour(busy: int):
+    """`busy` processes that each keep a core busy until the block ends."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+def run_one(way: str, threads: int, rounds: int) -> dict:
+    """This process's measurement (its environment already holds the wait policy)."""
+    from bench.overhead import experiment_config, seconds_per_round
+
+    with tempfile.TemporaryDirectory(prefix="fedmef-shared-") as tmp:
+        os.environ.setdefault("PREFECT_HOME", str(Path(tmp) / "prefect"))
+        sections = {**REDUCED, "pruning": {**REDUCED["pruning"], "adjust_until": rounds}}
+        config = experiment_config(str(ROOT / "params.yaml"), rounds, Path(tmp), sections, threads=threads)
+        return {"s_per_round": seconds_per_round(config, bare=way == "bare")}
+
+
+def measure(way: str, policy: str, busy: int, rounds: int) -> float:
+    threads, wait = policy.split(":")
+    env = {**os.environ, "OMP_WAIT_POLICY": wait}
+    with neighbour(busy):
+        out = subprocess.run([sys.executable, __file__, "--one", way, threads, str(rounds)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["s_per_round"]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--ways", nargs="+", choices=["bare", "flow"], default=["bare", "flow"])
+    parser.add_argument("--loads", type=int, nargs="+", default=[0, 1, 2], help="busy neighbour processes")
+    parser.add_argument("--policies", nargs="+", default=POLICIES, help="THREADS:OMP_WAIT_POLICY")
+    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        way, threads, rounds = args.one
+        print(json.dumps(run_one(way, int(threads), int(rounds))))
+        return
+    samples: dict[str, list[float]] = {}
+    for rep in range(args.repeats):
+        for way in args.ways:
+            for policy in args.policies:
+                for busy in args.loads:
+                    key = f"{way}|{policy}|{busy}"
+                    samples.setdefault(key, []).append(measure(way, policy, busy, args.rounds))
+                    print(f"[repeat {rep + 1}/{args.repeats}] {way:5s} threads:wait {policy:10s} busy {busy}: "
+                          f"{samples[key][-1]:.2f} s/round", flush=True)
+    rows = []
+    for way in args.ways:
+        for policy in args.policies:
+            idle = statistics.median(samples[f"{way}|{policy}|0"]) if 0 in args.loads else None
+            for busy in args.loads:
+                sec = statistics.median(samples[f"{way}|{policy}|{busy}"])
+                rows.append({"way": way, "policy": policy, "busy": busy, "s_per_round": sec,
+                             "vs_idle": sec / idle if idle else None})
+    lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores; median of {args.repeats}",
+             f"{'way':6s} {'threads:wait':13s} {'busy cores':>10s} {'s/round':>8s} {'x idle':>7s}"]
+    for r in rows:
+        ratio = f"{r['vs_idle']:.2f}" if r["vs_idle"] else "-"
+        lines.append(f"{r['way']:6s} {r['policy']:13s} {r['busy']:>10d} {r['s_per_round']:>8.2f} {ratio:>7s}")
+    print("\n".join(lines))
+    out = ROOT / "bench" / "results" / "shared_machine.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join(["python", "bench/shared_machine.py", *sys.argv[1:]]),
+                               "cpu": cpu_name(), "cores": os.cpu_count(), "rounds": args.rounds,
+                               "repeats": args.repeats, "rows": rows, "samples": samples}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
