@@ -46,6 +46,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import fedmef_core  # noqa: E402,F401 - first: it sets how torch uses the CPU before torch loads (fedmef_core.cpu)
+
 SHAPES = [(100, 10), (1000, 100)]
 WAYS = ["bare", "flow", "ray"]
 SAP_ARCHS = ["resnet18", "mobilenetv2"]
