@@ -82,7 +82,28 @@ def task_runner(config: ExperimentConfig) -> Iterator[Submit]:
     with runner:
 
         def submit(task, parameters: dict[str, Any]):
-            with remote_options(num_cpus=ray.num_cpus, num_gpus=ray.num_gpus):
+            # max_retries=0: Ray would re-run a task whose worker or node died under the same Prefect task
+            # run, behind the flow's back; the flow submits the wave again instead, as a new task run,
+            # counted against runtime.client_retries (tasks.clients.ClientUpdates)
+            with remote_options(num_cpus=ray.num_cpus, num_gpus=ray.num_gpus, max_retries=0):
                 return runner.submit(task, parameters=parameters)
 
         yield submit
+
+
+def mark_crashed(future: Any, message: str) -> None:
+    """Mark the task run of a future that was lost (its Ray worker or node died) Crashed: nothing else would,
+    and the Prefect UI would show it Running for ever. Best effort: the server may be unreachable too."""
+    task_run_id = getattr(future, "task_run_id", None)
+    if task_run_id is None:
+        return
+    from prefect import get_client
+    from prefect.states import Crashed
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_task_run(task_run_id).state
+            if state is None or not state.is_final():
+                client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
+    except Exception:  # noqa: BLE001, S110 - the round goes on; the task run's state is cosmetic
+        pass
