@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from fedmef_core.config import ExperimentConfig
@@ -79,7 +79,13 @@ def task_runner(config: ExperimentConfig) -> Iterator[Submit]:
         if api_url := temporary_api_url():
             init_kwargs["runtime_env"] = {"env_vars": {"PREFECT_API_URL": api_url}}
     runner = RayTaskRunner(address=ray.address, init_kwargs=init_kwargs)
-    with runner:
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(runner)
+        except ConnectionError:  # ray.init gave up (about 20 s of retries)
+            if ray.address is None:
+                raise
+            raise UserError(cannot_connect(ray.address)) from None
 
         def submit(task, parameters: dict[str, Any]):
             # max_retries=0: Ray would re-run a task whose worker or node died under the same Prefect task
@@ -89,6 +95,16 @@ def task_runner(config: ExperimentConfig) -> Iterator[Submit]:
                 return runner.submit(task, parameters=parameters)
 
         yield submit
+
+
+def cannot_connect(address: str) -> str:
+    return (
+        f"cannot connect to the Ray cluster at {address} (ray.address). Check that its head node is up (`ray start "
+        "--head`) and reachable from here. If the log above says InvalidAuthToken, the cluster uses token "
+        "authentication (`ray start --head` turns it on when it finds a token, e.g. the ~/.ray/auth_token that any "
+        "local `ray.init()` writes): set RAY_AUTH_MODE=token here, with the cluster's token in RAY_AUTH_TOKEN or "
+        "~/.ray/auth_token"
+    )
 
 
 def mark_crashed(future: Any, message: str) -> None:
