@@ -198,6 +198,13 @@ def training(tmp_path: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
         flow.wait()
 
 
+def mlflow_statuses(folder: Path) -> list[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    return [r.info.status for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
 def test_a_driver_without_the_clusters_token_is_refused_with_one_message(cluster, tmp_path):
     """Ray 2.60 refuses a driver or node without the cluster's token (`InvalidAuthToken`); after Ray's 20 s of
     retries the flow says why, and what to set, in one message."""
@@ -209,6 +216,7 @@ def test_a_driver_without_the_clusters_token_is_refused_with_one_message(cluster
     assert flow.returncode == 2, output[-3000:]
     assert f"error: cannot connect to the Ray cluster at {cluster.address} (ray.address)" in output, output[-3000:]
     assert "set RAY_AUTH_MODE=token here" in output and "Traceback" not in output, output[-3000:]
+    assert mlflow_statuses(tmp_path) == ["FAILED"]
 
 
 def test_a_worker_node_killed_mid_round_loses_no_client(cluster, tmp_path):
@@ -223,6 +231,7 @@ def test_a_worker_node_killed_mid_round_loses_no_client(cluster, tmp_path):
     output = (tmp_path / "flow.log").read_text()
     assert flow.returncode == 0, output[-5000:]
     assert re.search(r"Flow run '[^']+' - Finished in state Completed\(\)", output), output[-3000:]
+    assert mlflow_statuses(tmp_path) == ["FINISHED"]
 
     # the wave on the dead node was lost as a whole, then trained again on the head (no client dropped)
     lost = re.findall(r"round (\d+): clients (\d+)-(\d+) lost \((\w+)", output)
