@@ -34,7 +34,7 @@ from fedmef_core.device import resolve_device
 from fedmef_core.engine import RoundResults
 from fedmef_core.errors import UserError
 from fedmef_core.runs import RunPaths
-from tasks.runners import Submit, runs_in_this_thread, task_runner
+from tasks.runners import Submit, mark_crashed, runs_in_this_thread, task_runner
 
 
 @lru_cache(maxsize=4)
@@ -170,8 +170,9 @@ class ClientUpdates:
     (waves of clients), so the orchestration cost per round does not grow with the clients per round.
 
     A failing client is retried `runtime.client_retries` times inside its wave, then dropped
-    (``dropped[round]`` counts them); a wave that fails as a whole drops its clients. The round goes on with
-    the clients that succeeded unless fewer than `federation.min_clients` did. The updates reach the
+    (``dropped[round]`` counts them); a wave lost as a whole (its worker or node died) is submitted again as
+    often, then drops its clients. The round goes on with the clients that succeeded unless fewer than
+    `federation.min_clients` did. The updates reach the
     aggregation one at a time (a :class:`RoundResults`): in memory from a wave trained in this thread
     (`in_memory`), else from the exchange folder, each file deleted once read. With `in_memory` the clients
     train while the aggregation iterates, so drops are counted (and too few successes raised) when it has
@@ -192,12 +193,7 @@ class ClientUpdates:
         updates, failures = {}, {}
         try:
             for wave, future in zip(batches, futures):
-                try:
-                    answer = future.result()
-                except NonFiniteLossError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - a wave lost as a whole (e.g. its worker died)
-                    answer = {"updates": {}, "failures": {c: f"{type(exc).__name__}: {exc}" for c in wave}}
+                answer = self._answer(bpath, rnd, wave, future)
                 updates.update(answer["updates"])
                 failures.update(answer["failures"])
                 print(wave_summary(rnd, wave, answer), flush=True)
@@ -205,6 +201,25 @@ class ClientUpdates:
             _remove(bpath)
         self._close_round(rnd, len(updates), len(clients), failures)
         return RoundResults.fetched(updates, lambda c: _read_once(Path(updates[c]["path"])))
+
+    def _answer(self, broadcast_path: Path, rnd: int, wave: list[int], future) -> dict:
+        """A wave's answer. A wave lost as a whole (its Ray worker or node died) is a failed attempt of each of
+        its clients: it is submitted again, up to `runtime.client_retries` times (Ray schedules it where it
+        can, e.g. on a node still alive), then its clients are dropped."""
+        retries = self.config.runtime.client_retries
+        for attempt in range(retries + 1):
+            try:
+                return future.result()
+            except NonFiniteLossError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a wave lost as a whole (e.g. its worker died)
+                why = f"{type(exc).__name__}: {_brief(exc)}"
+                mark_crashed(future, why)
+                if attempt == retries:
+                    return {"updates": {}, "failures": {c: why for c in wave}}
+                _warn(f"round {rnd}: clients {wave[0]}-{wave[-1]} lost ({why}); retry {attempt + 1} of {retries}")
+                future = self.submit(client_wave, self._parameters(broadcast_path, rnd, wave))
+        raise AssertionError("unreachable")
 
     def _trained_here(self, broadcast: Broadcast, clients: list[int]) -> Iterator[ClientResult]:
         """One wave, trained in this thread as the aggregation asks for each update."""
@@ -251,6 +266,13 @@ def wave_summary(rnd: int, wave: list[int], answer: dict) -> str:
         line += (f" on {sum(u['num_samples'] for u in done.values())} samples, loss mean "
                  f"{sum(losses.values()) / len(losses):.4f} (highest {losses[worst]:.4f}, client {worst})")
     return line + (f", {len(answer['failures'])} dropped" if answer["failures"] else "")
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception's message, its first line, cut after the first sentence if long (Ray's run on for
+    paragraphs: what died, then advice)."""
+    line = (str(exc).strip().splitlines() or [""])[0]
+    return line.split(". ", 1)[0] + "." if len(line) > 160 and ". " in line else line
 
 
 def _read_once(path: Path) -> ClientResult:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from fedmef_core.config import ExperimentConfig
@@ -83,10 +83,47 @@ def task_runner(config: ExperimentConfig) -> Iterator[Submit]:
             env_vars["PREFECT_API_URL"] = api_url
     init_kwargs["runtime_env"] = {"env_vars": env_vars}
     runner = RayTaskRunner(address=ray.address, init_kwargs=init_kwargs)
-    with runner:
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(runner)
+        except ConnectionError:  # ray.init gave up (about 20 s of retries)
+            if ray.address is None:
+                raise
+            raise UserError(cannot_connect(ray.address)) from None
 
         def submit(task, parameters: dict[str, Any]):
-            with remote_options(num_cpus=ray.num_cpus, num_gpus=ray.num_gpus):
+            # max_retries=0: Ray would re-run a task whose worker or node died under the same Prefect task
+            # run, behind the flow's back; the flow submits the wave again instead, as a new task run,
+            # counted against runtime.client_retries (tasks.clients.ClientUpdates)
+            with remote_options(num_cpus=ray.num_cpus, num_gpus=ray.num_gpus, max_retries=0):
                 return runner.submit(task, parameters=parameters)
 
         yield submit
+
+
+def cannot_connect(address: str) -> str:
+    return (
+        f"cannot connect to the Ray cluster at {address} (ray.address). Check that its head node is up (`ray start "
+        "--head`) and reachable from here. If the log above says InvalidAuthToken, the cluster uses token "
+        "authentication (`ray start --head` turns it on when it finds a token, e.g. the ~/.ray/auth_token that any "
+        "local `ray.init()` writes): set RAY_AUTH_MODE=token here, with the cluster's token in RAY_AUTH_TOKEN or "
+        "~/.ray/auth_token"
+    )
+
+
+def mark_crashed(future: Any, message: str) -> None:
+    """Mark the task run of a future that was lost (its Ray worker or node died) Crashed: nothing else would,
+    and the Prefect UI would show it Running for ever. Best effort: the server may be unreachable too."""
+    task_run_id = getattr(future, "task_run_id", None)
+    if task_run_id is None:
+        return
+    from prefect import get_client
+    from prefect.states import Crashed
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_task_run(task_run_id).state
+            if state is None or not state.is_final():
+                client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
+    except Exception:  # noqa: BLE001, S110 - the round goes on; the task run's state is cosmetic
+        pass

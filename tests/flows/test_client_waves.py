@@ -130,8 +130,29 @@ def test_a_wave_lost_as_a_whole_drops_its_clients_only(round_setup):
     second = clients.waves(picked, 2)[1]
     lost_waves.add(second[0])
     results = updates(server.broadcast(1), picked)
+    assert submitted.count(second) == 1 + server.config.runtime.client_retries  # submitted again, then dropped
     assert updates.dropped[1] == len(second)
     assert [r.client_id for r in results] == [c for c in picked if c not in second]
+
+
+def test_a_wave_lost_once_is_submitted_again_and_loses_no_client(round_setup, capsys):
+    server, updates, submitted, attempts, fail_always, fail_once, lost_waves = round_setup
+    picked = server.sample_clients(1)
+    second = clients.waves(picked, 2)[1]
+    lost_waves.add(second[0])
+    submit = updates.submit
+
+    def lose_once(task, parameters):  # e.g. the node running it died; the next attempt runs elsewhere
+        future = submit(task, parameters)
+        lost_waves.discard(parameters["first"])
+        return future
+
+    updates.submit = lose_once
+    results = list(updates(server.broadcast(1), picked))
+    assert submitted == clients.waves(picked, 2) + [second]
+    assert not updates.dropped[1] and [r.client_id for r in results] == picked
+    warning = f"round 1: clients {second[0]}-{second[-1]} lost (OSError: worker lost); retry 1 of 2"
+    assert warning in capsys.readouterr().out
 
 
 def test_too_few_clients_fail_the_round(round_setup):
