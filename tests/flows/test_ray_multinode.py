@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import prepare_run, uninterrupted_metrics
 
@@ -173,6 +172,8 @@ def ray_params(tmp_path: Path, address: str):
     from fedmef_core.config import parse_config
 
     _, config = prepare_run(tmp_path, rounds=3, clients_per_round=6)  # every client, every round
+    # each client gets num_cpus=1 thread on Ray; the flow and the reference run with one too (see test_ray_runner)
+    config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"threads": 1})})
     raw = config.model_dump(mode="json")
     raw["runtime"].update(runner="ray", workers=2, client_retries=1, exchange_dir=str(tmp_path / "shared"))
     raw["ray"] = {"address": address, "num_cpus": 1.0, "num_gpus": 0.0}
@@ -249,11 +250,4 @@ def test_a_worker_node_killed_mid_round_loses_no_client(cluster, tmp_path):
 
     rows = (tmp_path / "metrics" / "rounds.csv").read_text().strip().splitlines()[1:]
     on_ray = [(int(r.split(",")[0]), float(r.split(",")[1]), float(r.split(",")[2])) for r in rows]
-    # each client gets num_cpus=1 thread on Ray; the reference runs with one thread too (see test_ray_runner)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        reference = uninterrupted_metrics(config)
-    finally:
-        torch.set_num_threads(threads)
-    assert on_ray == reference
+    assert on_ray == uninterrupted_metrics(config)  # config: one thread, as each client on Ray
