@@ -159,6 +159,15 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool when one is needed."""
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _each(bounds: list[tuple[int, int]], work) -> list:
     """``work(lo, hi)`` for every chunk: the first in this thread, the others on the pool."""
     if len(bounds) == 1:

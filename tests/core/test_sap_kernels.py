@@ -59,3 +59,29 @@ def test_other_dtypes_and_devices_keep_the_numpy_path():
     assert not sap_kernels.usable(torch.zeros(4, dtype=torch.bfloat16))
     assert not sap_kernels.usable(torch.zeros(4, dtype=torch.float16))
     assert sap_kernels.usable(torch.zeros(4)) and sap_kernels.usable(torch.zeros(4, dtype=torch.float64))
+
+
+def test_a_forked_child_compacts_with_a_pool_of_its_own(monkeypatch):
+    """The pool's threads do not survive a fork; a child that used the parent's pool would wait for ever."""
+    import os
+    import time
+
+    monkeypatch.setattr(sap_kernels, "MIN_CHUNK", 64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(10_000)
+        expected = sap_kernels.relu_bits(x, None)  # the parent's pool now has threads
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if the same bits come back
+            os._exit(0 if torch.equal(sap_kernels.relu_bits(x, None), expected) else 1)
+        deadline = time.monotonic() + 20
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child waited for the parent's pool threads")
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        torch.set_num_threads(before)
