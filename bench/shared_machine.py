@@ -2,7 +2,7 @@
 busy neighbour, per thread policy (torch threads x OpenMP wait policy).
 
     python bench/shared_machine.py [--rounds 5] [--repeats 2] [--ways bare flow] [--loads 0 1 2]
-                                   [--policies 2:PASSIVE 2:ACTIVE 1:PASSIVE]
+                                   [--policies 2:PASSIVE 2:ACTIVE 1:PASSIVE 2:PASSIVE:native]
 
 The experiment is `params.yaml`'s (FedMef in its paper configuration: NSConv, SAP, BaE, d = 0.1, small CNN),
 reduced to 20 clients, 4 a round, on the first 4,000 training and 2,000 test images, adjustments every 2
@@ -11,9 +11,11 @@ s/round is the steady state (rounds 2 to R, `bench.scale.timed_rounds`). A load 
 bench starts itself: N processes spinning a core each (`while True: pass`; 2 = a neighbour's 2-thread job),
 started before and stopped after each measurement. Each measurement runs in a subprocess of its own, with the
 policy's ``OMP_WAIT_POLICY`` set before torch loads (``ACTIVE``: spin at barriers, the libraries' default
-before `fedmef_core.cpu`; ``PASSIVE``: sleep, the default now) and ``runtime.threads`` threads. The loads and
-policies alternate within each repeat; the median is reported, with the slow-down against the same policy
-idle. Prints a table and writes bench/results/shared_machine.json.
+before `fedmef_core.cpu`; ``PASSIVE``: sleep, the default now), ``runtime.threads`` threads and, when a
+third field is given, ``FEDMEF_NUMERICS`` (``native``: each library's fastest kernels, the cost of the
+default portable numerics). The loads and policies alternate within each repeat; the median is reported,
+with the slow-down against the same policy idle. Prints a table and writes bench/results/shared_machine.json
+(rows measured before and not now are kept, so a run may measure a part of the table).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ REDUCED = {
     "federation": {"num_clients": 20, "clients_per_round": 4},
     "pruning": {"adjust_interval": 2},
 }
-POLICIES = ["2:PASSIVE", "2:ACTIVE", "1:PASSIVE"]
+POLICIES = ["2:PASSIVE", "2:ACTIVE", "1:PASSIVE", "2:PASSIVE:native"]
 
 
 @contextmanager
@@ -63,8 +65,8 @@ def run_one(way: str, threads: int, rounds: int) -> dict:
 
 
 def measure(way: str, policy: str, busy: int, rounds: int) -> float:
-    threads, wait = policy.split(":")
-    env = {**os.environ, "OMP_WAIT_POLICY": wait}
+    threads, wait, *numerics = policy.split(":")
+    env = {**os.environ, "OMP_WAIT_POLICY": wait, "FEDMEF_NUMERICS": numerics[0] if numerics else "portable"}
     with neighbour(busy):
         out = subprocess.run([sys.executable, __file__, "--one", way, threads, str(rounds)], cwd=ROOT, env=env,
                              capture_output=True, text=True, check=True)
@@ -87,7 +89,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--ways", nargs="+", choices=["bare", "flow"], default=["bare", "flow"])
     parser.add_argument("--loads", type=int, nargs="+", default=[0, 1, 2], help="busy neighbour processes")
-    parser.add_argument("--policies", nargs="+", default=POLICIES, help="THREADS:OMP_WAIT_POLICY")
+    parser.add_argument("--policies", nargs="+", default=POLICIES, help="THREADS:OMP_WAIT_POLICY[:FEDMEF_NUMERICS]")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -103,6 +105,8 @@ def main() -> None:
                     samples.setdefault(key, []).append(measure(way, policy, busy, args.rounds))
                     print(f"[repeat {rep + 1}/{args.repeats}] {way:5s} threads:wait {policy:10s} busy {busy}: "
                           f"{samples[key][-1]:.2f} s/round", flush=True)
+    out = ROOT / "bench" / "results" / "shared_machine.json"
+    last = json.loads(out.read_text()) if out.is_file() else {}
     rows = []
     for way in args.ways:
         for policy in args.policies:
@@ -110,18 +114,21 @@ def main() -> None:
             for busy in args.loads:
                 sec = statistics.median(samples[f"{way}|{policy}|{busy}"])
                 rows.append({"way": way, "policy": policy, "busy": busy, "s_per_round": sec,
-                             "vs_idle": sec / idle if idle else None})
-    lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores; median of {args.repeats}",
+                             "vs_idle": sec / idle if idle else None, "rounds": args.rounds,
+                             "repeats": args.repeats, "command": " ".join(["python", "bench/shared_machine.py",
+                                                                           *sys.argv[1:]])})
+    measured = {(r["way"], r["policy"], r["busy"]) for r in rows}
+    rows = [r for r in last.get("rows", []) if (r["way"], r["policy"], r["busy"]) not in measured] + rows
+    rows.sort(key=lambda r: (r["way"] != "bare", r["policy"], r["busy"]))
+    lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores; medians (see each row's repeats in the JSON)",
              f"{'way':6s} {'threads:wait':13s} {'busy cores':>10s} {'s/round':>8s} {'x idle':>7s}"]
     for r in rows:
         ratio = f"{r['vs_idle']:.2f}" if r["vs_idle"] else "-"
         lines.append(f"{r['way']:6s} {r['policy']:13s} {r['busy']:>10d} {r['s_per_round']:>8.2f} {ratio:>7s}")
     print("\n".join(lines))
-    out = ROOT / "bench" / "results" / "shared_machine.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(["python", "bench/shared_machine.py", *sys.argv[1:]]),
-                               "cpu": cpu_name(), "cores": os.cpu_count(), "rounds": args.rounds,
-                               "repeats": args.repeats, "rows": rows, "samples": samples}, indent=2) + "\n")
+    out.write_text(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count(), "rows": rows,
+                               "samples": {**last.get("samples", {}), **samples}}, indent=2) + "\n")
     print(f"wrote {out}")
 
 
