@@ -1,8 +1,9 @@
 """Command-line entry shared by every flow: `python -m flows.<name> [--params FILE] [--set k=v ...]`.
 
 User mistakes (bad config, missing dataset, missing partition or checkpoint) print one message and
-exit with status 2 — no traceback, nothing written. Ctrl-C (SIGINT) and SIGTERM stop the flow with
-"interrupted: the last checkpoint is kept" and exit 130 / 143 (see `flows.lifecycle`).
+exit with status 2 — no traceback, nothing written. Ctrl-C (SIGINT), SIGTERM, SIGHUP and SIGQUIT stop the
+flow with "interrupted: the last checkpoint is kept" and exit 128 + the signal's number, e.g. 130 for Ctrl-C
+(see `flows.lifecycle`).
 """
 
 from __future__ import annotations
