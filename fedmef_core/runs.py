@@ -4,7 +4,8 @@ A training writes its checkpoints, metrics and plots under ``runtime.run_dir`` (
 relative to it). ``null`` gives every experiment its own folder, ``runs/<name>``, named after what decides
 its results (method, density, seed and a digest of the whole identity): two different experiments never
 touch each other, and the same experiment started again finds its own checkpoints and resumes. The DVC
-stages pass ``runtime.run_dir=.`` so the pipeline keeps its fixed output paths.
+stages pass ``runtime.run_dir=.`` so the pipeline keeps its fixed output paths. The output folders
+(``checkpoints_dir``, ``metrics_dir``, ``plots_dir``) must lie inside the run folder, under its lock.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmef_core.config import ExperimentConfig
+from fedmef_core.config import ConfigError, ExperimentConfig
 from fedmef_core.errors import UserError
 
 RUNS_ROOT = "runs"
@@ -53,10 +54,26 @@ class RunPaths:
         return self.root / LOCK_NAME
 
 
+OUTPUT_SETTINGS = ("checkpoints_dir", "metrics_dir", "plots_dir")
+
+
 def run_paths(config: ExperimentConfig) -> RunPaths:
+    """The run folder and its output folders. Each output folder must lie inside the run folder, so the run
+    lock covers every file the experiment writes; one outside it (an absolute path elsewhere, or ``..``)
+    could be shared by two experiments that would then overwrite each other's files: refused."""
     rt = config.runtime
     root = Path(rt.run_dir) if rt.run_dir is not None else Path(RUNS_ROOT) / run_name(config)
-    return RunPaths(root, root / rt.checkpoints_dir, root / rt.metrics_dir, root / rt.plots_dir)
+    outputs = [root / getattr(rt, key) for key in OUTPUT_SETTINGS]
+    inside = root.resolve()
+    for key, folder in zip(OUTPUT_SETTINGS, outputs):
+        if not folder.resolve().is_relative_to(inside):
+            raise ConfigError(
+                f"runtime.{key} ({getattr(rt, key)}) is outside the run folder {root}, where the run's lock does "
+                "not cover it: another experiment could write the same files. Give a path relative to the run "
+                f"folder (e.g. runtime.{key}={Path(getattr(rt, key)).name}), or move the whole run with "
+                "runtime.run_dir"
+            )
+    return RunPaths(root, *outputs)
 
 
 @contextmanager

@@ -43,7 +43,7 @@ def train_cli(stage, tmp_path, capsys):
     parts = tmp_path / "partitions"
     shutil.copytree(made, parts)
     outputs = {key: tmp_path / key for key in ("checkpoints_dir", "metrics_dir", "plots_dir")}
-    argv = ["--params", str(params), "--set", f"runtime.partitions_dir={parts}"]
+    argv = ["--params", str(params), "--set", f"runtime.partitions_dir={parts}", "--set", f"runtime.run_dir={tmp_path}"]
     for key, path in outputs.items():
         argv += ["--set", f"runtime.{key}={path}"]
 

@@ -156,11 +156,14 @@ def test_credentials_in_the_uri_reach_the_server_and_are_stored_nowhere(prefect_
 @pytest.mark.parametrize("setting", ["metrics_dir", "plots_dir", "checkpoints_dir", "exchange_dir", "run_dir"])
 def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, capsys, setting):
     params, config = prepare_run(tmp_path, rounds=2)
+    (tmp_path / "a-file").write_text("")  # no folder can be made under a file (not even by root)
+    unwritable = "/proc/fedmef" if setting in ("exchange_dir", "run_dir") else str(tmp_path / "a-file" / "out")
+    inside = [f"runtime.{key}={key}" for key in ("checkpoints_dir", "metrics_dir", "plots_dir")]  # of run_dir
     with pytest.raises(SystemExit) as ended:
-        train_cli(params, f"runtime.{setting}=/proc/fedmef")
+        train_cli(params, *inside, f"runtime.{setting}={unwritable}")
     err = capsys.readouterr().err
     assert ended.value.code == 2
-    assert err.startswith(f"error: runtime.{setting}: cannot write to /proc/fedmef") and "Traceback" not in err
+    assert err.startswith(f"error: runtime.{setting}: cannot write to {unwritable}") and "Traceback" not in err
     assert not (tmp_path / "mlflow.db").exists() or not MlflowClient(config.tracking.mlflow_uri).search_runs(
         [e.experiment_id for e in MlflowClient(config.tracking.mlflow_uri).search_experiments()])
 
