@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fedmef_core.errors import UserError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -57,3 +59,28 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+class InvalidFile(UserError, ValueError):
+    """A file the tool wrote earlier no longer holds what it wrote (truncated, edited, another tool's)."""
+
+
+NUMBER = (int, float)
+
+
+def read_record(path: str | Path, fields: dict[str, type | tuple[type, ...]], fix: str) -> dict[str, Any]:
+    """The JSON object in `path`, holding at least `fields` with their types (a bool is not a number); else an
+    :class:`InvalidFile` naming the file, what is wrong, and `fix`. A missing file is ``FileNotFoundError``."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise InvalidFile(f"{path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(raw, dict):
+        raise InvalidFile(f"{path} holds a {type(raw).__name__}, not the JSON object this tool writes; {fix}")
+    for key, kind in fields.items():
+        value, kinds = raw.get(key), kind if isinstance(kind, tuple) else (kind,)
+        if key not in raw or not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            got = "nothing" if key not in raw else repr(value)[:40]
+            raise InvalidFile(f"{path}: {key!r} holds {got}, not what this tool writes there; {fix}")
+    return raw

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fedmef_core.config import ConfigError, ExperimentConfig
 from fedmef_core.errors import UserError
+from fedmef_core.io import NUMBER, read_record
 
 RUNS_ROOT = "runs"
 LOCK_NAME = ".fedmef-run.lock"
@@ -74,6 +75,24 @@ def run_paths(config: ExperimentConfig) -> RunPaths:
                 "runtime.run_dir"
             )
     return RunPaths(root, *outputs)
+
+
+# what the run's metrics files hold (at least), checked wherever they are read back
+TRAIN_RECORD = {"accuracy": NUMBER, "loss": NUMBER, "rounds": int, "rounds_run": int, "seconds": NUMBER,
+                "seconds_per_round": NUMBER, "method": str, "mlflow_run_id": str}
+EVAL_RECORD = {"accuracy": NUMBER, "loss": NUMBER, "round": int}
+
+
+def read_train_metrics(paths: RunPaths) -> dict:
+    """`train.json` of a finished training; :class:`InvalidFile` if it does not hold what training writes."""
+    return read_record(paths.metrics / "train.json", TRAIN_RECORD,
+                       "re-run the training (`python -m flows.train` or `dvc repro train`) to write it again")
+
+
+def read_eval_metrics(paths: RunPaths) -> dict:
+    """`eval.json` of an evaluated run; :class:`InvalidFile` if it does not hold what evaluation writes."""
+    return read_record(paths.metrics / "eval.json", EVAL_RECORD,
+                       "re-run the evaluation (`python -m flows.evaluate` or `dvc repro evaluate`) to write it again")
 
 
 @contextmanager
