@@ -16,6 +16,7 @@ from fedmef_core.algorithms import build_algorithm
 from fedmef_core.checkpoint import (
     FINAL_NAME,
     CheckpointError,
+    check_layout,
     latest_good_checkpoint,
     load_checkpoint,
     remove_checkpoints,
@@ -31,16 +32,22 @@ from fedmef_core.runs import RunPaths
 from tasks.masks import save_adjusted_masks
 
 
-def resume_point(config: ExperimentConfig, paths: RunPaths, partition: str) -> dict | None:
+def resume_point(config: ExperimentConfig, paths: RunPaths, partition: str, reference: dict) -> dict | None:
     """The newest good checkpoint written by this same configuration on this same partition (its
-    :func:`~fedmef_core.data.split_digest`), or None."""
+    :func:`~fedmef_core.data.split_digest`), whose weights fit `reference` (the fresh server's checkpoint),
+    or None. One that passes its checksum but holds something else is reported and skipped."""
     if not config.runtime.resume:
         return None
     identity = config.identity()
+
+    def accept(ckpt: dict, path: Path) -> bool:
+        if identity_of(ckpt["config"]) != identity or ckpt["extra"].get("partition") != partition:
+            return False
+        check_layout(path, ckpt, reference)
+        return True
+
     return latest_good_checkpoint(
-        paths.checkpoints,
-        accept=lambda c: identity_of(c["config"]) == identity and c["extra"].get("partition") == partition,
-        on_skip=lambda msg: print(f"checkpoint skipped: {msg}", flush=True),
+        paths.checkpoints, accept=accept, on_skip=lambda msg: print(f"checkpoint skipped: {msg}", flush=True),
     )
 
 
@@ -77,8 +84,13 @@ def load_final_model(config: ExperimentConfig, paths: RunPaths) -> tuple[torch.n
         )
     train, _ = load_dataset(config.data)
     model = build_model(config.model, train.images.shape[1], train.num_classes, train.images.shape[-1])
-    model.load_state_dict(ckpt["model"])
-    build_algorithm(config).bind_state(model, ckpt["server_state"])
+    check_layout(paths.checkpoints / FINAL_NAME, ckpt, {"model": model.state_dict()})
+    try:
+        model.load_state_dict(ckpt["model"])
+        build_algorithm(config).bind_state(model, ckpt["server_state"])
+    except Exception as exc:  # noqa: BLE001 - what a server state that lies makes the algorithm raise
+        raise CheckpointError(f"{paths.checkpoints / FINAL_NAME}: passes its checksum but its server state does "
+                              f"not fit the model ({type(exc).__name__}: {exc}); re-run the train stage") from None
     return model, ckpt
 
 
@@ -93,7 +105,7 @@ def start_server(config: ExperimentConfig) -> Server:
 def resume(server: Server, config: ExperimentConfig, paths: RunPaths, partition: str) -> dict | None:
     """Restore `server` from this run's newest good checkpoint on the same partition (`partition`: the
     :func:`split_digest` of the server's split); return it (or None)."""
-    resumed = resume_point(config, paths, partition)
+    resumed = resume_point(config, paths, partition, reference=server.checkpoint())
     if resumed is not None:
         server.restore(resumed)
         print(f"resuming from round {server.round} (checkpoint in {paths.checkpoints})", flush=True)
