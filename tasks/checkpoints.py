@@ -27,8 +27,9 @@ from fedmef_core.config import ExperimentConfig, identity_of
 from fedmef_core.data import load_dataset, load_partition, partition_origin
 from fedmef_core.device import resolve_device
 from fedmef_core.engine import Server
+from fedmef_core.errors import UserError
 from fedmef_core.models import build_model
-from fedmef_core.runs import RunPaths
+from fedmef_core.runs import RunPaths, read_train_metrics
 from tasks.masks import save_adjusted_masks
 
 
@@ -72,6 +73,21 @@ class RoundSaver:
 
     def final(self, server: Server) -> Path:
         return save_checkpoint(self.paths.checkpoints / FINAL_NAME, server.checkpoint(self.extra))
+
+
+def finished_summary(config: ExperimentConfig, paths: RunPaths, resumed: dict) -> dict | None:
+    """`train.json` of a training that `resumed` (its last round's checkpoint) already finished — its final
+    checkpoint and metrics written for the same MLflow run — or None if something of its end is missing."""
+    run_id = resumed["extra"].get("mlflow_run_id", "")
+    if int(resumed["round"]) < config.federation.rounds:
+        return None
+    try:
+        final, summary = load_checkpoint(paths.checkpoints / FINAL_NAME), read_train_metrics(paths)
+    except (UserError, OSError):  # missing or damaged: the training's end is written again
+        return None
+    same_run = final["extra"].get("mlflow_run_id", "") == run_id == summary["mlflow_run_id"]
+    done = int(final["round"]) == summary["rounds"] == config.federation.rounds
+    return summary if same_run and done and identity_of(final["config"]) == config.identity() else None
 
 
 def load_final_model(config: ExperimentConfig, paths: RunPaths) -> tuple[torch.nn.Module, dict]:

@@ -157,3 +157,24 @@ def test_checkpoints_that_pass_their_checksum_but_lie_are_skipped_on_resume_and_
     assert ended.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"error: {folder / 'final.pt'}: passes its checksum but holds weights of another shape")
     assert not (tmp_path / "metrics" / "eval.json").exists()
+
+
+def test_a_finished_training_run_again_trains_nothing_and_rewrites_nothing(prefect_harness, tmp_path, capsys,
+                                                                           caplog):
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import train_cli
+
+    params, config = prepare_run(tmp_path, rounds=2)
+    first = train_cli(params)
+    written = {p: p.read_bytes() for p in tmp_path.glob("*/*") if p.is_file() and "mlflow" not in p.name}
+    capsys.readouterr()
+    again = train_cli(params)
+    said = "".join(capsys.readouterr()) + caplog.text
+    assert "all 2 rounds were already trained" in said and "trained rounds 3-2" not in said
+    assert again["rounds_run"] == 0 and again["accuracy"] == first["accuracy"]
+    assert {p: p.read_bytes() for p in written} == written  # train.json, checkpoints, plots: as they were
+    assert json.loads((tmp_path / "metrics" / "train.json").read_text())["rounds_run"] == 2
+    client = MlflowClient(config.tracking.mlflow_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_id == first["mlflow_run_id"]
