@@ -6,6 +6,7 @@ An interrupted run never leaves a half-written file behind. Files get the usual 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -17,17 +18,33 @@ from typing import Any
 from fedmef_core.errors import UserError
 
 
+class DiskFull(UserError):
+    """A write found no space left on its device (or the user's quota spent)."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path in the target's folder; on success it replaces `path` atomically."""
+    """Yield a temp path in the target's folder; on success it replaces `path` atomically. A full disk, at any
+    step, leaves `path` as it was and no temp file, and is one :class:`DiskFull` message."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = _new_temp_file(path)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = _new_temp_file(path)
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise DiskFull(f"cannot write {path}: {os.strerror(exc.errno).lower()}; free some space there "
+                       "(or write elsewhere, e.g. runtime.run_dir) and run again. What was written before is kept "
+                       "whole: a training resumes from its last checkpoint") from None
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
 
 
 def _new_temp_file(path: Path) -> Path:

@@ -175,3 +175,24 @@ def test_an_unwritable_partitions_folder_is_refused_before_any_work(tmp_path, ca
                        argv=["--params", str(params), "--set", "runtime.partitions_dir=/proc/fedmef"])
     assert ended.value.code == 2
     assert capsys.readouterr().err.startswith("error: runtime.partitions_dir: cannot write to /proc/fedmef")
+
+
+def test_a_full_disk_mid_run_is_one_message_and_keeps_the_last_good_checkpoint(prefect_harness, tmp_path, capsys,
+                                                                                small_disk):
+    """The run folder on a real 3 MB tmpfs: round 1's checkpoint (1.7 MB) fits, round 2's does not."""
+    from fedmef_core.checkpoint import load_checkpoint
+
+    params, config = prepare_run(tmp_path, rounds=3)
+    disk = small_disk(3)
+    inside = [f"runtime.{key}={key[:-4]}" for key in ("checkpoints_dir", "metrics_dir", "plots_dir")]
+    with pytest.raises(SystemExit) as ended:
+        train_cli(params, f"runtime.run_dir={disk}", *inside)
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and "Traceback" not in err, err
+    [line] = [line for line in err.splitlines() if "error" in line.lower()]  # (MLflow's INFO lines: a new store)
+    assert line.startswith(f"error: cannot write {disk / 'checkpoints' / 'round_0002.pt'}: no space left on device")
+    assert load_checkpoint(disk / "checkpoints" / "round_0001.pt")["round"] == 1  # the last good one, whole
+    assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp") or p.name.startswith("round_0002")]
+    client = MlflowClient(config.tracking.mlflow_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "FAILED"
