@@ -28,7 +28,8 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path in the target's folder; on success it replaces `path` atomically. A full disk, at any
-    step, leaves `path` as it was and no temp file, and is one :class:`DiskFull` message."""
+    step (ENOSPC, or any failure while the file system has no space left), leaves `path` as it was and no temp
+    file, and is one :class:`DiskFull` message."""
     path = Path(path)
     tmp_path = None
     try:
@@ -36,15 +37,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp_path = _new_temp_file(path)
         yield tmp_path
         os.replace(tmp_path, path)
-    except OSError as exc:
-        if exc.errno not in DISK_FULL:
+    except Exception as exc:
+        code = exc.errno if isinstance(exc, OSError) and exc.errno in DISK_FULL else errno.ENOSPC
+        if not (isinstance(exc, OSError) and exc.errno in DISK_FULL or _full(path.parent)):
             raise
-        raise DiskFull(f"cannot write {path}: {os.strerror(exc.errno).lower()}; free some space there "
+        raise DiskFull(f"cannot write {path}: {os.strerror(code).lower()}; free some space there "
                        "(or write elsewhere, e.g. runtime.run_dir) and run again. What was written before is kept "
                        "whole: a training resumes from its last checkpoint") from None
     finally:
         if tmp_path is not None:
             tmp_path.unlink(missing_ok=True)
+
+
+FULL_BELOW = 1 << 20  # bytes free: a write that failed there failed for want of space
+
+
+def _full(folder: Path) -> bool:
+    """Whether `folder`'s file system is (all but) full — how a failed write by a library that does not pass
+    ENOSPC on is recognised (torch.save: ``RuntimeError: ... unexpected pos``)."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < FULL_BELOW
 
 
 def _new_temp_file(path: Path) -> Path:
