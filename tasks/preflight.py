@@ -98,6 +98,7 @@ def for_evaluate(config: ExperimentConfig) -> None:
     check_dataset(config)
     check_checkpoint(config)
     check_writable(config, "metrics_dir", "plots_dir")
+    Tracker(config.tracking).check_reachable()  # evaluate logs to the training's run
 
 
 def for_pipeline(config: ExperimentConfig) -> None:

@@ -336,3 +336,24 @@ def test_a_locked_store_mid_run_costs_seconds_and_prints_no_mlflow_tracebacks(pr
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4]
+
+
+def test_evaluate_checks_the_store_before_any_work(tmp_path, capfd):
+    """A damaged store made evaluate write eval.json and then fail with a traceback when it logged the result."""
+    from fedmef_core.checkpoint import save_checkpoint
+    from fedmef_core.data import load_dataset
+    from fedmef_core.device import resolve_device
+    from fedmef_core.engine import Server
+    from flows.evaluate import evaluate_flow
+    from tests.conftest import save_partition_of
+
+    params, config = prepare_run(tmp_path, rounds=1)
+    train, test = load_dataset(config.data)
+    server = Server(config, train, test, save_partition_of(config), resolve_device("cpu"))
+    save_checkpoint(tmp_path / "checkpoints" / "final.pt", server.checkpoint({"mlflow_run_id": ""}))
+    (tmp_path / "mlflow.db").write_bytes(os.urandom(20_000))
+    with pytest.raises(SystemExit) as ended:
+        flows.cli.main(evaluate_flow, preflight.for_evaluate, argv=["--params", str(params)])
+    assert ended.value.code == 2
+    assert _one_error_line(capfd).startswith(f"error: MLflow tracking store {config.tracking.mlflow_uri} is damaged")
+    assert not (tmp_path / "metrics" / "eval.json").exists()
