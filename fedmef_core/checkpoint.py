@@ -45,6 +45,17 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint (what `Server.checkpoint` returns): verified, and refused unless it holds one."""
+    ckpt = load_verified(path)
+    if problem := _content_problem(ckpt):
+        raise CheckpointError(f"{path}: passes its checksum but is not a checkpoint this tool wrote ({problem}); "
+                              "not loaded")
+    return ckpt
+
+
+def load_verified(path: str | Path) -> Any:
+    """What `save_checkpoint` wrote to `path` (any payload: a checkpoint, a round's masks), once its checksum
+    verifies."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there; run the train stage first (`dvc repro train`)")
@@ -58,6 +69,53 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a file that is not a checkpoint
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+CHECKPOINT_FIELDS = {"round": int, "model": dict, "server_state": dict, "history": list, "torch_rng": torch.Tensor,
+                     "config": dict, "extra": dict}
+
+
+def _content_problem(ckpt: Any) -> str | None:
+    """What keeps `ckpt` (a loaded checkpoint) from being one `Server.checkpoint` wrote, or None."""
+    if not isinstance(ckpt, dict):
+        return f"it holds a {type(ckpt).__name__}, not a dict"
+    for key, kind in CHECKPOINT_FIELDS.items():
+        if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
+            got = "nothing" if key not in ckpt else f"a {type(ckpt[key]).__name__}"
+            return f"{key!r} holds {got}, not a {kind.__name__}"
+    if ckpt["round"] < 0:
+        return f"'round' is {ckpt['round']}"
+    if bad := next((k for k, v in ckpt["model"].items() if not isinstance(v, torch.Tensor)), None):
+        return f"model weight {bad!r} is not a tensor"
+    return None
+
+
+def check_layout(path: str | Path, ckpt: dict[str, Any], reference: dict[str, Any]) -> None:
+    """`ckpt`'s weights (and the server state's tensors they share a name with) have the names, shapes and
+    dtypes of `reference`'s — a checkpoint of the model it is to be loaded into; else :class:`CheckpointError`."""
+    problem = _layout_problem(reference.get("model", {}), ckpt["model"], "model weight", every_key=True) or \
+        _layout_problem(reference.get("server_state", {}), ckpt["server_state"], "server state", every_key=False)
+    if problem:
+        raise CheckpointError(f"{path}: passes its checksum but holds weights of another shape ({problem}); "
+                              "not loaded")
+
+
+def _layout_problem(want: Any, got: Any, where: str, every_key: bool) -> str | None:
+    if isinstance(want, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            return f"{where} is a {type(got).__name__}, not a tensor"
+        if got.shape != want.shape or got.dtype != want.dtype:
+            return f"{where} is {got.dtype} {tuple(got.shape)}, the model's is {want.dtype} {tuple(want.shape)}"
+        return None
+    if isinstance(want, dict):
+        if not isinstance(got, dict):
+            return f"{where} is a {type(got).__name__}, not a dict"
+        if every_key and (missing := sorted(set(want) - set(got)) or sorted(set(got) - set(want))):
+            return f"{where} {missing[0]!r} is {'missing' if missing[0] in want else 'not in the model'}"
+        for key in want.keys() & got.keys():
+            if problem := _layout_problem(want[key], got[key], f"{where} {key!r}", every_key):
+                return problem
+    return None
 
 
 def save_exchange(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -94,18 +152,19 @@ def round_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_good_checkpoint(
-    directory: str | Path, accept: Callable[[dict[str, Any]], bool] = lambda _: True,
+    directory: str | Path, accept: Callable[[dict[str, Any], Path], bool] = lambda *_: True,
     on_skip: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any] | None:
-    """The newest round checkpoint that verifies and that `accept` takes; damaged ones are reported and skipped."""
+    """The newest round checkpoint that verifies and that `accept` takes; damaged ones (and those `accept`
+    raises :class:`CheckpointError` for) are reported and skipped."""
     for _, path in reversed(round_checkpoints(directory)):
         try:
             ckpt = load_checkpoint(path)
+            if accept(ckpt, path):
+                return ckpt
         except CheckpointError as exc:
             on_skip(str(exc))
             continue
-        if accept(ckpt):
-            return ckpt
         on_skip(f"{path}: written by a different configuration; not resumed")
     return None
 

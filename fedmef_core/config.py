@@ -26,7 +26,11 @@ from fedmef_core.errors import UserError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no inf or nan in any float: no setting can use one (a learning rate of inf trains nothing but NaNs)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+SEED_LIMIT = 2**64  # torch.manual_seed takes 0 .. 2**64 - 1; numpy's generators take no negative seed
 
 
 CHECK_RULES = "check_rules"  # validation context flag: also enforce the rules across fields
@@ -65,7 +69,7 @@ class PartitionConfig(_Section):
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: smaller means more label skew.")
     classes_per_client: int = Field(2, ge=1, description="Classes per client for the `shards` scheme.")
     min_samples: int = Field(10, ge=1, description="Every client holds at least this many samples.")
-    seed: int = Field(0, description="Seed of the split.")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of the split.")
 
 
 class ModelConfig(_Section):
@@ -89,7 +93,9 @@ class FederationConfig(_Section):
     lr_final: float = Field(0.02, gt=0, description="Learning rate in the last round (exponential decay).")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (the paper uses none).")
     weight_decay: float = Field(0.0, ge=0, description="SGD weight decay.")
-    seed: int = Field(0, description="Seed for initialisation, client sampling and local shuffling.")
+    seed: int = Field(
+        0, ge=0, lt=SEED_LIMIT, description="Seed for initialisation, client sampling and local shuffling."
+    )
     min_clients: int = Field(
         1, ge=1, description="A round needs at least this many successful client updates, else the run stops."
     )
@@ -417,15 +423,71 @@ def checked(config: ExperimentConfig, source: str = "flow parameters") -> Experi
     return config
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe subset, with a key written twice in one mapping an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class names it
+                continue
+            if first is not None:
+                lines = f"line {line}" if first == line else f"lines {first} and {line}"
+                raise yaml.MarkedYAMLError(problem=f"{key!r} is written twice ({lines}), so one would be "
+                                           "silently dropped; keep one")
+        return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """Parse `text` (from `source`, named in the message) with :class:`_StrictLoader`; a YAML mistake is one
+    :class:`ConfigError` line naming where it is."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML: {problem}{at}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value` (a `--set` argument) -> (`section.key`, value): the value is read as YAML (numbers,
+    booleans, null, lists), except that a ``#`` never starts a comment in it — a value YAML would cut there
+    (``/tmp/my run #2``) is taken whole, as text."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set federation.rounds=5")
+    source = f"--set {text!r}"
+    parsed = read_yaml(value, source)
+    try:
+        node = yaml.compose(value, Loader=_StrictLoader)
+    except yaml.YAMLError:  # read_yaml has parsed it: not reached
+        node = None
+    if value.strip() and (node is None or node.end_mark.index < len(value.rstrip())):
+        return key.strip(), value.strip()  # YAML took part of it for a comment: the user meant all of it
+    return key.strip(), parsed
+
+
 def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read and validate `params.yaml`; `overrides` maps `section.key` to a value."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file. Run from the repository root or pass --params PATH.")
     try:
-        raw = _sections(yaml.safe_load(path.read_text()), str(path))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: byte 0x{exc.object[exc.start]:02x} on line {line} is not UTF-8; save the "
+                          "file as UTF-8") from None
+    raw = _sections(read_yaml(text, str(path)), str(path))
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if not key:

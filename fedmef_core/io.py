@@ -6,6 +6,7 @@ An interrupted run never leaves a half-written file behind. Files get the usual 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -14,18 +15,51 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fedmef_core.errors import UserError
+
+
+class DiskFull(UserError):
+    """A write found no space left on its device (or the user's quota spent)."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path in the target's folder; on success it replaces `path` atomically."""
+    """Yield a temp path in the target's folder; on success it replaces `path` atomically. A full disk, at any
+    step (ENOSPC, or any failure while the file system has no space left), leaves `path` as it was and no temp
+    file, and is one :class:`DiskFull` message."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = _new_temp_file(path)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = _new_temp_file(path)
         yield tmp_path
         os.replace(tmp_path, path)
+    except Exception as exc:
+        code = exc.errno if isinstance(exc, OSError) and exc.errno in DISK_FULL else errno.ENOSPC
+        if not (isinstance(exc, OSError) and exc.errno in DISK_FULL or _full(path.parent)):
+            raise
+        raise DiskFull(f"cannot write {path}: {os.strerror(code).lower()}; free some space there "
+                       "(or write elsewhere, e.g. runtime.run_dir) and run again. What was written before is kept "
+                       "whole: a training resumes from its last checkpoint") from None
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+
+
+FULL_BELOW = 1 << 20  # bytes free: a write that failed there failed for want of space
+
+
+def _full(folder: Path) -> bool:
+    """Whether `folder`'s file system is (all but) full — how a failed write by a library that does not pass
+    ENOSPC on is recognised (torch.save: ``RuntimeError: ... unexpected pos``)."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < FULL_BELOW
 
 
 def _new_temp_file(path: Path) -> Path:
@@ -57,3 +91,28 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+class InvalidFile(UserError, ValueError):
+    """A file the tool wrote earlier no longer holds what it wrote (truncated, edited, another tool's)."""
+
+
+NUMBER = (int, float)
+
+
+def read_record(path: str | Path, fields: dict[str, type | tuple[type, ...]], fix: str) -> dict[str, Any]:
+    """The JSON object in `path`, holding at least `fields` with their types (a bool is not a number); else an
+    :class:`InvalidFile` naming the file, what is wrong, and `fix`. A missing file is ``FileNotFoundError``."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise InvalidFile(f"{path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(raw, dict):
+        raise InvalidFile(f"{path} holds a {type(raw).__name__}, not the JSON object this tool writes; {fix}")
+    for key, kind in fields.items():
+        value, kinds = raw.get(key), kind if isinstance(kind, tuple) else (kind,)
+        if key not in raw or not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            got = "nothing" if key not in raw else repr(value)[:40]
+            raise InvalidFile(f"{path}: {key!r} holds {got}, not what this tool writes there; {fix}")
+    return raw

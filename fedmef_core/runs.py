@@ -4,7 +4,8 @@ A training writes its checkpoints, metrics and plots under ``runtime.run_dir`` (
 relative to it). ``null`` gives every experiment its own folder, ``runs/<name>``, named after what decides
 its results (method, density, seed and a digest of the whole identity): two different experiments never
 touch each other, and the same experiment started again finds its own checkpoints and resumes. The DVC
-stages pass ``runtime.run_dir=.`` so the pipeline keeps its fixed output paths.
+stages pass ``runtime.run_dir=.`` so the pipeline keeps its fixed output paths. The output folders
+(``checkpoints_dir``, ``metrics_dir``, ``plots_dir``) must lie inside the run folder, under its lock.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmef_core.config import ExperimentConfig
+from fedmef_core.config import ConfigError, ExperimentConfig
 from fedmef_core.errors import UserError
+from fedmef_core.io import NUMBER, read_record
 
 RUNS_ROOT = "runs"
 LOCK_NAME = ".fedmef-run.lock"
@@ -53,10 +55,44 @@ class RunPaths:
         return self.root / LOCK_NAME
 
 
+OUTPUT_SETTINGS = ("checkpoints_dir", "metrics_dir", "plots_dir")
+
+
 def run_paths(config: ExperimentConfig) -> RunPaths:
+    """The run folder and its output folders. Each output folder must lie inside the run folder, so the run
+    lock covers every file the experiment writes; one outside it (an absolute path elsewhere, or ``..``)
+    could be shared by two experiments that would then overwrite each other's files: refused."""
     rt = config.runtime
     root = Path(rt.run_dir) if rt.run_dir is not None else Path(RUNS_ROOT) / run_name(config)
-    return RunPaths(root, root / rt.checkpoints_dir, root / rt.metrics_dir, root / rt.plots_dir)
+    outputs = [root / getattr(rt, key) for key in OUTPUT_SETTINGS]
+    inside = root.resolve()
+    for key, folder in zip(OUTPUT_SETTINGS, outputs):
+        if not folder.resolve().is_relative_to(inside):
+            raise ConfigError(
+                f"runtime.{key} ({getattr(rt, key)}) is outside the run folder {root}, where the run's lock does "
+                "not cover it: another experiment could write the same files. Give a path relative to the run "
+                f"folder (e.g. runtime.{key}={Path(getattr(rt, key)).name}), or move the whole run with "
+                "runtime.run_dir"
+            )
+    return RunPaths(root, *outputs)
+
+
+# what the run's metrics files hold (at least), checked wherever they are read back
+TRAIN_RECORD = {"accuracy": NUMBER, "loss": NUMBER, "rounds": int, "rounds_run": int, "seconds": NUMBER,
+                "seconds_per_round": NUMBER, "method": str, "mlflow_run_id": str}
+EVAL_RECORD = {"accuracy": NUMBER, "loss": NUMBER, "round": int}
+
+
+def read_train_metrics(paths: RunPaths) -> dict:
+    """`train.json` of a finished training; :class:`InvalidFile` if it does not hold what training writes."""
+    return read_record(paths.metrics / "train.json", TRAIN_RECORD,
+                       "re-run the training (`python -m flows.train` or `dvc repro train`) to write it again")
+
+
+def read_eval_metrics(paths: RunPaths) -> dict:
+    """`eval.json` of an evaluated run; :class:`InvalidFile` if it does not hold what evaluation writes."""
+    return read_record(paths.metrics / "eval.json", EVAL_RECORD,
+                       "re-run the evaluation (`python -m flows.evaluate` or `dvc repro evaluate`) to write it again")
 
 
 @contextmanager

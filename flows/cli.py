@@ -1,8 +1,9 @@
 """Command-line entry shared by every flow: `python -m flows.<name> [--params FILE] [--set k=v ...]`.
 
 User mistakes (bad config, missing dataset, missing partition or checkpoint) print one message and
-exit with status 2 — no traceback, nothing written. Ctrl-C (SIGINT) and SIGTERM stop the flow with
-"interrupted: the last checkpoint is kept" and exit 130 / 143 (see `flows.lifecycle`).
+exit with status 2 — no traceback, nothing written. Ctrl-C (SIGINT), SIGTERM, SIGHUP and SIGQUIT stop the
+flow with "interrupted: the last checkpoint is kept" and exit 128 + the signal's number, e.g. 130 for Ctrl-C
+(see `flows.lifecycle`).
 """
 
 from __future__ import annotations
@@ -13,18 +14,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import yaml
-
-from fedmef_core.config import ConfigError, ExperimentConfig, checked, load_config
+from fedmef_core.config import ExperimentConfig, checked, load_config, parse_override
 from fedmef_core.errors import UserError
 from flows.lifecycle import detach_temporary_server, exit_code, signals_interrupt
-
-
-def _parse_override(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set federation.rounds=5")
-    return key.strip(), yaml.safe_load(value)
 
 
 def config_from_args(argv: list[str] | None, description: str) -> ExperimentConfig:
@@ -35,7 +27,7 @@ def config_from_args(argv: list[str] | None, description: str) -> ExperimentConf
         help="override one value of the config, e.g. --set federation.rounds=5 (repeatable)",
     )
     args = parser.parse_args(argv)
-    overrides = dict(_parse_override(s) for s in args.set)
+    overrides = dict(parse_override(s) for s in args.set)
     return load_config(args.params, overrides)
 
 

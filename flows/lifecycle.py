@@ -1,9 +1,10 @@
 """How a flow process starts and stops: signals as people send them, and no orphaned Prefect server.
 
 - Ctrl-C in a terminal sends SIGINT to the whole process group; `kill`, `timeout`, systemd and Kubernetes
-  send SIGTERM. Both become a :class:`Interrupted` (a ``KeyboardInterrupt``) in the flow, so the training
-  unwinds through its context managers: the MLflow run is marked KILLED, the run folder's lock and the
-  exchange folder are released, and the last checkpoint (written atomically) is kept. During training the
+  send SIGTERM; closing the terminal or losing the ssh session sends SIGHUP; Ctrl-\\ sends SIGQUIT. Each
+  becomes an :class:`Interrupted` (a ``KeyboardInterrupt``) in the flow, so the training unwinds through
+  its context managers: the MLflow run is marked KILLED, the run folder's lock and the exchange folder are
+  released, and the last checkpoint (written atomically) is kept. During training the
   exception is raised only at safe points (:func:`safe_points`): at once while clients compute or the
   server aggregates (nothing shared is being written then), otherwise when the round's checkpoint and
   tracking writes are done.
@@ -23,12 +24,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# every signal a terminal or a service manager sends to stop a process; each ends like Ctrl-C, exit 128 + number
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129, signal.SIGQUIT: 131}
 _PR_SET_PDEATHSIG = 1
 
 
 class Interrupted(KeyboardInterrupt):
-    """The process was asked to stop by `signum` (SIGINT or SIGTERM)."""
+    """The process was asked to stop by `signum` (one of :data:`EXIT_CODES`)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -72,7 +74,7 @@ def interrupt_unmasked() -> Iterator[None]:
 
 @contextmanager
 def signals_interrupt() -> Iterator[None]:
-    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread while inside."""
+    """SIGINT, SIGTERM, SIGHUP and SIGQUIT raise :class:`Interrupted` in the main thread while inside."""
     previous = {s: signal.signal(s, _raise_interrupted) for s in EXIT_CODES}
     try:
         with interrupt_unmasked():
@@ -113,9 +115,9 @@ class SafePoints:
 
 @contextmanager
 def safe_points() -> Iterator[SafePoints]:
-    """SIGINT/SIGTERM raise :class:`Interrupted` inside ``interruptible()`` blocks, and otherwise at the next
-    one's boundary — never in the middle of a checkpoint or a tracking-store write. Off the main thread
-    (signals only reach that one) the blocks are plain."""
+    """The stopping signals (:data:`EXIT_CODES`) raise :class:`Interrupted` inside ``interruptible()`` blocks,
+    and otherwise at the next one's boundary — never in the middle of a checkpoint or a tracking-store write.
+    Off the main thread (signals only reach that one) the blocks are plain."""
     points = SafePoints()
     if threading.current_thread() is not threading.main_thread():
         yield points

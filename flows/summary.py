@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import sys
 
-from fedmef_core.config import ConfigError, ExperimentConfig
-from fedmef_core.io import read_json
-from fedmef_core.runs import run_paths
+from fedmef_core.config import ExperimentConfig
+from fedmef_core.errors import UserError
+from fedmef_core.runs import read_eval_metrics, read_train_metrics, run_paths
 from flows.cli import config_from_args
 
 
 def summary_text(config: ExperimentConfig) -> str:
     paths = run_paths(config)
-    train, evaluation = read_json(paths.metrics / "train.json"), read_json(paths.metrics / "eval.json")
+    train, evaluation = read_train_metrics(paths), read_eval_metrics(paths)
     uri = config.tracking.mlflow_uri
     lines = [
         "",
@@ -39,7 +39,7 @@ def summary_text(config: ExperimentConfig) -> str:
 def main(argv: list[str] | None = None) -> None:
     try:
         print(summary_text(config_from_args(argv, "Summarise a finished run.")))
-    except ConfigError as exc:
+    except UserError as exc:  # a bad config, a metrics file that does not hold what was written
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except FileNotFoundError as exc:

@@ -27,11 +27,10 @@ from prefect.exceptions import TerminationSignal
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fedmef_core.config import ConfigError, ExperimentConfig, PruningMethod
+from fedmef_core.config import ConfigError, ExperimentConfig, PruningMethod, parse_override
 from fedmef_core.data import load_dataset
 from fedmef_core.errors import UserError
 from fedmef_core.io import write_json, write_text
-from flows.cli import _parse_override
 from flows.lifecycle import detach_temporary_server, exit_code, signals_interrupt
 from flows.train import train
 from tasks.comparison import (
@@ -145,7 +144,7 @@ def _overrides(texts: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, An
     shared: dict[str, Any] = {}
     per_method: dict[str, dict[str, Any]] = {}
     for text in texts:
-        key, value = _parse_override(text)
+        key, value = parse_override(text)
         method, sep, dotted = key.rpartition(":")
         (per_method.setdefault(method, {}) if sep else shared)[dotted] = value
     return shared, per_method

@@ -16,7 +16,7 @@ from fedmef_core.runs import run_lock, run_name, run_paths
 from flows.cli import fails_cleanly, main
 from flows.lifecycle import safe_points
 from tasks import preflight
-from tasks.checkpoints import RoundSaver, resume, start_server
+from tasks.checkpoints import RoundSaver, finished_summary, resume, start_server
 from tasks.clients import client_updates
 from tasks.memory import client_step_report, log_memory_report
 from tasks.outputs import RoundReporter
@@ -35,6 +35,8 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
         memory = client_step_report(config, server.model, server.train, server.device)  # of the initial model
         partition = split_digest(server.parts)  # part of what a checkpoint must match to be resumed
         resumed = resume(server, config, paths, partition)
+        if resumed is not None and (done := finished_summary(config, paths, resumed)) is not None:
+            return {**done, "rounds_run": 0}  # nothing left to train: its outputs and MLflow run stay as they are
         run_id = (resumed or {}).get("extra", {}).get("mlflow_run_id") or None
         with tracked_run(config, run_name(config), run_id, tags, send_every_s=METRICS_EVERY_S) as tracker, \
                 client_updates(config, paths) as updates:
@@ -62,11 +64,11 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
 def train_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
     """Run federated training and write checkpoints, per-round metrics and the MLflow run."""
     summary = train(config)
-    print(
-        f"trained rounds {summary['rounds'] - summary['rounds_run'] + 1}-{summary['rounds']} in "
-        f"{summary['seconds']:.0f}s: accuracy {summary['accuracy']:.4f}, "
-        f"MLflow run {summary['mlflow_run_id'] or '(tracking off)'}, outputs in {summary['run_dir']}"
-    )
+    done = (f"trained rounds {summary['rounds'] - summary['rounds_run'] + 1}-{summary['rounds']} in "
+            f"{summary['seconds']:.0f}s" if summary["rounds_run"] else
+            f"all {summary['rounds']} rounds were already trained (runtime.resume: false trains again)")
+    print(f"{done}: accuracy {summary['accuracy']:.4f}, MLflow run {summary['mlflow_run_id'] or '(tracking off)'}, "
+          f"outputs in {summary['run_dir']}")
     publish_summary(config, summary)
     return summary
 

@@ -16,6 +16,7 @@ from fedmef_core.algorithms import build_algorithm
 from fedmef_core.checkpoint import (
     FINAL_NAME,
     CheckpointError,
+    check_layout,
     latest_good_checkpoint,
     load_checkpoint,
     remove_checkpoints,
@@ -26,21 +27,28 @@ from fedmef_core.config import ExperimentConfig, identity_of
 from fedmef_core.data import load_dataset, load_partition, partition_origin
 from fedmef_core.device import resolve_device
 from fedmef_core.engine import Server
+from fedmef_core.errors import UserError
 from fedmef_core.models import build_model
-from fedmef_core.runs import RunPaths
+from fedmef_core.runs import RunPaths, read_train_metrics
 from tasks.masks import save_adjusted_masks
 
 
-def resume_point(config: ExperimentConfig, paths: RunPaths, partition: str) -> dict | None:
+def resume_point(config: ExperimentConfig, paths: RunPaths, partition: str, reference: dict) -> dict | None:
     """The newest good checkpoint written by this same configuration on this same partition (its
-    :func:`~fedmef_core.data.split_digest`), or None."""
+    :func:`~fedmef_core.data.split_digest`), whose weights fit `reference` (the fresh server's checkpoint),
+    or None. One that passes its checksum but holds something else is reported and skipped."""
     if not config.runtime.resume:
         return None
     identity = config.identity()
+
+    def accept(ckpt: dict, path: Path) -> bool:
+        if identity_of(ckpt["config"]) != identity or ckpt["extra"].get("partition") != partition:
+            return False
+        check_layout(path, ckpt, reference)
+        return True
+
     return latest_good_checkpoint(
-        paths.checkpoints,
-        accept=lambda c: identity_of(c["config"]) == identity and c["extra"].get("partition") == partition,
-        on_skip=lambda msg: print(f"checkpoint skipped: {msg}", flush=True),
+        paths.checkpoints, accept=accept, on_skip=lambda msg: print(f"checkpoint skipped: {msg}", flush=True),
     )
 
 
@@ -67,6 +75,21 @@ class RoundSaver:
         return save_checkpoint(self.paths.checkpoints / FINAL_NAME, server.checkpoint(self.extra))
 
 
+def finished_summary(config: ExperimentConfig, paths: RunPaths, resumed: dict) -> dict | None:
+    """`train.json` of a training that `resumed` (its last round's checkpoint) already finished — its final
+    checkpoint and metrics written for the same MLflow run — or None if something of its end is missing."""
+    run_id = resumed["extra"].get("mlflow_run_id", "")
+    if int(resumed["round"]) < config.federation.rounds:
+        return None
+    try:
+        final, summary = load_checkpoint(paths.checkpoints / FINAL_NAME), read_train_metrics(paths)
+    except (UserError, OSError):  # missing or damaged: the training's end is written again
+        return None
+    same_run = final["extra"].get("mlflow_run_id", "") == run_id == summary["mlflow_run_id"]
+    done = int(final["round"]) == summary["rounds"] == config.federation.rounds
+    return summary if same_run and done and identity_of(final["config"]) == config.identity() else None
+
+
 def load_final_model(config: ExperimentConfig, paths: RunPaths) -> tuple[torch.nn.Module, dict]:
     """The trained global model from `final.pt`, plus the checkpoint dict."""
     ckpt = load_checkpoint(paths.checkpoints / FINAL_NAME)
@@ -77,8 +100,13 @@ def load_final_model(config: ExperimentConfig, paths: RunPaths) -> tuple[torch.n
         )
     train, _ = load_dataset(config.data)
     model = build_model(config.model, train.images.shape[1], train.num_classes, train.images.shape[-1])
-    model.load_state_dict(ckpt["model"])
-    build_algorithm(config).bind_state(model, ckpt["server_state"])
+    check_layout(paths.checkpoints / FINAL_NAME, ckpt, {"model": model.state_dict()})
+    try:
+        model.load_state_dict(ckpt["model"])
+        build_algorithm(config).bind_state(model, ckpt["server_state"])
+    except Exception as exc:  # noqa: BLE001 - what a server state that lies makes the algorithm raise
+        raise CheckpointError(f"{paths.checkpoints / FINAL_NAME}: passes its checksum but its server state does "
+                              f"not fit the model ({type(exc).__name__}: {exc}); re-run the train stage") from None
     return model, ckpt
 
 
@@ -93,7 +121,7 @@ def start_server(config: ExperimentConfig) -> Server:
 def resume(server: Server, config: ExperimentConfig, paths: RunPaths, partition: str) -> dict | None:
     """Restore `server` from this run's newest good checkpoint on the same partition (`partition`: the
     :func:`split_digest` of the server's split); return it (or None)."""
-    resumed = resume_point(config, paths, partition)
+    resumed = resume_point(config, paths, partition, reference=server.checkpoint())
     if resumed is not None:
         server.restore(resumed)
         print(f"resuming from round {server.round} (checkpoint in {paths.checkpoints})", flush=True)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from fedmef_core.checkpoint import FINAL_NAME, load_checkpoint
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import load_dataset, load_partition, partition_indices, partition_origin
 from fedmef_core.device import resolve_device
 from fedmef_core.errors import UserError
 from fedmef_core.runs import run_paths
+from tasks.checkpoints import load_final_model
 from tasks.tracking import Tracker
 
 
@@ -43,7 +43,8 @@ def check_partition(config: ExperimentConfig) -> None:
 
 
 def check_checkpoint(config: ExperimentConfig) -> None:
-    load_checkpoint(run_paths(config).checkpoints / FINAL_NAME)
+    """The final checkpoint verifies, holds what training writes and fits the configured model."""
+    load_final_model(config, run_paths(config))
 
 
 def output_folders(config: ExperimentConfig, *settings: str) -> dict[str, Path]:
@@ -97,6 +98,7 @@ def for_evaluate(config: ExperimentConfig) -> None:
     check_dataset(config)
     check_checkpoint(config)
     check_writable(config, "metrics_dir", "plots_dir")
+    Tracker(config.tracking).check_reachable()  # evaluate logs to the training's run
 
 
 def for_pipeline(config: ExperimentConfig) -> None:

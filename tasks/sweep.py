@@ -39,8 +39,8 @@ from fedmef_core.config import (
     load_config,
     method_traits,
 )
-from fedmef_core.io import read_json
-from fedmef_core.runs import run_name, run_paths
+from fedmef_core.io import read_record
+from fedmef_core.runs import read_eval_metrics, read_train_metrics, run_name, run_paths
 from tasks.comparison import CellResult
 from tasks.tracking import Tracker, artifact_root, ended, git_commit, prefect_flow_run_id, store_uri
 
@@ -215,18 +215,21 @@ def adjustment_drops(history: list[dict]) -> tuple[float | None, float | None]:
     return (statistics.fmean(prune) if prune else None, statistics.fmean(post) if post else None)
 
 
+RERUN_CELL = "delete the cell's run folder and run the sweep again"
+
+
 def cell_result(cell: Cell) -> CellResult:
     """A finished cell's numbers, read from its run folder: evaluated accuracy, measured footprint,
     accuracy per round and the adjustment drops (from the final checkpoint's round history)."""
     paths = run_paths(cell.config)
-    trained, evaluated = read_json(paths.metrics / "train.json"), read_json(paths.metrics / "eval.json")
+    trained, evaluated = read_train_metrics(paths), read_eval_metrics(paths)
     memory = paths.metrics / "memory.json"
     history = load_checkpoint(paths.checkpoints / FINAL_NAME)["history"]
     prune_drop, post_adjust_drop = adjustment_drops(history)
     return CellResult(
         method=cell.method, density=cell.density, seed=cell.seed, accuracy=float(evaluated["accuracy"]),
         dense=cell.dense,
-        footprint_bytes=read_json(memory).get("footprint_bytes") if memory.is_file() else None,
+        footprint_bytes=read_record(memory, {}, RERUN_CELL).get("footprint_bytes") if memory.is_file() else None,
         curve=tuple((int(h["round"]), float(h["accuracy"])) for h in history if "accuracy" in h),
         prune_drop=prune_drop, post_adjust_drop=post_adjust_drop,
         run_dir=str(paths.root), mlflow_run_id=trained.get("mlflow_run_id", ""),

@@ -15,6 +15,7 @@ import base64
 import functools
 import logging
 import os
+import sqlite3
 import subprocess
 import time
 import urllib.request
@@ -37,6 +38,8 @@ HTTP_DEFAULTS = {
 }
 PER_ROUND_METRIC = "train_loss"  # logged every round: its last step is how far a run got
 MAX_BATCH_METRICS = 1000  # what one MLflow log_batch call takes
+SQLITE_PROBE_S = 2.0  # how long a send waits for a locked local store (MLflow itself waits 20 s per call)
+OFFLINE_RETRY_S = 10.0  # while the store is away, sends try again at most this often (the run's end always)
 
 
 class TrackingUnavailable(UserError):
@@ -117,7 +120,7 @@ class Tracker:
         self.pending: list[tuple[tuple[str, str], Callable[[], Any]]] = []  # ((kind, what), call)
         self.send_every_s = send_every_s
         self._held: list[Any] = []  # metrics (mlflow Metric) not yet handed to `pending`
-        self._last_send = float("-inf")
+        self._last_send = self._last_try = float("-inf")
         self.offline = False
         self._logged_through, self._logged_keys = -1, frozenset()  # what a resumed run already holds
         if cfg.enabled:
@@ -126,28 +129,34 @@ class Tracker:
             if is_server(self.uri):
                 for name, value in HTTP_DEFAULTS.items():
                     os.environ.setdefault(name, value)
-            self._client = MlflowClient(tracking_uri=self.uri)
+            with store_failures(self.uri):
+                self._client = MlflowClient(tracking_uri=self.uri)
 
     @property
     def enabled(self) -> bool:
         return self._client is not None
 
     def check_reachable(self, timeout: float = 5.0) -> None:
-        """Fail fast, naming the URI, instead of MLflow's long retry loop on a dead server."""
+        """Fail fast, naming the URI and what to do: a dead server (instead of MLflow's long retry loop), a
+        damaged or read-only local store, an experiment deleted in the MLflow UI."""
         if self._client is None:
             return
-        try:
+        with store_failures(self.uri):
             if is_server(self.uri):
                 probe_server(self.uri, timeout)
+            else:
+                probe_sqlite_write(self.uri)
             self._client.search_experiments(max_results=1)
-        except Exception as exc:
-            raise TrackingUnavailable(
-                f"MLflow tracking store {self.uri!r} is unreachable ({type(exc).__name__}: {exc}); "
-                "fix tracking.mlflow_uri or set tracking.enabled: false"
-            ) from None
+            self._experiment_id(create=False)  # refuses a deleted one
 
     def _experiment_id(self, create: bool) -> str | None:
         exp = self._client.get_experiment_by_name(self.cfg.experiment)
+        if exp is not None and exp.lifecycle_stage == "deleted":
+            raise TrackingUnavailable(
+                f"MLflow experiment {self.cfg.experiment!r} was deleted (it is in the store's trash, and MLflow "
+                f"logs no run to it): restore it with `MLFLOW_TRACKING_URI={self.uri} mlflow experiments restore "
+                f"--experiment-id {exp.experiment_id}`, or set tracking.experiment to another name"
+            )
         if exp is not None:
             return exp.experiment_id
         if not create:
@@ -178,17 +187,18 @@ class Tracker:
             self._client.log_batch(self.run_id, params=params[i : i + 100])
         return self.run_id
 
-    def knows(self, run_id: str) -> bool:
-        """Whether the store holds `run_id` (a moved or fresh store does not)."""
+    def lost(self, run_id: str) -> str | None:
+        """Why `run_id` cannot be continued — ``"is not in"`` the store (a moved or fresh store) or ``"was
+        deleted from"`` it (in the MLflow UI) — or None if it can."""
         from mlflow.exceptions import MlflowException
 
         try:
-            self._client.get_run(run_id)
+            run = self._client.get_run(run_id)
         except MlflowException as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return False
+                return "is not in"
             raise
-        return True
+        return "was deleted from" if run.info.lifecycle_stage == "deleted" else None
 
     def end_orphans(self, run_dir: str) -> list[str]:
         """Mark KILLED the runs of `run_dir` still RUNNING: left by a training that died (``kill -9``) before
@@ -281,18 +291,30 @@ class Tracker:
         self._hand_held_to_pending()  # in the order they were logged
         self.pending.append((what, call))
         if not self.offline or what[0] == "status":
-            self._flush()
+            self._flush(force=what[0] == "status")
 
-    def _flush(self) -> None:
+    def _went_offline(self, exc: Exception) -> None:
+        if not self.offline:
+            print(f"warning: MLflow tracking store {self.uri} failed ({short(exc)}); training goes on, "
+                  "the run's logs wait in memory and are sent when it is back", flush=True)
+        self.offline = True
+
+    def _flush(self, force: bool = False) -> None:
+        if self.offline and not force and time.monotonic() - self._last_try < OFFLINE_RETRY_S:
+            return  # the store was away a moment ago: a retry at every send would cost each round its wait
+        self._last_try = time.monotonic()
+        if self.pending and self.uri.startswith("sqlite:///"):
+            try:  # a locked local store: a short probe instead of MLflow's 20 s wait on each call while it lasts
+                probe_sqlite_write(self.uri, timeout=SQLITE_PROBE_S)
+            except Exception as exc:  # noqa: BLE001 - whatever keeps it from being written: an outage
+                self._went_offline(exc)
+                return
         while self.pending:
             try:
                 with quiet_retries():
                     self.pending[0][1]()
             except Exception as exc:  # whatever the store or the network raised: tracking never stops training
-                if not self.offline:
-                    print(f"warning: MLflow tracking store {self.uri} failed ({short(exc)}); training goes on, "
-                          "the run's logs wait in memory and are sent when it is back", flush=True)
-                self.offline = True
+                self._went_offline(exc)
                 return
             self.pending.pop(0)
         if self.offline:
@@ -300,16 +322,81 @@ class Tracker:
             self.offline = False
 
 
+QUIET_LOGGERS = {"urllib3.connectionpool": logging.ERROR,  # a line per HTTP retry
+                 "mlflow.store": logging.CRITICAL}  # a 40-line ERROR traceback per failed database call
+
+
 @contextmanager
 def quiet_retries() -> Iterator[None]:
-    """No urllib3 line per retry: the tracker reports an outage itself, once."""
-    logger = logging.getLogger("urllib3.connectionpool")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """No line per retry or failed call from urllib3 or MLflow's store: the tracker reports a failure itself,
+    once, in one line."""
+    loggers = {logging.getLogger(name): level for name, level in QUIET_LOGGERS.items()}
+    before = {logger: logger.level for logger in loggers}
+    for logger, level in loggers.items():
+        logger.setLevel(max(level, logger.level))
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in before.items():
+            logger.setLevel(level)
+
+
+SQLITE_PROBLEMS = {  # what sqlite says -> what it means for the user, and the fix
+    ("file is not a database", "malformed", "file is encrypted"): (
+        "is damaged ({why}); move {db} aside (a new, empty store is then made there) or set tracking.mlflow_uri "
+        "to another store"),
+    ("readonly database", "read-only file system", "unable to open database file", "permission denied"): (
+        "cannot be written ({why}); make {db} and its folder writable, or set tracking.mlflow_uri to a store "
+        "you can write"),
+    ("database is locked", "database table is locked"): (
+        "is locked by another process ({why}); wait for it to finish, or set tracking.mlflow_uri to another store"),
+}
+
+
+def store_problem(uri: str, exc: BaseException) -> str:
+    """One line for a failure of the store at `uri`: what it is and what to do."""
+    causes, seen, cause = [], set(), exc
+    while cause is not None and id(cause) not in seen:  # sqlite's own words are in the chain MLflow wraps
+        seen.add(id(cause))
+        causes.append(str(cause).lower())
+        cause = cause.__cause__ or cause.__context__
+    if uri.startswith("sqlite:///"):
+        for phrases, problem in SQLITE_PROBLEMS.items():
+            if hit := next((p for p in phrases if p in " ".join(causes)), None):
+                return f"MLflow tracking store {uri} " + problem.format(why=hit, db=uri.removeprefix("sqlite:///"))
+    return f"MLflow tracking store {uri!r} is unreachable ({short(exc)}); fix tracking.mlflow_uri or set " \
+        "tracking.enabled: false"
+
+
+@contextmanager
+def store_failures(uri: str) -> Iterator[None]:
+    """Whatever the store at `uri` raises inside (SQLAlchemy, sqlite, HTTP, MLflow) leaves as one
+    :class:`TrackingUnavailable` line (see :func:`store_problem`), without MLflow's own tracebacks."""
+    try:
+        with quiet_retries():
+            yield
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure of an outside store is one message
+        raise TrackingUnavailable(store_problem(uri, exc)) from None
+
+
+def probe_sqlite_write(uri: str, timeout: float = 5.0) -> None:
+    """Raise sqlite's own error if the local store at `uri` cannot be written (a read-only file or file system):
+    MLflow's reads succeed there and its first write fails, after the training has started. Nothing is kept."""
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.exists():  # MLflow makes it: its folder must be writable
+        folder = db.parent if db.parent.exists() else None
+        if folder is not None and not os.access(folder, os.W_OK):
+            raise PermissionError(f"permission denied: {folder}")
+        return
+    connection = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=timeout, isolation_level=None)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("CREATE TABLE fedmef_write_probe (x)")  # rolled back: the file is never changed
+        connection.execute("ROLLBACK")
+    finally:
+        connection.close()
 
 
 def short(exc: Exception, limit: int = 160) -> str:
@@ -358,11 +445,18 @@ def ended(tracker: Tracker) -> Iterator[Tracker]:
 def open_run(tracker: Tracker, config: ExperimentConfig, run_name: str, tags: dict[str, str] | None) -> None:
     """Continue the checkpoint's run (`tracker.run_id`); else start one tagged with the run folder, after
     marking KILLED the runs a dead training left RUNNING there (tag `restarts`). A checkpoint's run the store
-    does not know (a moved store, a fresh clone) continues in a new run, tagged `continues_run`."""
+    does not know (a moved store, a fresh clone) or that was deleted in the MLflow UI continues in a new run,
+    tagged `continues_run`. A failure of the store itself is one :class:`TrackingUnavailable` message."""
     if not tracker.enabled:
         return
+    with store_failures(tracker.uri):
+        _open_run(tracker, config, run_name, tags)
+
+
+def _open_run(tracker: Tracker, config: ExperimentConfig, run_name: str, tags: dict[str, str] | None) -> None:
     tracker.check_reachable()
-    if tracker.run_id and tracker.knows(tracker.run_id):
+    lost = tracker.lost(tracker.run_id) if tracker.run_id else None
+    if tracker.run_id and lost is None:
         tracker.reopen()
         return
     run_dir = str(run_paths(config).root.resolve())
@@ -374,5 +468,5 @@ def open_run(tracker: Tracker, config: ExperimentConfig, run_name: str, tags: di
         lineage["continues_run"] = lost_run
     tracker.start(config, run_name=run_name, tags={**(tags or {}), **lineage})
     if lost_run:
-        print(f"MLflow run {lost_run} (named by the checkpoint) is not in {tracker.uri}: this resume logs to "
+        print(f"MLflow run {lost_run} (named by the checkpoint) {lost} {tracker.uri}: this resume logs to "
               f"a new run {tracker.run_id}, tagged continues_run={lost_run}", flush=True)

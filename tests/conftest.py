@@ -92,6 +92,29 @@ def train_cli(params: Path, *overrides: str):
     return flows.cli.main(train_flow, preflight.for_train, argv=argv)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(megabytes)`: a real tmpfs of that size mounted under `tmp_path` (unmounted after). Needs root
+    (or CAP_SYS_ADMIN); skipped where mounting is not allowed."""
+    import subprocess
+
+    mounted = []
+
+    def mount(megabytes: int) -> Path:
+        where = tmp_path / f"disk-{len(mounted)}"
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
 def standalone_env(home: Path) -> dict[str, str]:
     """The environment of a `python -m flows.<name>` subprocess run as a user would: this checkout importable,
     Prefect's state in `home`, no Prefect server configured (so the flow starts its own temporary one)."""

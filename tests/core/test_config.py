@@ -1,10 +1,11 @@
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
-from fedmef_core.config import ConfigError, ExperimentConfig, load_config, parse_config
+from fedmef_core.config import ConfigError, ExperimentConfig, load_config, parse_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -101,3 +102,78 @@ def test_a_file_that_is_not_a_mapping_is_one_clear_message(tmp_path, text):
     for overrides in (None, {"federation.rounds": 7}):
         with pytest.raises(ConfigError, match=f"{p}: expected a mapping of sections"):
             load_config(p, overrides)
+
+
+@pytest.mark.parametrize(
+    "text, twice",
+    [
+        ("federation:\n  rounds: 2\ndata:\n  train_limit: 10\nfederation:\n  lr: 0.5\n",
+         "'federation' is written twice (lines 1 and 5)"),
+        ("federation:\n  rounds: 2\n  lr: 0.5\n  rounds: 3\n", "'rounds' is written twice (lines 2 and 4)"),
+        ("federation: {rounds: 2, rounds: 3}\n", "'rounds' is written twice (line 1)"),
+    ],
+    ids=["section", "key", "flow-mapping"],
+)
+def test_a_section_or_key_written_twice_is_refused_not_silently_dropped(tmp_path, text, twice):
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert str(err.value).startswith(f"{p}: not valid YAML: {twice}") and "\n" not in str(err.value)
+
+
+def test_a_byte_that_is_not_utf8_is_one_message(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_bytes(b"federation:\n  rounds: 2\n# caf\xe9\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert str(err.value) == f"{p}: byte 0xe9 on line 3 is not UTF-8; save the file as UTF-8"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("runtime.run_dir=/tmp/my run #2", ("runtime.run_dir", "/tmp/my run #2")),  # YAML would cut at ' #'
+        ("runtime.run_dir=#2", ("runtime.run_dir", "#2")),
+        ("federation.lr=0.5 # half", ("federation.lr", "0.5 # half")),  # then refused as not a number
+        ("runtime.run_dir='a #b'", ("runtime.run_dir", "a #b")),
+        ("federation.rounds=5", ("federation.rounds", 5)),
+        ("data.train_limit=null", ("data.train_limit", None)),
+        ("x.y=[1, 2]", ("x.y", [1, 2])),
+    ],
+)
+def test_a_hash_in_a_set_value_is_part_of_the_value(text, expected):
+    assert parse_override(text) == expected
+
+
+@pytest.mark.parametrize("text", ["federation.lr=[x", "federation.lr={a: 1", "run.dir='open", "x.y={a: 1, a: 2}"])
+def test_a_yaml_mistake_in_a_set_value_is_one_message(text):
+    with pytest.raises(ConfigError) as err:
+        parse_override(text)
+    assert str(err.value).startswith(f"--set {text!r}: not valid YAML: ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("federation.seed", -1), ("federation.seed", 2**64), ("partition.seed", -1), ("partition.seed", 2**70),
+        ("federation.lr", float("inf")), ("federation.lr", float("nan")), ("federation.lr_final", float("inf")),
+        ("federation.weight_decay", float("inf")), ("pruning.bae_lambda", float("nan")), ("ray.num_cpus", float("inf")),
+    ],
+)
+def test_values_the_libraries_cannot_use_are_refused_at_validation(tmp_path, key, value):
+    p = tmp_path / "p.yaml"
+    p.write_text("{}\n")
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(p, {key: value})
+
+
+def test_the_widest_seeds_the_libraries_take_are_accepted_and_work():
+    import numpy as np
+    import torch
+
+    for seed in (0, 2**63, 2**64 - 1):
+        config = parse_config({"federation": {"seed": seed}, "partition": {"seed": seed}})
+        torch.manual_seed(config.federation.seed)
+        np.random.default_rng([config.federation.seed, 1])
+        np.random.default_rng(config.partition.seed)

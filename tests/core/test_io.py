@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from fedmef_core.io import atomic_path, write_json, write_text
+from fedmef_core.io import DiskFull, atomic_path, write_bytes, write_json, write_text
 
 
 @pytest.fixture
@@ -44,3 +44,30 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
             raise RuntimeError("interrupted")
     assert (tmp_path / "a.txt").read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_a_full_disk_is_one_message_and_keeps_the_old_file_and_no_temp_file(small_disk):
+    disk = small_disk(1)  # a real 1 MB tmpfs
+    write_bytes(disk / "kept.bin", b"old")
+    with pytest.raises(DiskFull) as err:
+        write_bytes(disk / "kept.bin", b"x" * 2_000_000)
+    assert str(err.value).startswith(f"cannot write {disk / 'kept.bin'}: no space left on device; free some space")
+    assert (disk / "kept.bin").read_bytes() == b"old" and sorted(p.name for p in disk.iterdir()) == ["kept.bin"]
+    with pytest.raises(DiskFull), atomic_path(disk / "plot.png") as tmp:  # the path-yielding form too
+        tmp.write_bytes(b"x" * 2_000_000)
+    assert sorted(p.name for p in disk.iterdir()) == ["kept.bin"]
+
+
+def test_a_full_disk_under_torch_save_is_the_same_message(small_disk):
+    """torch.save does not pass ENOSPC on (``RuntimeError: ... unexpected pos``): the exchange files of a round
+    go through it."""
+    import torch
+
+    from fedmef_core.checkpoint import save_exchange
+
+    disk = small_disk(1)
+    with pytest.raises(DiskFull, match=f"cannot write {disk / 'update.pt'}: no space left on device"):
+        save_exchange(disk / "update.pt", {"w": torch.zeros(1_000_000)})
+    assert list(disk.iterdir()) == []
+    with pytest.raises(RuntimeError, match="not a disk problem"), atomic_path(disk / "x.bin"):
+        raise RuntimeError("not a disk problem")  # other failures stay what they are

@@ -6,6 +6,7 @@ train command must refuse it in its preflight, before Prefect starts and before 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -43,7 +44,7 @@ def train_cli(stage, tmp_path, capsys):
     parts = tmp_path / "partitions"
     shutil.copytree(made, parts)
     outputs = {key: tmp_path / key for key in ("checkpoints_dir", "metrics_dir", "plots_dir")}
-    argv = ["--params", str(params), "--set", f"runtime.partitions_dir={parts}"]
+    argv = ["--params", str(params), "--set", f"runtime.partitions_dir={parts}", "--set", f"runtime.run_dir={tmp_path}"]
     for key, path in outputs.items():
         argv += ["--set", f"runtime.{key}={path}"]
 
@@ -103,3 +104,38 @@ def test_cuda_without_a_gpu_is_one_message_before_prefect_starts(stage, tmp_path
         assert proc.stderr.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
     assert sorted(p.name for p in made.parent.iterdir()) == ["params.yaml", "partitions"]  # as staged
+
+
+TRAIN_JSON = {"accuracy": 0.5, "loss": 1.2, "rounds": 3, "rounds_run": 3, "seconds": 9.0, "seconds_per_round": 3.0,
+              "method": "fedavg", "density": 1.0, "seed": 3, "run_dir": ".", "mlflow_run_id": ""}
+EVAL_JSON = {"accuracy": 0.5, "loss": 1.2, "round": 3, "per_class_accuracy": {}, "test_samples": 500}
+
+
+@pytest.mark.parametrize(
+    "name, text, says",
+    [
+        ("eval.json", json.dumps(EVAL_JSON)[:30], "eval.json is not valid JSON"),  # truncated
+        ("eval.json", "[]", "eval.json holds a list, not the JSON object"),
+        ("eval.json", json.dumps({**EVAL_JSON, "accuracy": "high"}), "eval.json: 'accuracy' holds 'high'"),
+        ("train.json", json.dumps({k: v for k, v in TRAIN_JSON.items() if k != "rounds"}), "'rounds' holds nothing"),
+        ("train.json", json.dumps({**TRAIN_JSON, "seconds": True}), "train.json: 'seconds' holds True"),
+    ],
+    ids=["truncated", "not-an-object", "wrong-type", "missing-key", "bool-for-number"],
+)
+def test_summary_of_a_metrics_file_that_lies_is_one_message(tmp_path, capsys, name, text, says):
+    from flows import summary
+
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (metrics / "train.json").write_text(json.dumps(TRAIN_JSON))
+    (metrics / "eval.json").write_text(json.dumps(EVAL_JSON))
+    argv = ["--params", str(tmp_path / "p.yaml"), "--set", f"runtime.run_dir={tmp_path}"]
+    (tmp_path / "p.yaml").write_text("{}\n")
+    summary.main(argv)
+    assert "=== fedmef: run summary ===" in capsys.readouterr().out  # the files as written: a summary
+    (metrics / name).write_text(text)
+    with pytest.raises(SystemExit) as ended:
+        summary.main(argv)
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: {metrics / name}") and says in err and "to write it again" in err

@@ -44,3 +44,30 @@ def test_evaluate_without_a_checkpoint_says_what_to_run(tmp_path):
     proc = _run(["flows.evaluate"], tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "dvc repro train" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flow", [["flows.train"], ["flows.sweep", "--methods", "fedtiny"]], ids=["train", "sweep"])
+def test_a_yaml_mistake_in_a_set_value_is_one_line(tmp_path, flow):
+    tmp_path = tmp_path / "work"
+    tmp_path.mkdir()
+    (tmp_path / "params.yaml").write_text("{}\n")
+    proc = _run([*flow, "--set", "federation.lr=[x"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: --set 'federation.lr=[x': not valid YAML: ")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"federation:\n  rounds: 2\nfederation:\n  lr: 0.5\n", "'federation' is written twice (lines 1 and 3)"),
+     (b"federation:\n  rounds: 2 # \xff\n", "byte 0xff on line 2 is not UTF-8")],
+    ids=["section-twice", "not-utf8"],
+)
+def test_params_yaml_bytes_that_cannot_be_read_as_written_are_one_line(tmp_path, content, message):
+    tmp_path = tmp_path / "work"
+    tmp_path.mkdir()
+    (tmp_path / "params.yaml").write_bytes(content)
+    proc = _run(["flows.train"], tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

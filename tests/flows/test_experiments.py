@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 import tasks.clients as clients
 from fedmef_core.checkpoint import load_checkpoint
-from fedmef_core.config import ExperimentConfig, identity_of, parse_config
+from fedmef_core.config import ConfigError, ExperimentConfig, identity_of, parse_config
 from fedmef_core.runs import RunBusy, run_lock, run_name, run_paths
 from tests.conftest import prepare_run
 
@@ -126,3 +126,30 @@ def test_dvc_stages_declare_every_section_that_changes_their_results():
     identity = set(identity_of(dict.fromkeys(sections)))
     assert identity <= set(stages["evaluate"]["params"])  # evaluate checks the checkpoint's identity
     assert stages["train"]["cmd"].endswith("--set runtime.run_dir=.")  # the pipeline's fixed output paths
+
+
+RELATIVE_OUTPUTS = [f"runtime.{key}={key[:-4]}" for key in ("checkpoints_dir", "metrics_dir", "plots_dir")]
+
+
+@pytest.mark.parametrize("setting", ["checkpoints_dir", "metrics_dir", "plots_dir"])
+def test_an_output_folder_outside_the_run_folder_is_refused(tmp_path, capsys, setting):
+    """Two trainings (seeds 3 and 7) given the same absolute folder outside their run folders: each run lock
+    covered only its own run folder, so both wrote there and the second's model replaced the first's."""
+    from tests.conftest import train_cli
+
+    params, _ = prepare_run(tmp_path, rounds=1)
+    shared = tmp_path / "shared"
+    for seed in (3, 7):
+        with pytest.raises(SystemExit) as ended:
+            train_cli(params, f"runtime.run_dir={tmp_path / f'run-{seed}'}", f"federation.seed={seed}",
+                      *RELATIVE_OUTPUTS, f"runtime.{setting}={shared}")
+        err = capsys.readouterr().err
+        assert ended.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        run_dir = tmp_path / f"run-{seed}"
+        assert err.startswith(f"error: runtime.{setting} ({shared}) is outside the run folder {run_dir}")
+    assert not shared.exists() and not (tmp_path / "mlflow.db").exists()
+    for escaping in ("../elsewhere", str(tmp_path / "run-3" / ".." / "x")):
+        with pytest.raises(ConfigError, match="outside the run folder"):
+            run_paths(parse_config({"runtime": {setting: escaping}}))
+    inside = parse_config({"runtime": {"run_dir": str(tmp_path / "r"), setting: str(tmp_path / "r" / "deep" / "x")}})
+    assert getattr(run_paths(inside), setting.removesuffix("_dir")) == tmp_path / "r" / "deep" / "x"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import tasks.clients as clients
 from fedmef_core.engine import Server
@@ -114,3 +116,65 @@ def test_nan_loss_stops_the_run_without_retrying(prefect_harness, tmp_path):
     with pytest.raises(NonFiniteLossError, match="lower federation.lr"):
         train_flow(config)
     assert not (Path(config.runtime.checkpoints_dir) / "final.pt").exists()
+
+
+def test_checkpoints_that_pass_their_checksum_but_lie_are_skipped_on_resume_and_refused_by_evaluate(
+        prefect_harness, tmp_path, capsys, caplog):
+    """Round 3 holds weights of another shape, round 2 another dict, both with matching `.sha256` files: the
+    resume reports and skips both and continues from round 1 to the uninterrupted metrics; evaluate refuses a
+    final.pt that lies with one message."""
+    import flows.cli
+    from fedmef_core.checkpoint import load_checkpoint, round_checkpoint_path, save_checkpoint
+    from flows.evaluate import evaluate_flow
+    from tasks import preflight
+    from tests.conftest import train_cli
+
+    params, config = prepare_run(tmp_path, rounds=3)
+    train_cli(params)
+    folder = Path(config.runtime.checkpoints_dir)
+    third = load_checkpoint(round_checkpoint_path(folder, 3))
+    name = next(iter(third["model"]))
+    save_checkpoint(round_checkpoint_path(folder, 3), {**third, "model": {**third["model"], name: torch.zeros(2, 2)}})
+    save_checkpoint(round_checkpoint_path(folder, 2), {"weights": "someone else's"})
+    (folder / "final.pt").unlink()
+    capsys.readouterr()
+
+    summary = train_cli(params)
+    out = "".join(capsys.readouterr()) + caplog.text  # the flow's prints go to Prefect's log too
+    assert "resuming from round 1" in out and summary["rounds"] == 3
+    assert re.search(r"checkpoint skipped: \S+round_0003.pt: passes its checksum but holds weights of another "
+                     rf"shape \(model weight '{re.escape(name)}' is torch.float32 \(2, 2\)", out), out
+    assert re.search(r"checkpoint skipped: \S+round_0002.pt: passes its checksum but is not a checkpoint", out), out
+    rows = (tmp_path / "metrics" / "rounds.csv").read_text().strip().splitlines()[1:]
+    assert [(int(r.split(",")[0]), float(r.split(",")[1]), float(r.split(",")[2])) for r in rows] == \
+        uninterrupted_metrics(config)
+
+    final = load_checkpoint(folder / "final.pt")
+    save_checkpoint(folder / "final.pt", {**final, "model": {**final["model"], name: torch.zeros(2, 2)}})
+    with pytest.raises(SystemExit) as ended:
+        flows.cli.main(evaluate_flow, preflight.for_evaluate, argv=["--params", str(params)])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: {folder / 'final.pt'}: passes its checksum but holds weights of another shape")
+    assert not (tmp_path / "metrics" / "eval.json").exists()
+
+
+def test_a_finished_training_run_again_trains_nothing_and_rewrites_nothing(prefect_harness, tmp_path, capsys,
+                                                                           caplog):
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import train_cli
+
+    params, config = prepare_run(tmp_path, rounds=2)
+    first = train_cli(params)
+    written = {p: p.read_bytes() for p in tmp_path.glob("*/*") if p.is_file() and "mlflow" not in p.name}
+    capsys.readouterr()
+    again = train_cli(params)
+    said = "".join(capsys.readouterr()) + caplog.text
+    assert "all 2 rounds were already trained" in said and "trained rounds 3-2" not in said
+    assert again["rounds_run"] == 0 and again["accuracy"] == first["accuracy"]
+    assert {p: p.read_bytes() for p in written} == written  # train.json, checkpoints, plots: as they were
+    assert json.loads((tmp_path / "metrics" / "train.json").read_text())["rounds_run"] == 2
+    client = MlflowClient(config.tracking.mlflow_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_id == first["mlflow_run_id"]

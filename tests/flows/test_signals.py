@@ -47,8 +47,10 @@ def _no_orphans(home: Path, timeout: float = 15) -> None:
     [
         (lambda p: os.killpg(p.pid, signal.SIGINT), 130),  # Ctrl-C in a terminal: the whole process group
         (lambda p: p.send_signal(signal.SIGTERM), 143),  # kill, timeout, systemd, Kubernetes
+        (lambda p: os.killpg(p.pid, signal.SIGHUP), 129),  # the terminal or ssh session closed
+        (lambda p: os.killpg(p.pid, signal.SIGQUIT), 131),  # Ctrl-\ in a terminal
     ],
-    ids=["sigint-to-group", "sigterm"],
+    ids=["sigint-to-group", "sigterm", "sighup-to-group", "sigquit-to-group"],
 )
 def test_interrupt_stops_cleanly_and_the_run_resumes(tmp_path, send, code):
     params, config = prepare_run(tmp_path, rounds=4)
@@ -83,14 +85,14 @@ def test_kill_9_leaves_no_temporary_server_behind(tmp_path):
 
 
 def test_every_way_a_flow_is_stopped_has_its_shells_exit_status():
-    """The CLI and the sweep share one mapping: SIGINT 130, SIGTERM 143, whatever raised it."""
+    """The CLI and the sweep share one mapping: 128 + the signal's number, whatever raised it."""
     from prefect.exceptions import TerminationSignal
 
     from flows.lifecycle import Interrupted, exit_code
 
     assert exit_code(Interrupted(signal.SIGINT)) == exit_code(KeyboardInterrupt()) == 130
     assert exit_code(Interrupted(signal.SIGTERM)) == exit_code(TerminationSignal(signal.SIGTERM)) == 143
-    assert exit_code(Interrupted(signal.SIGHUP)) == 128 + signal.SIGHUP
+    assert exit_code(Interrupted(signal.SIGHUP)) == 129 and exit_code(Interrupted(signal.SIGQUIT)) == 131
 
 
 def test_a_signal_while_prefect_starts_a_rounds_task_run_still_stops_cleanly(prefect_harness, tmp_path,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -156,11 +157,14 @@ def test_credentials_in_the_uri_reach_the_server_and_are_stored_nowhere(prefect_
 @pytest.mark.parametrize("setting", ["metrics_dir", "plots_dir", "checkpoints_dir", "exchange_dir", "run_dir"])
 def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, capsys, setting):
     params, config = prepare_run(tmp_path, rounds=2)
+    (tmp_path / "a-file").write_text("")  # no folder can be made under a file (not even by root)
+    unwritable = "/proc/fedmef" if setting in ("exchange_dir", "run_dir") else str(tmp_path / "a-file" / "out")
+    inside = [f"runtime.{key}={key}" for key in ("checkpoints_dir", "metrics_dir", "plots_dir")]  # of run_dir
     with pytest.raises(SystemExit) as ended:
-        train_cli(params, f"runtime.{setting}=/proc/fedmef")
+        train_cli(params, *inside, f"runtime.{setting}={unwritable}")
     err = capsys.readouterr().err
     assert ended.value.code == 2
-    assert err.startswith(f"error: runtime.{setting}: cannot write to /proc/fedmef") and "Traceback" not in err
+    assert err.startswith(f"error: runtime.{setting}: cannot write to {unwritable}") and "Traceback" not in err
     assert not (tmp_path / "mlflow.db").exists() or not MlflowClient(config.tracking.mlflow_uri).search_runs(
         [e.experiment_id for e in MlflowClient(config.tracking.mlflow_uri).search_experiments()])
 
@@ -172,3 +176,184 @@ def test_an_unwritable_partitions_folder_is_refused_before_any_work(tmp_path, ca
                        argv=["--params", str(params), "--set", "runtime.partitions_dir=/proc/fedmef"])
     assert ended.value.code == 2
     assert capsys.readouterr().err.startswith("error: runtime.partitions_dir: cannot write to /proc/fedmef")
+
+
+def test_a_full_disk_mid_run_is_one_message_and_keeps_the_last_good_checkpoint(prefect_harness, tmp_path, capsys,
+                                                                                small_disk):
+    """The run folder on a real 3 MB tmpfs: round 1's checkpoint (1.7 MB) fits, round 2's does not."""
+    from fedmef_core.checkpoint import load_checkpoint
+
+    params, config = prepare_run(tmp_path, rounds=3)
+    disk = small_disk(3)
+    inside = [f"runtime.{key}={key[:-4]}" for key in ("checkpoints_dir", "metrics_dir", "plots_dir")]
+    with pytest.raises(SystemExit) as ended:
+        train_cli(params, f"runtime.run_dir={disk}", *inside)
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and "Traceback" not in err, err
+    [line] = [line for line in err.splitlines() if "error" in line.lower()]  # (MLflow's INFO lines: a new store)
+    assert line.startswith(f"error: cannot write {disk / 'checkpoints' / 'round_0002.pt'}: no space left on device")
+    assert load_checkpoint(disk / "checkpoints" / "round_0001.pt")["round"] == 1  # the last good one, whole
+    assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp") or p.name.startswith("round_0002")]
+    client = MlflowClient(config.tracking.mlflow_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def _one_error_line(capfd) -> str:
+    """The one `error:` line the CLI printed; no traceback anywhere (MLflow's own logger included)."""
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "ERROR mlflow" not in out + err, (out + err)[-3000:]
+    [line] = [line for line in err.splitlines() if line.startswith("error: ")]
+    return line
+
+
+def _valid_store(path: Path) -> None:
+    """A real MLflow sqlite store with one experiment, made by MLflow itself."""
+    MlflowClient(f"sqlite:///{path}").create_experiment("other")
+
+
+@pytest.mark.parametrize("damage", ["random-bytes", "truncated"])
+def test_a_damaged_store_is_one_message_before_any_work(tmp_path, capfd, damage):
+    params, config = prepare_run(tmp_path, rounds=2)
+    db = tmp_path / "mlflow.db"
+    if damage == "random-bytes":
+        db.write_bytes(os.urandom(20_000))
+    else:
+        _valid_store(db)
+        db.write_bytes(db.read_bytes()[:30_000])
+    with pytest.raises(SystemExit) as ended:
+        train_cli(params)
+    assert ended.value.code == 2
+    line = _one_error_line(capfd)
+    assert line.startswith(f"error: MLflow tracking store {config.tracking.mlflow_uri} is damaged (")
+    assert f"move {db} aside" in line
+    assert not list(tmp_path.glob("checkpoints/*"))
+
+
+def test_a_read_only_store_is_one_message_before_any_work(tmp_path, capfd, small_disk):
+    """The store on a real read-only file system: MLflow reads it, and its first write (the run) failed with
+    eight tracebacks once the training had started."""
+    import subprocess
+
+    _valid_store(tmp_path / "made.db")
+    disk = small_disk(5)
+    shutil.copy(tmp_path / "made.db", disk / "mlflow.db")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    params, config = prepare_run(tmp_path, rounds=2)
+    with pytest.raises(SystemExit) as ended:
+        train_cli(params, f"tracking.mlflow_uri=sqlite:///{disk / 'mlflow.db'}")
+    assert ended.value.code == 2
+    line = _one_error_line(capfd)
+    assert line.startswith(f"error: MLflow tracking store sqlite:///{disk / 'mlflow.db'} cannot be written (")
+    assert "make " in line and "writable, or set tracking.mlflow_uri" in line
+    assert not list(tmp_path.glob("checkpoints/*"))
+
+
+def test_an_experiment_deleted_in_the_ui_is_one_message_that_says_how_to_restore_it(prefect_harness, tmp_path,
+                                                                                    capfd):
+    params, config = prepare_run(tmp_path, rounds=1)
+    client = MlflowClient(config.tracking.mlflow_uri)
+    client.delete_experiment(client.create_experiment("resume"))
+    with pytest.raises(SystemExit) as ended:
+        train_cli(params)
+    assert ended.value.code == 2
+    line = _one_error_line(capfd)
+    assert line.startswith("error: MLflow experiment 'resume' was deleted") and "set tracking.experiment" in line
+    command = line.split("`")[1]  # the way on it gives, run as given
+    env = {**os.environ, **dict([command.split(" ")[0].split("=", 1)])}
+    restored = subprocess.run([str(Path(sys.executable).parent / "mlflow"), *command.split(" ")[2:]], env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert restored.returncode == 0, restored.stderr[-2000:]
+    assert train_cli(params)["rounds"] == 1
+
+
+def test_a_run_deleted_in_the_ui_is_continued_in_a_new_run_tagged_with_it(prefect_harness, tmp_path, monkeypatch,
+                                                                           capfd, caplog):
+    from flows.lifecycle import Interrupted
+    from tasks.checkpoints import RoundSaver
+
+    params, config = prepare_run(tmp_path, rounds=3)
+    save = RoundSaver.__call__
+
+    def save_then_stop_after_round_1(self, server, rnd, metrics, tracker=None):
+        save(self, server, rnd, metrics, tracker)
+        if rnd == 1:
+            raise Interrupted(signal.SIGINT)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(RoundSaver, "__call__", save_then_stop_after_round_1)
+        with pytest.raises(SystemExit):
+            train_cli(params)
+    client = MlflowClient(config.tracking.mlflow_uri)
+    [deleted] = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    client.delete_run(deleted.info.run_id)
+    capfd.readouterr()
+
+    summary = train_cli(params)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    assert f"MLflow run {deleted.info.run_id} (named by the checkpoint) was deleted from" in caplog.text
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["continues_run"] == deleted.info.run_id
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [2, 3]
+
+
+def test_a_locked_store_mid_run_costs_seconds_and_prints_no_mlflow_tracebacks(prefect_harness, tmp_path,
+                                                                              monkeypatch, capfd, caplog):
+    """Another process holds the sqlite store's write lock during rounds 2 and 3: MLflow waits 20 s on each call
+    and logs a 40-line ERROR traceback for each; the tracker probes the lock for at most 2 s per send."""
+    params, config = prepare_run(tmp_path, rounds=4)
+    db = str(tmp_path / "mlflow.db")
+    holder, locked = [], []
+    report = RoundReporter.__call__
+
+    def report_and_lock_from_round_1_to_3(self, server, rnd, metrics):
+        report(self, server, rnd, metrics)
+        if rnd == 1:
+            self.tracker.flush()
+            holder.append(subprocess.Popen(
+                [sys.executable, "-c", "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], "
+                 "isolation_level=None); c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(600)",
+                 db], stdout=subprocess.PIPE, text=True))
+            holder[0].stdout.readline()
+            locked.append(time.perf_counter())
+        if rnd == 3:
+            holder[0].kill()
+            holder[0].wait()
+            locked.append(time.perf_counter())
+
+    monkeypatch.setattr(RoundReporter, "__call__", report_and_lock_from_round_1_to_3)
+    try:
+        summary = train_cli(params)
+    finally:
+        for proc in holder:
+            proc.kill()
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err + caplog.text and "ERROR mlflow" not in out + err + caplog.text
+    print(f"store locked for {locked[1] - locked[0]:.1f} s of training")
+    assert locked[1] - locked[0] < 15  # rounds 2 and 3 (~1 s each) and their sends; MLflow alone: over 40 s
+    client = MlflowClient(config.tracking.mlflow_uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4]
+
+
+def test_evaluate_checks_the_store_before_any_work(tmp_path, capfd):
+    """A damaged store made evaluate write eval.json and then fail with a traceback when it logged the result."""
+    from fedmef_core.checkpoint import save_checkpoint
+    from fedmef_core.data import load_dataset
+    from fedmef_core.device import resolve_device
+    from fedmef_core.engine import Server
+    from flows.evaluate import evaluate_flow
+    from tests.conftest import save_partition_of
+
+    params, config = prepare_run(tmp_path, rounds=1)
+    train, test = load_dataset(config.data)
+    server = Server(config, train, test, save_partition_of(config), resolve_device("cpu"))
+    save_checkpoint(tmp_path / "checkpoints" / "final.pt", server.checkpoint({"mlflow_run_id": ""}))
+    (tmp_path / "mlflow.db").write_bytes(os.urandom(20_000))
+    with pytest.raises(SystemExit) as ended:
+        flows.cli.main(evaluate_flow, preflight.for_evaluate, argv=["--params", str(params)])
+    assert ended.value.code == 2
+    assert _one_error_line(capfd).startswith(f"error: MLflow tracking store {config.tracking.mlflow_uri} is damaged")
+    assert not (tmp_path / "metrics" / "eval.json").exists()

@@ -1,6 +1,6 @@
 import torch
 
-from fedmef_core.checkpoint import load_checkpoint
+from fedmef_core.checkpoint import load_verified
 from fedmef_core.config import parse_config
 from fedmef_core.data import load_dataset, partition_indices
 from fedmef_core.device import resolve_device
@@ -30,7 +30,7 @@ def test_masks_saved_at_adjustments_and_plots_written(tmp_path):
     run_rounds(server, on_round=lambda r, m: saved.append(
         save_adjusted_masks(server, r, m, config.runtime.checkpoints_dir, tracker)))
     assert saved[0] is None and saved[1] == mask_path(config.runtime.checkpoints_dir, 2)
-    stored = load_checkpoint(saved[1])
+    stored = load_verified(saved[1])
     assert stored["round"] == 2
     assert all(torch.equal(stored["masks"][k], m) for k, m in server.state["masks"].items())
     paths = write_mask_plots(server, config.runtime.plots_dir, tracker, title="fedtiny")
