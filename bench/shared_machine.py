@@ -2,7 +2,7 @@
 busy neighbour, per thread policy (torch threads x OpenMP wait policy).
 
     python bench/shared_machine.py [--rounds 5] [--repeats 2] [--ways bare flow] [--loads 0 1 2]
-                                   [--policies 2:PASSIVE 2:ACTIVE 1:PASSIVE 2:PASSIVE:native]
+                                   [--policies 2:10000 2:300000 2:PASSIVE 2:10000:portable]
 
 The experiment is `params.yaml`'s (FedMef in its paper configuration: NSConv, SAP, BaE, d = 0.1, small CNN),
 reduced to 20 clients, 4 a round, on the first 4,000 training and 2,000 test images, adjustments every 2
@@ -10,10 +10,11 @@ rounds. `bare` is the fedmef_core loop, `flow` the Prefect train flow with MLflo
 s/round is the steady state (rounds 2 to R, `bench.scale.timed_rounds`). A load of N is the neighbour this
 bench starts itself: N processes spinning a core each (`while True: pass`; 2 = a neighbour's 2-thread job),
 started before and stopped after each measurement. Each measurement runs in a subprocess of its own, with the
-policy's ``OMP_WAIT_POLICY`` set before torch loads (``ACTIVE``: spin at barriers, the libraries' default
-before `fedmef_core.cpu`; ``PASSIVE``: sleep, the default now), ``runtime.threads`` threads and, when a
-third field is given, ``FEDMEF_NUMERICS`` (``native``: each library's fastest kernels, the cost of the
-default portable numerics). The loads and policies alternate within each repeat; the median is reported,
+policy's wait setting in its environment before torch loads (a number: ``GOMP_SPINCOUNT``, spins at a barrier
+before sleeping: 300000 is libgomp's default, what torch did before `fedmef_core.cpu`, 10000 the default now;
+``PASSIVE``/``ACTIVE``: ``OMP_WAIT_POLICY``, never or always spin), ``runtime.threads`` threads and, when a
+third field is given, ``FEDMEF_NUMERICS`` (``portable``: the AVX2 kernels the DVC pipeline runs; the cost of
+portable numerics). The loads and policies alternate within each repeat; the median is reported,
 with the slow-down against the same policy idle. Prints a table and writes bench/results/shared_machine.json
 (rows measured before and not now are kept, so a run may measure a part of the table).
 """
@@ -38,7 +39,7 @@ REDUCED = {
     "federation": {"num_clients": 20, "clients_per_round": 4},
     "pruning": {"adjust_interval": 2},
 }
-POLICIES = ["2:PASSIVE", "2:ACTIVE", "1:PASSIVE", "2:PASSIVE:native"]
+POLICIES = ["2:10000", "2:300000", "2:PASSIVE", "2:10000:portable"]
 
 
 @contextmanager
@@ -64,9 +65,20 @@ def run_one(way: str, threads: int, rounds: int) -> dict:
         return {"s_per_round": seconds_per_round(config, bare=way == "bare")}
 
 
+def policy_environment(policy: str) -> dict[str, str]:
+    """``THREADS:WAIT[:NUMERICS]`` as environment: WAIT is ``PASSIVE`` or ``ACTIVE`` (OMP_WAIT_POLICY), or a
+    number (GOMP_SPINCOUNT: spins at a barrier before sleeping; 300000 is libgomp's own default, what torch did
+    before `fedmef_core.cpu`); NUMERICS ``native`` (the default) or ``portable``."""
+    _, wait, *numerics = policy.split(":")
+    env = {"FEDMEF_NUMERICS": numerics[0] if numerics else "native"}
+    env["OMP_WAIT_POLICY" if wait in ("PASSIVE", "ACTIVE") else "GOMP_SPINCOUNT"] = wait
+    return env
+
+
 def measure(way: str, policy: str, busy: int, rounds: int) -> float:
-    threads, wait, *numerics = policy.split(":")
-    env = {**os.environ, "OMP_WAIT_POLICY": wait, "FEDMEF_NUMERICS": numerics[0] if numerics else "portable"}
+    threads = policy.split(":")[0]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(policy_environment(policy))
     with neighbour(busy):
         out = subprocess.run([sys.executable, __file__, "--one", way, threads, str(rounds)], cwd=ROOT, env=env,
                              capture_output=True, text=True, check=True)
