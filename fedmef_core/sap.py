@@ -13,8 +13,10 @@ millions of entries cost more than the layer's convolution), so the kept fractio
 (measure zero for real activations) or many zeros, more than k entries may be kept. What is kept is what
 is saved, so the memory accounting (:mod:`fedmef_core.memory`) counts the real kept entries.
 
-On CPU the bool work (comparisons, kept positions, bit packing, masking) runs through NumPy views of the
-same memory, 3-20x faster than torch's CPU kernels for it; on other devices torch does it.
+On CPU, float32/float64 activations go through compiled passes (:mod:`fedmef_core.sap_kernels`: selection,
+bit packing and compaction in one pass, their inverse in one); other CPU dtypes through NumPy views of the
+same memory (3-20x faster than torch's CPU kernels for it); on other devices torch does it. All three save
+the same bytes.
 
 Optionally ReLU/ReLU6 save a packed 1-bit mask instead of their output (``relu_bitmask``).
 
