@@ -5,10 +5,9 @@ positions as int64, gather, cast, bit packing) and its backward three (unpack, p
 tensor is cut into one chunk per torch CPU thread (chunk bounds on byte boundaries of the bitmap) and each
 chunk is one compiled loop (Numba, ``nogil``, run on a small thread pool of this module):
 
-- :func:`keep_bits`: the packed bitmap of ``|x| >= t`` (``|x| > 0`` when ``t <= 0``) and the kept count of
-  every chunk, reading ``x`` once;
-- :func:`gather`: the kept values (and, for ``int32`` positions, their flat positions) in flat order,
-  reading ``x`` and the bitmap once;
+- :func:`compact`: the packed bitmap of ``|x| >= t`` (``|x| > 0`` when ``t <= 0``), the kept values and (for
+  ``index`` positions) their int32 flat positions, in flat order, reading ``x`` once (each chunk compacts into
+  its own stretch of a scratch buffer; :class:`Compacted` joins the stretches, casting to the saved dtype);
 - :func:`scatter`: the inverse: a dense tensor from the bitmap and the values, writing every entry once;
 - :func:`relu_bits` / :func:`mask_grad`: the 1-bit ReLU mask and its backward, one pass each.
 
