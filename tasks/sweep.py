@@ -128,16 +128,14 @@ def _placed(config: ExperimentConfig, root: str, jobs: int) -> ExperimentConfig:
     """The cell's own run folder, the shared partition folder and its share of the cores, `jobs` cells training
     at once (runtime settings: not part of the identity)."""
     rt = config.runtime
-    for key in ("checkpoints_dir", "metrics_dir", "plots_dir"):
-        if Path(getattr(rt, key)).is_absolute():
-            raise ConfigError(f"runtime.{key} is an absolute path, so every cell of a sweep would write there; "
-                              f"make it relative to the run folder (default: {key.removesuffix('_dir')})")
     runtime = rt.model_copy(update={
         "run_dir": str(Path(root) / run_name(config)),
         "partitions_dir": str(Path(root) / "partitions" / partition_key(config)),
         "threads": cell_threads(rt.threads, jobs),
     })
-    return config.model_copy(update={"runtime": runtime})
+    placed = config.model_copy(update={"runtime": runtime})
+    run_paths(placed)  # refuses an output folder outside the cell's run folder (shared by every cell)
+    return placed
 
 
 def plan_cells(spec: SweepSpec) -> list[Cell]:
