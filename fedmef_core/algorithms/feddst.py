@@ -24,7 +24,7 @@ from torch import nn
 from fedmef_core.algorithms.base import Batches, BatchSource, ClientResult
 from fedmef_core.algorithms.static import MaskedAlgorithm, batch_gradients
 from fedmef_core.models import prunable_weights
-from fedmef_core.models.nsconv import attach_masks
+from fedmef_core.models.nsconv import attach_masks, grow_at_channel_mean
 from fedmef_core.sparse import Masks, apply_masks, prune_and_grow
 
 
@@ -52,6 +52,7 @@ class FedDST(MaskedAlgorithm):
         for name, mask in self._masks.items():
             new, _, _ = prune_and_grow(self._weights[name], mask, grads[name].abs(), int(payload["k"][name]))
             new_masks[name] = new.to(mask.device)
+        grow_at_channel_mean(model, self._masks, new_masks)
         attach_masks(model, new_masks)
         return new_masks
 

@@ -31,6 +31,7 @@ from fedmef_core.aggregation import weighted_average
 from fedmef_core.algorithms.base import Batches, BatchSource, ClientResult, MethodTraits
 from fedmef_core.algorithms.static import MaskedAlgorithm, batch_gradients
 from fedmef_core.models import prunable_weights
+from fedmef_core.models.nsconv import grow_at_channel_mean
 from fedmef_core.sparse import apply_masks, perturbed_counts, prune_and_grow, random_masks, shapes_of
 
 
@@ -122,5 +123,6 @@ class FedTiny(MaskedAlgorithm):
             scores = sums["scores"][name]
             new, p, g = prune_and_grow(weights[name], mask, scores.abs().view(mask.shape), counts[name])
             new_masks[name], pruned, grown = new, pruned + p, grown + g
+        grow_at_channel_mean(model, masks, new_masks)
         state["masks"] = new_masks
         return {"pruned": float(pruned), "grown": float(grown)}

@@ -27,7 +27,7 @@ from torch import nn
 from fedmef_core.algorithms.base import Batches, ClientResult
 from fedmef_core.algorithms.static import MaskedAlgorithm, growth_scores
 from fedmef_core.models import prunable_weights
-from fedmef_core.models.nsconv import record_effective_grads
+from fedmef_core.models.nsconv import grow_at_channel_mean, record_effective_grads
 from fedmef_core.sparse import apply_masks, grow, mask_gradients, prune
 
 
@@ -72,6 +72,7 @@ class PruneFL(MaskedAlgorithm):
                 pruned, _ = prune(imp[k], m, counts[k])
                 new_masks[k], _ = grow(imp[k], pruned, counts[k], eligible=~m)
         apply_masks(prunable_weights(model), new_masks)
+        grow_at_channel_mean(model, masks, new_masks)
         state["masks"] = new_masks
         moved = sum(int((masks[k] & ~new_masks[k]).sum()) for k in masks)
         return {"pruned": float(moved), "grown": float(moved)}

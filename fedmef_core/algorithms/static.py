@@ -18,7 +18,7 @@ from torch import nn
 
 from fedmef_core.algorithms.base import Batches, ClientResult, FederatedAlgorithm, MethodTraits
 from fedmef_core.models import prunable_weights
-from fedmef_core.models.nsconv import attach_masks, effective_grads, recording_effective_grads
+from fedmef_core.models.nsconv import attach_masks, centre_active, effective_grads, recording_effective_grads
 from fedmef_core.sparse import (
     Masks,
     active_counts,
@@ -99,6 +99,7 @@ class MaskedAlgorithm(FederatedAlgorithm):
     def init_server_state(self, model: nn.Module, generator: torch.Generator) -> dict[str, Any]:
         masks = self.initial_masks(model, generator)
         apply_masks(prunable_weights(model), masks)
+        centre_active(model, masks)
         return {"masks": masks}
 
     def initial_masks(self, model: nn.Module, generator: torch.Generator) -> Masks:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
+from torchvision.models.mobilenetv2 import InvertedResidual
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from fedmef_core.config import ModelConfig
-from fedmef_core.models.nsconv import convert_to_nsconv
+from fedmef_core.models.nsconv import NSConv, convert_to_nsconv
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -33,11 +36,40 @@ def _identity(num_features: int) -> nn.Module:
     return nn.Identity()
 
 
+# Initial gain of the last NSConv of every residual branch, relative to NSConv's own (module doc of nsconv).
+RESIDUAL_GAIN = 0.0
+
+
 def finish_norm(model: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """Called on every built model: with ``norm: nsconv`` every Conv2d becomes an NSConv (in place)."""
+    """Called on every built model: with ``norm: nsconv`` every Conv2d becomes an NSConv (in place) and
+    every residual branch starts silent (:func:`residual_branch_ends`)."""
     if cfg.norm == "nsconv":
         convert_to_nsconv(model)
+        with torch.no_grad():
+            for conv in residual_branch_ends(model):
+                conv.gain.mul_(RESIDUAL_GAIN)
     return model
+
+
+def residual_branch_ends(model: nn.Module) -> list[NSConv]:
+    """The last NSConv of every residual branch (h + f(h)) of ``model``.
+
+    Without BatchNorm nothing rescales a residual stream: each block adds a branch of about the stream's
+    own variance, so the stream's std grows block by block (x9 over ResNet18's eight blocks at
+    initialisation, logits std 5). Starting these convs' gains at ``RESIDUAL_GAIN`` = 0 makes every block
+    the identity at initialisation (SkipInit, De & Smith, NeurIPS 2020; the zero-initialised residual gain
+    of normaliser-free ResNets, Brock et al., ICLR 2021) and the learned per-channel gain opens each branch
+    as training needs it. Folding the gain into NSConv's own costs no parameter and no saved activation.
+    """
+    ends: list[nn.Module] = []
+    for block in model.modules():
+        if isinstance(block, BasicBlock):
+            ends.append(block.conv2)
+        elif isinstance(block, Bottleneck):
+            ends.append(block.conv3)
+        elif isinstance(block, InvertedResidual) and block.use_res_connect:
+            ends.append(block.conv[-2])  # the 1x1 projection (conv[-1] is the norm slot)
+    return [c for c in ends if isinstance(c, NSConv)]
 
 
 def is_prunable(module: nn.Module) -> bool:

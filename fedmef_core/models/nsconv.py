@@ -30,18 +30,37 @@ from fedmef_core import sap as sap_fn
 from fedmef_core.config import SapConfig
 
 EPS = 1e-5
+MIN_CENTRED = 3  # a sparse channel with fewer active weights is not centred (active_mean)
 GAIN_INIT = math.sqrt(2 / (1 - 1 / math.pi))  # unit output variance after a ReLU'd unit Gaussian input
 
 
 def standardize(weight: torch.Tensor, gain: torch.Tensor, mask: torch.Tensor | None = None,
                 eps: float = EPS) -> torch.Tensor:
-    """The NSConv weight W_hat (differentiable in ``weight`` and ``gain``)."""
+    """The NSConv weight W_hat (differentiable in ``weight`` and ``gain``).
+
+    Dense: mean and variance per output channel over its whole fan-in. Sparse (``mask`` given): over the
+    weights the mask keeps, so the active weights of every channel are centred and scaled whatever their
+    count (a pruned zero is not a weight of the channel); see :func:`active_mean` for the few-weights guard.
+    """
     flat = weight.flatten(1)
-    mean = flat.mean(1, keepdim=True)
-    var = flat.var(1, unbiased=False, keepdim=True)
-    scale = gain.view(-1, 1) * torch.rsqrt(torch.clamp(var * flat.shape[1], min=eps))
-    w_hat = ((flat - mean) * scale).view_as(weight)
-    return w_hat if mask is None else w_hat * mask.to(w_hat.dtype)
+    if mask is None:
+        mean = flat.mean(1, keepdim=True)
+        var = flat.var(1, unbiased=False, keepdim=True)
+        scale = gain.view(-1, 1) * torch.rsqrt(torch.clamp(var * flat.shape[1], min=eps))
+        return ((flat - mean) * scale).view_as(weight)
+    keep = mask.flatten(1).to(flat.dtype)
+    dev = (flat - active_mean(flat, keep)) * keep
+    scale = gain.view(-1, 1) * torch.rsqrt(torch.clamp((dev * dev).sum(1, keepdim=True), min=eps))
+    return (dev * scale).view_as(weight)
+
+
+def active_mean(flat: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per row of ``flat`` (out_channels x fan_in), the mean of the entries ``keep`` (0/1) holds; 0 for a row
+    with fewer than ``MIN_CENTRED`` of them. Guard: centring one active weight would zero it (and two would
+    leave only their signs), so such a channel is scaled by its root sum of squares without centring."""
+    count = keep.sum(1, keepdim=True)
+    mean = (flat * keep).sum(1, keepdim=True) / count.clamp(min=1)
+    return torch.where(count >= MIN_CENTRED, mean, torch.zeros_like(mean))
 
 
 class NSConv(nn.Conv2d):
@@ -135,6 +154,40 @@ def attach_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | None) -> 
         conv.weight_mask = None if masks is None else masks.get(key)
         count += conv.weight_mask is not None
     return count
+
+
+def centre_active(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Shift every NSConv channel's kept raw weights to zero mean (in place; W_hat is unchanged, it does not
+    see a per-channel shift). Called once on the initial sparse model: from then on a raw weight's
+    magnitude is its distance from the channel's mean, which is what magnitude pruning and BaE's pull
+    towards 0 mean for W_hat, and the mean stays near 0 (the gradient through the standardisation sums to
+    zero over each channel's active weights, pruning removes weights near 0 and growth adds them at the
+    mean)."""
+    with torch.no_grad():
+        for key, conv in _named_nsconvs(model):
+            if key in masks:
+                keep = masks[key].to(conv.weight.device).flatten(1).to(conv.weight.dtype)
+                flat = conv.weight.flatten(1)
+                flat.copy_((flat - active_mean(flat, keep)) * keep)
+
+
+def grow_at_channel_mean(model: nn.Module, old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> None:
+    """Give every weight that ``new`` activates and ``old`` did not (a grown weight) the mean of its channel's
+    kept weights (in place on the raw weights). Adding a weight at its channel's active mean moves neither
+    the mean nor the sum of squared deviations, so the grown weight enters with W_hat = 0 and the channel's
+    other W_hat are unchanged: growth starts from the function the pruned model computes, as a grown 0 does
+    in a plain conv. Layers that are not NSConv keep their grown weights at 0."""
+    with torch.no_grad():
+        for key, conv in _named_nsconvs(model):
+            if key not in new or key not in old:
+                continue
+            was, now = old[key].to(conv.weight.device).bool(), new[key].to(conv.weight.device).bool()
+            grown = (now & ~was).flatten(1)
+            if not grown.any():
+                continue
+            flat = conv.weight.flatten(1)
+            mean = active_mean(flat, (now & was).flatten(1).to(flat.dtype))
+            flat.copy_(torch.where(grown, mean.expand_as(flat), flat))
 
 
 def record_effective_grads(model: nn.Module, enabled: bool) -> None:
