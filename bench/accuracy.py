@@ -4,8 +4,9 @@ A thin front end over `flows.sweep`: each setting below is a set of overrides on
 (method, density, seed) is one experiment in `runs/` and one child run of the sweep's MLflow parent run
 (experiment `bench-accuracy`), so every published number can be opened in MLflow. A re-run skips the
 cells that finished. Small CNN on CPU, Dirichlet(0.5) label skew. For every (method, density) it reports
-the final test accuracy (mean, std and per seed), the paired difference against `--reference` per seed
-with a 95% t-interval, and the accuracy drop caused by the mask adjustments:
+the test accuracy averaged over the last 5 evaluated rounds (``runtime.eval_mean_last``; mean, std and per
+seed; the last round's beside it), the paired difference of that mean against `--reference` per seed with a
+95% t-interval, and the accuracy drop caused by the mask adjustments:
 
 - ``post_adjust_drop``: mean over adjustment rounds r of acc(r-1) - acc(r), the change across the
   round whose aggregation ended with prune-and-grow (positive = accuracy fell);
@@ -16,7 +17,7 @@ Dense ``fedavg`` runs once per seed and is listed under density "1.0". By defaul
 ``fedmef`` also trains with scaled activation pruning (the config's default); ``--sap off`` isolates BaE.
 
     python -m bench.accuracy --quick      # <= 15 min on 2 CPU cores
-    python -m bench.accuracy --medium     # about an hour on 2 CPU cores: long enough to separate methods
+    python -m bench.accuracy --medium --methods feddst fedtiny fedmef   # 5 seeds, about an hour on 2 CPU cores
     python -m bench.accuracy              # the larger setting (hours on CPU)
     python -m bench.accuracy --bae        # BaE on/off: fedtiny vs fedmef without SAP, large late adjustments
     python -m bench.accuracy --bae --methods fedmef --bae-lambda 1.0   # the extrusion weight swept
@@ -26,7 +27,7 @@ Dense ``fedavg`` runs once per seed and is listed under density "1.0". By defaul
 test images, adjustments every 2 rounds until round 6 (alpha 0.2), 3 seeds; FedMef in its paper configuration
 (NSConv, SAP, BaE), the baselines with BatchNorm.
 ``--medium``: 20 clients, 4 per round, 30 rounds of 1 local epoch on the first 6000 training and 2000 test
-images, adjustments every 5 rounds until round 25, 3 seeds; FedMef in its paper configuration (NSConv, SAP,
+images, adjustments every 5 rounds until round 25, 5 seeds; FedMef in its paper configuration (NSConv, SAP,
 BaE), the baselines with BatchNorm.
 The full setting: 100 clients, 10 per round, 50 rounds of 2 local epochs, all 60k/10k images,
 adjustments every 5 rounds until round 40, 3 seeds.
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -122,6 +124,8 @@ def results_json(result: dict) -> dict:
                        if c["method"] == row["method"] and (c["dense"] if dense else c["density"] == row["density"])})
         table.setdefault(row["method"], {})[key] = {
             "mean": row["mean"], "std": row["std"], "per_seed": list(row["accuracies"]),
+            "last_round_mean": statistics.fmean(row["last_round"]) if row["last_round"] else None,
+            "last_round_per_seed": list(row["last_round"]),
             "post_adjust_drop": row["post_adjust_drop"], "prune_drop": row["prune_drop"],
             "footprint_mib": row["footprint_mib"], "mlflow_run_ids": [run_id for _, run_id in runs],
         }
@@ -182,7 +186,7 @@ def main() -> None:
     size.add_argument("--bae", action="store_true",
                       help="the BaE study: fedtiny vs fedmef without SAP (they differ only by BaE), 12 rounds, "
                            "adjustments at rounds 3, 6, 9 moving 50%%, 26%%, 5%% of the active weights")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; --medium: 5)")
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS)
     parser.add_argument("--densities", nargs="+", type=float, default=DENSITIES)
     parser.add_argument("--reference", choices=METHODS, default=None, help="paired differences against (fedtiny)")
@@ -206,6 +210,7 @@ def main() -> None:
         args.methods = args.methods or ["fedtiny", "fedmef"]
         args.sap = "off"
     args.methods = args.methods or METHODS
+    args.seeds = args.seeds or (5 if args.medium else 3)
     out = args.out or RESULTS / {"bae": "accuracy_bae.json", "medium": "accuracy_medium.json"}.get(setting,
                                                                                                    "accuracy.json")
     started = time.perf_counter()

@@ -262,6 +262,13 @@ class RuntimeConfig(_Section):
     )
     checkpoint_every: int = Field(5, ge=1, description="Write a checkpoint every N rounds (and at the end).")
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and at the end).")
+    eval_mean_last: int = Field(
+        5,
+        ge=1,
+        le=10_000,
+        description="Report, beside the last round's test accuracy, its mean over the last N evaluated rounds "
+        "(one round's accuracy swings by several points; a sweep compares methods on this mean).",
+    )
     partitions_dir: str = Field(
         "data/partitions", description="Where the partition (client indices, statistics, heat map) is written."
     )

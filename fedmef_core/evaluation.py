@@ -20,6 +20,12 @@ class EvalResult:
 
 
 @torch.no_grad()
+def mean_of_last(history: list[dict], rounds: int) -> float | None:
+    """Mean test accuracy over the last ``rounds`` evaluated rounds of a server history (None if none was)."""
+    accuracies = [float(h["accuracy"]) for h in history if "accuracy" in h][-rounds:]
+    return sum(accuracies) / len(accuracies) if accuracies else None
+
+
 def evaluate(model: nn.Module, data: ImageData, device: torch.device, batch_size: int = 1000) -> EvalResult:
     model.to(device).eval()
     k = data.num_classes

@@ -24,7 +24,9 @@ def summary_text(config: ExperimentConfig) -> str:
         f"method        {train['method']} d={config.pruning.density:g} ({config.model.arch}/{config.model.norm} on "
         f"{config.data.name}, {config.partition.scheme} partition, SAP {'on' if config.sap.enabled else 'off'})",
         f"rounds        {train['rounds']} ({train['seconds_per_round']:.2f} s/round, {train['seconds']:.0f} s total)",
-        f"test accuracy {evaluation['accuracy']:.4f}   (loss {evaluation['loss']:.4f})",
+        f"test accuracy {evaluation['accuracy']:.4f}   (loss {evaluation['loss']:.4f}; mean of the last "
+        f"{config.runtime.eval_mean_last} evaluated rounds "
+        f"{train.get(f'accuracy_mean_last{config.runtime.eval_mean_last}', float('nan')):.4f})",
         f"metrics       {paths.metrics / 'train.json'}, {paths.metrics / 'eval.json'}, {paths.metrics / 'rounds.csv'}",
         f"plots         {paths.plots}/ ({', '.join(sorted(p.name for p in paths.plots.glob('*.png')))})",
     ]

@@ -67,7 +67,9 @@ def train_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
     done = (f"trained rounds {summary['rounds'] - summary['rounds_run'] + 1}-{summary['rounds']} in "
             f"{summary['seconds']:.0f}s" if summary["rounds_run"] else
             f"all {summary['rounds']} rounds were already trained (runtime.resume: false trains again)")
-    print(f"{done}: accuracy {summary['accuracy']:.4f}, MLflow run {summary['mlflow_run_id'] or '(tracking off)'}, "
+    k = config.runtime.eval_mean_last
+    print(f"{done}: accuracy {summary['accuracy']:.4f} (mean of the last {k} evaluated rounds "
+          f"{summary[f'accuracy_mean_last{k}']:.4f}), MLflow run {summary['mlflow_run_id'] or '(tracking off)'}, "
           f"outputs in {summary['run_dir']}")
     publish_summary(config, summary)
     return summary

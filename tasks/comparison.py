@@ -1,6 +1,10 @@
 """A sweep's comparison: accuracy per method and density, paired differences against a reference method,
 and the two figures (accuracy per round, accuracy versus memory footprint).
 
+The accuracy compared is a cell's *score*: its mean test accuracy over the last N evaluated rounds
+(``runtime.eval_mean_last``), not the last round's alone, which swings by several points from round to
+round on a few thousand test images; the last round's stays in the table beside it.
+
 Everything here is a small pure function of the cells' results (`CellResult`), so the maths is tested with
 hand-made numbers. A *paired* difference pairs the cells of one seed: every seed shares the partition, the
 client sampling and the initialisation seed across methods, so method − reference per seed removes the
@@ -34,14 +38,21 @@ class CellResult:
     method: str
     density: float
     seed: int
-    accuracy: float
+    accuracy: float  # the final model's (the last round's)
     dense: bool = False
+    mean_last: float | None = None  # mean test accuracy over the last `mean_rounds` evaluated rounds
+    mean_rounds: int = 1
     footprint_bytes: int | None = None
     curve: tuple[tuple[int, float], ...] = ()  # (round, test accuracy)
     prune_drop: float | None = None  # mean over adjustment rounds, when the core logged it
     post_adjust_drop: float | None = None  # mean of acc(r-1) - acc(r) over adjustment rounds r > 1
     run_dir: str = ""
     mlflow_run_id: str = ""
+
+    @property
+    def score(self) -> float:
+        """What the comparison compares: the mean over the last rounds (the last round's when absent)."""
+        return self.accuracy if self.mean_last is None else self.mean_last
 
 
 @dataclass(frozen=True)
@@ -54,11 +65,14 @@ class Interval:
 
 @dataclass(frozen=True)
 class SummaryRow:
-    """Final accuracy of one method at one density over seeds (a dense method: one row at 1.0)."""
+    """Accuracy of one method at one density over seeds (a dense method: one row at 1.0): ``accuracies`` are
+    the cells' scores (mean of the last rounds), ``last_round`` the final models' accuracies."""
 
     method: str
     density: float
     accuracies: tuple[float, ...]
+    last_round: tuple[float, ...] = ()
+    mean_rounds: int = 1
     footprint_mib: float | None = None
     prune_drop: float | None = None
     post_adjust_drop: float | None = None
@@ -68,6 +82,10 @@ class SummaryRow:
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", statistics.fmean(self.accuracies))
         object.__setattr__(self, "std", statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else 0.0)
+
+    @property
+    def last_round_mean(self) -> float | None:
+        return statistics.fmean(self.last_round) if self.last_round else None
 
 
 @dataclass(frozen=True)
@@ -109,7 +127,8 @@ def summary_rows(results: Sequence[CellResult]) -> list[SummaryRow]:
         cells = [by_seed[s] for s in sorted(by_seed)]
         footprint = _mean_or_none(c.footprint_bytes for c in cells)
         rows.append(SummaryRow(
-            method, density, tuple(c.accuracy for c in cells),
+            method, density, tuple(c.score for c in cells), tuple(c.accuracy for c in cells),
+            mean_rounds=max(c.mean_rounds if c.mean_last is not None else 1 for c in cells),
             footprint_mib=None if footprint is None else footprint / MIB,
             prune_drop=_mean_or_none(c.prune_drop for c in cells),
             post_adjust_drop=_mean_or_none(c.post_adjust_drop for c in cells),
@@ -118,8 +137,8 @@ def summary_rows(results: Sequence[CellResult]) -> list[SummaryRow]:
 
 
 def paired_differences(results: Sequence[CellResult], reference: str, confidence: float = 0.95) -> list[PairedRow]:
-    """For every grid density and every other method: accuracy − reference's, per seed both ran."""
-    acc = {(r.method, r.density, r.seed): r.accuracy for r in results}
+    """For every grid density and every other method: score − reference's score, per seed both ran."""
+    acc = {(r.method, r.density, r.seed): r.score for r in results}
     rows = []
     for density in sorted({r.density for r in results}):
         for method in _methods(results):
@@ -148,17 +167,20 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def comparison_markdown(rows: Sequence[SummaryRow], paired: Sequence[PairedRow], title: str = "") -> str:
     """The Markdown table: accuracy mean ± std per method and density, then the paired differences."""
+    last = max((r.mean_rounds for r in rows), default=1)
     lines = [f"# {title or 'sweep comparison'}", "",
-             "| method | density | seeds | accuracy (mean ± std) | footprint MiB | prune drop | post-adjust drop |",
-             "|---|---|---|---|---|---|---|"]
+             f"| method | density | seeds | accuracy, last {last} rounds (mean ± std) | last round | footprint MiB "
+             "| prune drop | post-adjust drop |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.method} | {r.density:g} | {len(r.accuracies)} | {r.mean:.4f} ± {r.std:.4f} | "
-                     f"{_fmt(r.footprint_mib, '.3f')} | {_fmt(r.prune_drop, '+.4f')} | "
-                     f"{_fmt(r.post_adjust_drop, '+.4f')} |")
+                     f"{_fmt(r.last_round_mean, '.4f')} | {_fmt(r.footprint_mib, '.3f')} | "
+                     f"{_fmt(r.prune_drop, '+.4f')} | {_fmt(r.post_adjust_drop, '+.4f')} |")
     if paired:
         ref = paired[0].reference
         lines += ["", f"## Paired difference against {ref} (same seed: same partition, sampling and init seed)", "",
-                  f"| method − {ref} | density | seeds | mean difference | 95% t-interval |", "|---|---|---|---|---|"]
+                  f"| method − {ref} (last {last} rounds) | density | seeds | mean difference | 95% t-interval |",
+                  "|---|---|---|---|---|"]
         for p in paired:
             iv = p.interval
             ci = "-" if iv.n < 2 else f"[{iv.low:+.4f}, {iv.high:+.4f}]"
@@ -171,14 +193,14 @@ def comparison_csv(rows: Sequence[SummaryRow], paired: Sequence[PairedRow]) -> s
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["kind", "method", "reference", "density", "n", "value", "std", "ci_low", "ci_high",
-                "footprint_mib", "prune_drop", "post_adjust_drop"])
+                "footprint_mib", "prune_drop", "post_adjust_drop", "last_round"])
     for r in rows:
         w.writerow(["accuracy", r.method, "", r.density, len(r.accuracies), r.mean, r.std, "", "",
-                    _csv(r.footprint_mib), _csv(r.prune_drop), _csv(r.post_adjust_drop)])
+                    _csv(r.footprint_mib), _csv(r.prune_drop), _csv(r.post_adjust_drop), _csv(r.last_round_mean)])
     for p in paired:
         iv = p.interval
         w.writerow(["paired", p.method, p.reference, p.density, iv.n, iv.mean, "", _csv(iv.low), _csv(iv.high),
-                    "", "", ""])
+                    "", "", "", ""])
     return buf.getvalue()
 
 
@@ -192,6 +214,8 @@ def summary_metrics(rows: Sequence[SummaryRow], paired: Sequence[PairedRow]) -> 
     for r in rows:
         out[f"acc_mean/{r.method}/d{r.density:g}"] = r.mean
         out[f"acc_std/{r.method}/d{r.density:g}"] = r.std
+        if r.last_round_mean is not None:
+            out[f"acc_last_round/{r.method}/d{r.density:g}"] = r.last_round_mean
     for p in paired:
         name = f"{p.method}-{p.reference}/d{p.density:g}"
         out[f"diff_mean/{name}"] = p.interval.mean
@@ -251,7 +275,8 @@ def plot_accuracy_memory(rows: Sequence[SummaryRow], path: str | Path, title: st
         for r in pts:
             ax.annotate(f"{r.density:g}", (r.footprint_mib, r.mean), textcoords="offset points", xytext=(4, 4),
                         fontsize=7)
-    ax.set(xlabel="client training footprint (MiB: weights + saved activations)", ylabel="final test accuracy",
+    ax.set(xlabel="client training footprint (MiB: weights + saved activations)",
+           ylabel="test accuracy (mean of the last rounds)",
            title=title or "accuracy versus memory", xscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

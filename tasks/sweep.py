@@ -39,6 +39,7 @@ from fedmef_core.config import (
     load_config,
     method_traits,
 )
+from fedmef_core.evaluation import mean_of_last
 from fedmef_core.io import read_record
 from fedmef_core.runs import read_eval_metrics, read_train_metrics, run_name, run_paths
 from tasks.comparison import CellResult
@@ -226,7 +227,8 @@ def cell_result(cell: Cell) -> CellResult:
     prune_drop, post_adjust_drop = adjustment_drops(history)
     return CellResult(
         method=cell.method, density=cell.density, seed=cell.seed, accuracy=float(evaluated["accuracy"]),
-        dense=cell.dense,
+        dense=cell.dense, mean_last=mean_of_last(history, cell.config.runtime.eval_mean_last),
+        mean_rounds=cell.config.runtime.eval_mean_last,
         footprint_bytes=read_record(memory, {}, RERUN_CELL).get("footprint_bytes") if memory.is_file() else None,
         curve=tuple((int(h["round"]), float(h["accuracy"])) for h in history if "accuracy" in h),
         prune_drop=prune_drop, post_adjust_drop=post_adjust_drop,

@@ -75,7 +75,7 @@ def test_tables_and_metrics_name_every_row():
     cells = _grid()
     rows, paired = summary_rows(cells), paired_differences(cells, "fedtiny")
     md = comparison_markdown(rows, paired, title="t")
-    assert "| fedmef | 0.1 | 3 | 0.7233 ± 0.0208 | 1.000 | +0.0100 | - |" in md
+    assert "| fedmef | 0.1 | 3 | 0.7233 ± 0.0208 | 0.7233 | 1.000 | +0.0100 | - |" in md
     assert "| fedmef | 0.1 | 3 | +0.0233 | [" in md
     lines = comparison_csv(rows, paired).splitlines()
     assert len(lines) == 1 + len(rows) + len(paired) and lines[0].startswith("kind,method,reference,density")
@@ -83,6 +83,31 @@ def test_tables_and_metrics_name_every_row():
     assert metrics["acc_mean/fedavg/d1"] == pytest.approx(0.80)
     assert metrics["diff_mean/fedmef-fedtiny/d0.1"] == pytest.approx(0.07 / 3)
     assert metrics["diff_ci_low/fedmef-fedtiny/d0.1"] < metrics["diff_mean/fedmef-fedtiny/d0.1"]
+
+
+def test_the_comparison_uses_the_mean_of_the_last_rounds_and_shows_the_last_beside_it():
+    """One round's accuracy is one noisy draw: summary and paired differences compare the mean over the last
+    rounds (``mean_last``); the last round's accuracy stays in the table and the metrics."""
+    cells = [CellResult("fedtiny", 0.1, s, last, mean_last=mean, mean_rounds=5)
+             for s, (last, mean) in enumerate([(0.80, 0.70), (0.60, 0.72)])]
+    cells += [CellResult("fedmef", 0.1, s, last, mean_last=mean, mean_rounds=5)
+              for s, (last, mean) in enumerate([(0.70, 0.73), (0.70, 0.74)])]
+    rows, paired = summary_rows(cells), paired_differences(cells, "fedtiny")
+    assert rows[0].accuracies == (0.70, 0.72) and rows[0].last_round == (0.80, 0.60)
+    assert paired[0].differences == pytest.approx((0.03, 0.02))  # on the last round alone: -0.10, +0.10
+    md = comparison_markdown(rows, paired)
+    assert "accuracy, last 5 rounds" in md and "| fedmef | 0.1 | 2 | 0.7350 ± 0.0071 | 0.7000 |" in md
+    assert summary_metrics(rows, paired)["acc_last_round/fedtiny/d0.1"] == pytest.approx(0.70)
+
+
+def test_mean_of_last_reads_the_evaluated_rounds_only():
+    from fedmef_core.evaluation import mean_of_last
+
+    history = [{"round": 1, "accuracy": 0.1}, {"round": 2}, {"round": 3, "accuracy": 0.5},
+               {"round": 4, "accuracy": 0.6}]
+    assert mean_of_last(history, 2) == pytest.approx(0.55)
+    assert mean_of_last(history, 10) == pytest.approx(0.4)
+    assert mean_of_last([{"round": 1}], 5) is None
 
 
 def test_mean_curve_keeps_rounds_every_seed_has():
