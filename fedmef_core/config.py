@@ -73,7 +73,9 @@ class PartitionConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal["cnn", "resnet18", "mobilenetv2"] = Field("cnn", description="Network architecture.")
+    arch: Literal["cnn", "resnet8", "resnet18", "mobilenetv2"] = Field(
+        "cnn", description="Network architecture (resnet8: the ResNet family at CPU size, 78k parameters)."
+    )
     norm: Literal["auto", "batch", "nsconv"] = Field(
         "auto",
         description="Normalisation: BatchNorm layers, or none at all with every conv a normalized sparse "

@@ -1,4 +1,4 @@
-"""Model builders (CNN, CIFAR ResNet18, CIFAR MobileNetV2) and the prunable-weight view of a model."""
+"""Model builders (CNN, CIFAR ResNet8/ResNet18, CIFAR MobileNetV2) and the prunable-weight view of a model."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fedmef_core.config import ModelConfig
 from fedmef_core.models.cnn import SmallCNN, cnn
 from fedmef_core.models.layers import NormFactory, finish_norm, is_prunable, norm_layer
 from fedmef_core.models.mobilenet import mobilenetv2
-from fedmef_core.models.resnet import resnet18
+from fedmef_core.models.resnet import resnet8, resnet18
 
 __all__ = [
     "ARCHITECTURES",
@@ -28,6 +28,7 @@ Builder = Callable[[int, int, int, NormFactory], nn.Module]
 
 ARCHITECTURES: dict[str, Builder] = {
     "cnn": cnn,
+    "resnet8": resnet8,
     "resnet18": resnet18,
     "mobilenetv2": mobilenetv2,
 }

@@ -18,11 +18,11 @@ from fedmef_core.models import (
     prunable_weights,
 )
 
-ARCHS = ["cnn", "resnet18", "mobilenetv2"]
+ARCHS = ["cnn", "resnet8", "resnet18", "mobilenetv2"]
 # Conv2d + Linear layers, counted by hand from the architectures:
 # cnn 2 conv + 2 fc; resnet18 1 stem + 16 block convs + 3 downsample + fc;
 # mobilenetv2 stem + (2 convs in the t=1 block) + 16 blocks x 3 convs + last 1x1 conv + fc.
-EXPECTED_PRUNABLE_LAYERS = {"cnn": 4, "resnet18": 21, "mobilenetv2": 1 + 2 + 16 * 3 + 1 + 1}
+EXPECTED_PRUNABLE_LAYERS = {"cnn": 4, "resnet8": 1 + 6 + 2 + 1, "resnet18": 21, "mobilenetv2": 1 + 2 + 16 * 3 + 1 + 1}
 
 
 def _build(arch: str, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, seed: int = 0):
@@ -35,6 +35,7 @@ def _build(arch: str, in_channels: int = 3, num_classes: int = 10, image_size: i
     [
         ("cnn", 1, 28, 10),
         ("cnn", 3, 32, 10),
+        ("resnet8", 1, 28, 10),
         ("resnet18", 3, 32, 10),
         ("resnet18", 1, 28, 7),
         ("mobilenetv2", 3, 32, 100),

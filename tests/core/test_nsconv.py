@@ -155,7 +155,7 @@ def _block_stds(arch: str, norm: str) -> tuple[list[float], float]:
     return stds, logits.std().item()
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2"])
+@pytest.mark.parametrize("arch", ["resnet8", "resnet18", "mobilenetv2"])
 def test_nsconv_residual_networks_keep_their_scale_at_initialisation(arch):
     """Without BatchNorm nothing rescales a residual stream: with every branch open at initialisation its
     std grew x9 across ResNet18's blocks (logits std 5) and x4 across MobileNetV2's. As with BatchNorm it
@@ -191,7 +191,7 @@ def test_nsconv_forward_and_grads_match_plain_autograd(masked, gamma):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["cnn", "resnet18", "mobilenetv2"])
+@pytest.mark.parametrize("arch", ["cnn", "resnet8", "resnet18", "mobilenetv2"])
 def test_nsconv_models_have_no_batchnorm(arch):
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch, norm="nsconv"), 3, 10, 32)
