@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: setup dataset run test lint serve bench bench-accuracy bench-memory clean
+.PHONY: setup dataset run test lint serve deploy bench bench-accuracy bench-memory clean
 
 setup: $(VENV)/.installed dataset
 
@@ -43,6 +43,11 @@ test: setup
 # PREFECT_API_URL=http://127.0.0.1:4200/api in this one.
 serve: setup
 	python -m flows.serve
+
+# The same deployments in a process work pool, for `prefect worker start --pool fedmef-gpu --limit 1` on each GPU
+# machine (README, "On GPU machines"). Needs PREFECT_API_URL too.
+deploy: setup
+	python -m flows.deploy
 
 bench: setup
 	python bench/overhead.py

@@ -19,16 +19,24 @@ from fedmef_core.errors import UserError
 from flows.lifecycle import detach_temporary_server, exit_code, signals_interrupt
 
 
-def config_from_args(argv: list[str] | None, description: str) -> ExperimentConfig:
+def config_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the config's two options, `--params FILE` and `--set SECTION.KEY=VALUE` (repeatable)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="experiment config (default: params.yaml)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one value of the config, e.g. --set federation.rounds=5 (repeatable)",
     )
-    args = parser.parse_args(argv)
-    overrides = dict(parse_override(s) for s in args.set)
-    return load_config(args.params, overrides)
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> ExperimentConfig:
+    """The validated config that parsed `--params` and `--set` options name."""
+    return load_config(args.params, dict(parse_override(s) for s in args.set))
+
+
+def config_from_args(argv: list[str] | None, description: str) -> ExperimentConfig:
+    return config_from(config_parser(description).parse_args(argv))
 
 
 def main(

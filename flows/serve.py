@@ -1,9 +1,11 @@
 """Serve the flows as deployments the Prefect UI can trigger: `python -m flows.serve` (or `make serve`).
 
 Start a server first (`prefect server start`), point this process at it (`PREFECT_API_URL`), then
-open the UI: each deployment shows the ExperimentConfig as a validated form whose defaults come from
-`params.yaml` (the `sweep` deployment shows its grid instead: methods, densities, seeds, reference and
-overrides, on top of `params.yaml`). An invalid value is refused by the server before any run starts.
+open the UI: each deployment (`flows.deployments`) shows the ExperimentConfig as a validated form whose
+defaults come from `params.yaml` (the `sweep` deployment shows its grid instead: methods, densities, seeds,
+reference and overrides, on top of `params.yaml`). An invalid value is refused by the server before any run starts.
+The flow runs execute in this process's machine, in its working directory; `flows.deploy` puts the same
+deployments in a work pool for workers on other machines.
 """
 
 from __future__ import annotations
@@ -16,37 +18,8 @@ from prefect.runner import Runner
 
 from fedmef_core.config import ExperimentConfig
 from flows.cli import main as cli_main
-from flows.evaluate import evaluate_flow
+from flows.deployments import deployments
 from flows.lifecycle import Interrupted
-from flows.partition import partition_flow
-from flows.pipeline import pipeline_flow
-from flows.sweep import sweep_flow
-from flows.train import train_flow
-from tasks.sweep import SweepSpec
-
-FLOWS = {"pipeline": pipeline_flow, "partition": partition_flow, "train": train_flow, "evaluate": evaluate_flow,
-         "sweep": sweep_flow}
-
-
-def form_defaults(name: str, config: ExperimentConfig) -> dict:
-    """A flow's form: the experiment config; the sweep's is its grid (its cells start from `params.yaml`)."""
-    if name == "sweep":
-        return {"spec": SweepSpec().model_dump(mode="json")}
-    return {"config": config.model_dump(mode="json")}
-
-
-def deployments(config: ExperimentConfig) -> list:
-    """One deployment per flow, named `fedmef`, defaults from `config`, parameters validated by the server."""
-    return [
-        flow.to_deployment(
-            name="fedmef",
-            parameters=form_defaults(name, config),
-            description=flow.description,
-            tags=["fedmef", name],
-            enforce_parameter_schema=True,
-        )
-        for name, flow in FLOWS.items()
-    ]
 
 
 def _stop_now(runner: Runner, *args: Any) -> None:

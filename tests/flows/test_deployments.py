@@ -16,7 +16,7 @@ from prefect.exceptions import PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_URL
 
 from fedmef_core.config import parse_config
-from flows.serve import FLOWS, deployments
+from flows.deployments import FLOWS, deployments
 from tests.conftest import tiny_raw
 
 ROOT = Path(__file__).resolve().parents[2]

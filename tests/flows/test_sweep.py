@@ -142,7 +142,7 @@ def test_method_scoped_overrides_reach_only_that_method():
 
 
 def test_sweep_deployment_form_has_method_choices(prefect_harness):
-    from flows.serve import deployments
+    from flows.deployments import deployments
 
     sweep = next(d for d in deployments(parse_config({})) if d.flow_name == "sweep")
     schema = sweep._parameter_openapi_schema.model_dump()
