@@ -132,9 +132,13 @@ def results_json(result: dict) -> dict:
     return table
 
 
-def paired_json(result: dict) -> dict:
-    """Paired differences (mean and 95% t-interval over seeds) of every method against fedtiny and feddst."""
-    cells = [CellResult(**{**c, "curve": tuple(map(tuple, c["curve"]))}) for c in result["cells"]]
+def paired_json(result: dict, references: list[dict] = ()) -> dict:
+    """Paired differences (mean and 95% t-interval over seeds) of every method against fedtiny and feddst;
+    ``references``: cells of another sweep (its ``cells.json``) that hold them, e.g. for an ablation."""
+    own = [CellResult(**{**c, "curve": tuple(map(tuple, c["curve"]))}) for c in result["cells"]]
+    others = [CellResult(**{**c, "curve": tuple(map(tuple, c["curve"]))}) for c in references
+              if c["method"] in PAIRED_AGAINST and c["method"] not in {r.method for r in own}]
+    cells = own + others
     out: dict = {}
     for reference in PAIRED_AGAINST:
         if any(c.method == reference for c in cells):
@@ -202,6 +206,9 @@ def main() -> None:
                              "(default; the --bae study: batch), batch or nsconv for every method")
     parser.add_argument("--bn-select", action="store_true",
                         help="fedtiny and fedmef choose their initial mask by adaptive BN selection (5 candidates)")
+    parser.add_argument("--pair-with", type=Path, default=None, metavar="CELLS_JSON",
+                        help="pair against fedtiny/feddst cells of another sweep (its runs/sweeps/<name>/cells.json), "
+                             "e.g. an ablation of fedmef against the --medium sweep's baselines")
     parser.add_argument("--bae-lambda", type=float, default=None,
                         help="FedMef's extrusion-loss weight lambda (default: the config's, 1.0)")
     args = parser.parse_args()
@@ -216,7 +223,8 @@ def main() -> None:
     started = time.perf_counter()
     result = sweep_main(sweep_args(args, setting, name=f"bench-{out.stem}-{setting}"))
     table = results_json(result)
-    paired = paired_json(result)
+    references = json.loads(args.pair_with.read_text()) if args.pair_with else []
+    paired = paired_json(result, references)
     print(paired_text(paired))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**table, "paired": paired}, indent=2) + "\n")
