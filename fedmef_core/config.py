@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -31,6 +32,8 @@ class _Section(BaseModel):
 
 
 SEED_LIMIT = 2**64  # torch.manual_seed takes 0 .. 2**64 - 1; numpy's generators take no negative seed
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
+_SEED = TypeAdapter(Seed)
 
 
 CHECK_RULES = "check_rules"  # validation context flag: also enforce the rules across fields
@@ -69,7 +72,9 @@ class PartitionConfig(_Section):
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: smaller means more label skew.")
     classes_per_client: int = Field(2, ge=1, description="Classes per client for the `shards` scheme.")
     min_samples: int = Field(10, ge=1, description="Every client holds at least this many samples.")
-    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of the split.")
+    seed: Seed | None = Field(
+        None, description="Seed of the split (null: the experiment's top-level `seed`)."
+    )
 
 
 class ModelConfig(_Section):
@@ -95,8 +100,10 @@ class FederationConfig(_Section):
     lr_final: float = Field(0.02, gt=0, description="Learning rate in the last round (exponential decay).")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (the paper uses none).")
     weight_decay: float = Field(0.0, ge=0, description="SGD weight decay.")
-    seed: int = Field(
-        0, ge=0, lt=SEED_LIMIT, description="Seed for initialisation, client sampling and local shuffling."
+    seed: Seed | None = Field(
+        None,
+        description="Seed for initialisation, client sampling and local shuffling (null: the experiment's "
+        "top-level `seed`).",
     )
     min_clients: int = Field(
         1, ge=1, description="A round needs at least this many successful client updates, else the run stops."
@@ -279,7 +286,15 @@ class RuntimeConfig(_Section):
     plots_dir: str = Field("plots", description="Where PNG plots are written (inside run_dir).")
 
 
+SEEDED_SECTIONS = ("partition", "federation")  # their `seed: null` means the experiment's top-level `seed`
+
+
 class ExperimentConfig(_Section):
+    seed: Seed = Field(
+        0,
+        description="The experiment's seed: partition.seed and federation.seed follow it unless set, so one "
+        "key draws the whole experiment anew (a grid of seeds: dvc exp run --queue -S seed=0,1,2).",
+    )
     data: DataConfig = DataConfig()
     partition: PartitionConfig = PartitionConfig()
     model: ModelConfig = ModelConfig()
@@ -311,6 +326,23 @@ class ExperimentConfig(_Section):
             data["pruning"] = _replaced(data.get("pruning"), density=1.0)
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_seeds(cls, data: Any) -> Any:
+        """A section seed left null becomes the top-level `seed`, so a validated config holds the seeds that
+        ran: run names, digests, checkpoints and MLflow params name them."""
+        if not isinstance(data, dict):
+            return data
+        try:
+            seed = _SEED.validate_python(data.get("seed", cls.model_fields["seed"].default))
+        except ValidationError:
+            return data  # the field's own validation names it, once
+        data = dict(data)
+        for name in SEEDED_SECTIONS:
+            if _value(data.get(name), "seed", None) is None:
+                data[name] = _replaced(data.get(name), seed=seed)
+        return data
+
     def rule_problems(self) -> list[str]:
         """Rules across fields, each broken one as a sentence naming the fields and the fix."""
         p = self.pruning
@@ -338,11 +370,23 @@ class ExperimentConfig(_Section):
         """What determines the results: everything but where and how it runs."""
         return identity_of(self.model_dump(mode="json"))
 
+    def as_params(self) -> dict[str, Any]:
+        """The dump as `params.yaml` spells it: a section seed equal to the top-level `seed` is written null
+        (it follows `seed`), so changing `seed` alone — `dvc exp run -S seed=1`, the UI form — moves it too.
+        Validating it gives this config back."""
+        dumped = self.model_dump(mode="json")
+        for name in SEEDED_SECTIONS:
+            if dumped[name]["seed"] == self.seed:
+                dumped[name]["seed"] = None
+        return dumped
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.as_params(), sort_keys=False)
 
 
-RUN_ONLY_SECTIONS = ("tracking", "runtime", "ray")
+# not part of an experiment's identity: where and how it runs, and the top-level seed (it acts only through the
+# section seeds it sets)
+NOT_IDENTITY = ("tracking", "runtime", "ray", "seed")
 
 
 def method_traits(method: str):
@@ -372,8 +416,10 @@ def _replaced(section: Any, **values: Any) -> Any:
 
 
 def identity_of(dumped: dict[str, Any]) -> dict[str, Any]:
-    """The sections of a dumped config that determine results (also for configs stored in checkpoints)."""
-    return {k: v for k, v in dumped.items() if k not in RUN_ONLY_SECTIONS}
+    """The sections of a dumped config that determine results (also for configs stored in checkpoints). The
+    top-level `seed` is left out: the resolved `partition.seed` and `federation.seed` hold what it decides (so
+    a config written before it existed has the same identity)."""
+    return {k: v for k, v in dumped.items() if k not in NOT_IDENTITY}
 
 
 class ConfigError(UserError, ValueError):
@@ -485,6 +531,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
+# keys of ExperimentConfig that are values, not sections (`--set seed=1`)
+TOP_LEVEL_VALUES = tuple(n for n, f in ExperimentConfig.model_fields.items() if not isinstance(f.default, BaseModel))
+
+
 def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read and validate `params.yaml`; `overrides` maps `section.key` to a value."""
     path = Path(path)
@@ -499,8 +549,12 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     raw = _sections(read_yaml(text, str(path)), str(path))
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
+        if not key and dotted in TOP_LEVEL_VALUES:
+            raw[dotted] = value
+            continue
         if not key:
-            raise ConfigError(f"override {dotted!r}: use section.key=value, e.g. federation.rounds=5")
+            raise ConfigError(f"override {dotted!r}: use section.key=value, e.g. federation.rounds=5 "
+                              f"(top-level keys: {', '.join(TOP_LEVEL_VALUES)})")
         if raw.get(section) is None:  # absent, or an empty `section:` line
             raw[section] = {}
         if not isinstance(raw[section], dict):

@@ -1,4 +1,5 @@
-"""Command-line entry shared by every flow: `python -m flows.<name> [--params FILE] [--set k=v ...]`.
+"""Command-line entry shared by every flow: `python -m flows.<name> [--params FILE] [--set k=v ...]`, also
+`fedmef <name> ...` (`flows.command`).
 
 User mistakes (bad config, missing dataset, missing partition or checkpoint) print one message and
 exit with status 2 — no traceback, nothing written. Ctrl-C (SIGINT), SIGTERM, SIGHUP and SIGQUIT stop the
@@ -19,9 +20,10 @@ from fedmef_core.errors import UserError
 from flows.lifecycle import detach_temporary_server, exit_code, signals_interrupt
 
 
-def config_parser(description: str) -> argparse.ArgumentParser:
-    """A parser with the config's two options, `--params FILE` and `--set SECTION.KEY=VALUE` (repeatable)."""
-    parser = argparse.ArgumentParser(description=description)
+def config_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """A parser with the config's two options, `--params FILE` and `--set SECTION.KEY=VALUE` (repeatable);
+    `prog` names the command in its help (`fedmef train`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--params", default="params.yaml", help="experiment config (default: params.yaml)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -35,20 +37,22 @@ def config_from(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.params, dict(parse_override(s) for s in args.set))
 
 
-def config_from_args(argv: list[str] | None, description: str) -> ExperimentConfig:
-    return config_from(config_parser(description).parse_args(argv))
+def config_from_args(argv: list[str] | None, description: str, prog: str | None = None) -> ExperimentConfig:
+    """`--params` and `--set` of every flow's command line."""
+    return config_from(config_parser(description, prog).parse_args(argv))
 
 
 def main(
     flow: Callable[[ExperimentConfig], Any],
     preflight: Callable[[ExperimentConfig], None],
     argv: list[str] | None = None,
+    prog: str | None = None,
 ) -> Any:
     """Validate the config, check the flow's inputs, run `flow`; user errors become one clear line."""
     from prefect.exceptions import TerminationSignal
 
     try:
-        config = config_from_args(argv, getattr(flow, "description", None) or flow.__doc__ or "")
+        config = config_from_args(argv, getattr(flow, "description", None) or flow.__doc__ or "", prog)
         preflight(config)
         detach_temporary_server()
         with signals_interrupt():

@@ -90,9 +90,9 @@ def deploy_to_pool(config: ExperimentConfig, pool: str, limit: int | None, workd
     return names
 
 
-def main(argv: list[str] | None = None) -> list[str]:
+def main(argv: list[str] | None = None, prog: str | None = None) -> list[str]:
     """The CLI: a bad config, no reachable server or a pool of another type is one line and exit status 2."""
-    parser = config_parser("Deploy every fedmef flow to a process work pool served by Prefect workers.")
+    parser = config_parser("Deploy every fedmef flow to a process work pool served by Prefect workers.", prog)
     parser.add_argument("--pool", default=POOL, help=f"work pool, created if missing (default: {POOL})")
     parser.add_argument("--limit", type=_positive, default=None, metavar="N",
                         help="at most N flow runs at once in the whole pool (default: a new pool has no limit, "

@@ -26,7 +26,7 @@ def form_defaults(name: str, config: ExperimentConfig) -> dict:
     """A flow's form: the experiment config; the sweep's is its grid (its cells start from `params.yaml`)."""
     if name == "sweep":
         return {"spec": SweepSpec().model_dump(mode="json")}
-    return {"config": config.model_dump(mode="json")}
+    return {"config": config.as_params()}  # seeds that follow `seed` stay null: changing it moves them
 
 
 def deployments(config: ExperimentConfig, name: str = NAME, **options: Any) -> list:

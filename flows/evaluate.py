@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import flow
 
 from fedmef_core.config import ExperimentConfig
-from flows.cli import fails_cleanly, main
+from flows import cli
+from flows.cli import fails_cleanly
 from tasks import preflight
 from tasks.evaluation import evaluate_model
 
@@ -19,5 +20,10 @@ def evaluate_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
     return result
 
 
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """`python -m flows.evaluate` or `fedmef evaluate` [--params FILE] [--set section.key=value ...]."""
+    return cli.main(evaluate_flow, preflight.for_evaluate, argv, prog)
+
+
 if __name__ == "__main__":
-    main(evaluate_flow, preflight.for_evaluate)
+    main()

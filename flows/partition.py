@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import flow
 
 from fedmef_core.config import ExperimentConfig
-from flows.cli import fails_cleanly, main
+from flows import cli
+from flows.cli import fails_cleanly
 from tasks import preflight
 from tasks.partitioning import partition_dataset
 
@@ -23,5 +24,10 @@ def partition_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
     return summary
 
 
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """`python -m flows.partition` or `fedmef partition` [--params FILE] [--set section.key=value ...]."""
+    return cli.main(partition_flow, preflight.for_partition, argv, prog)
+
+
 if __name__ == "__main__":
-    main(partition_flow, preflight.for_partition)
+    main()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import flow
 
 from fedmef_core.config import ExperimentConfig
-from flows.cli import fails_cleanly, main
+from flows import cli
+from flows.cli import fails_cleanly
 from flows.evaluate import evaluate_flow
 from flows.partition import partition_flow
 from flows.train import train_flow
@@ -24,5 +25,10 @@ def pipeline_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
     return {"partition": partition, "train": train, "evaluate": evaluation}
 
 
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """`python -m flows.pipeline` or `fedmef pipeline` [--params FILE] [--set section.key=value ...]."""
+    return cli.main(pipeline_flow, preflight.for_pipeline, argv, prog)
+
+
 if __name__ == "__main__":
-    main(pipeline_flow, preflight.for_pipeline)
+    main()

@@ -35,9 +35,9 @@ def serve_deployments(config: ExperimentConfig) -> None:
     serve(*deployments(config))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """`--params` (and `--set`) give the form's defaults; a bad config is one clear error, as for every flow."""
-    cli_main(serve_deployments, preflight=lambda config: None, argv=argv)
+    cli_main(serve_deployments, preflight=lambda config: None, argv=argv, prog=prog)
 
 
 if __name__ == "__main__":

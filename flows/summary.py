@@ -38,9 +38,9 @@ def summary_text(config: ExperimentConfig) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     try:
-        print(summary_text(config_from_args(argv, "Summarise a finished run.")))
+        print(summary_text(config_from_args(argv, "Summarise a finished run.", prog)))
     except UserError as exc:  # a bad config, a metrics file that does not hold what was written
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

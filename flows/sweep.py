@@ -150,9 +150,9 @@ def _overrides(texts: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, An
     return shared, per_method
 
 
-def spec_from_args(argv: list[str] | None) -> SweepSpec:
+def spec_from_args(argv: list[str] | None, prog: str | None = None) -> SweepSpec:
     methods = list(PruningMethod.__args__)
-    parser = argparse.ArgumentParser(description=sweep_flow.description)
+    parser = argparse.ArgumentParser(prog=prog, description=sweep_flow.description)
     parser.add_argument("--methods", nargs="+", required=True, metavar="METHOD", help=f"of {', '.join(methods)}")
     parser.add_argument("--densities", nargs="+", type=float, default=[0.1])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -185,10 +185,10 @@ def run(spec: SweepSpec) -> dict:
         return sweep_flow(spec)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     """The CLI: user errors (bad --set, unknown method, missing data) are one line and exit status 2."""
     try:
-        return run(spec_from_args(argv))
+        return run(spec_from_args(argv, prog))
     except (UserError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

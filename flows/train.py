@@ -13,7 +13,8 @@ from prefect import flow
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import split_digest
 from fedmef_core.runs import run_lock, run_name, run_paths
-from flows.cli import fails_cleanly, main
+from flows import cli
+from flows.cli import fails_cleanly
 from flows.lifecycle import safe_points
 from tasks import preflight
 from tasks.checkpoints import RoundSaver, finished_summary, resume, start_server
@@ -75,5 +76,10 @@ def train_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
     return summary
 
 
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """`python -m flows.train` or `fedmef train` [--params FILE] [--set section.key=value ...]."""
+    return cli.main(train_flow, preflight.for_train, argv, prog)
+
+
 if __name__ == "__main__":
-    main(train_flow, preflight.for_train)
+    main()

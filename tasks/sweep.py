@@ -3,8 +3,8 @@ MLflow parent run.
 
 - `SweepSpec` is the sweep's request (the CLI's arguments, the Prefect UI's form), validated once.
 - `plan_cells` turns it into cells: the config of each is `params.yaml` + the shared overrides + the
-  method's own overrides + method, density and seed (the seed sets both `federation.seed` and
-  `partition.seed`, so one seed is one draw of the whole experiment). A cell's run folder is
+  method's own overrides + method, density and seed (the config's top-level `seed`, which `federation.seed`
+  and `partition.seed` follow, so one seed is one draw of the whole experiment). A cell's run folder is
   `<root>/<run_name>`; its partition is `<root>/partitions/<digest of data, partition, num_clients>`, shared by
   every cell that splits the same data the same way — so all methods of one seed train on the same shards,
   sample the same clients and start from the same `federation.seed`. A dense method (fedavg) runs at density
@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fedmef_core.checkpoint import FINAL_NAME, CheckpointError, load_checkpoint
 from fedmef_core.config import (
+    SEEDED_SECTIONS,
     ConfigError,
     ExperimentConfig,
     PruningMethod,
@@ -57,7 +58,9 @@ class SweepSpec(BaseModel):
         ["fedavg", "fedtiny", "fedmef"], min_length=1, description="Federated (pruning) methods to compare."
     )
     densities: list[Density] = Field([0.1], min_length=1, description="Densities d of the sparse methods.")
-    seeds: list[int] = Field([0], min_length=1, description="Seeds: each sets federation.seed and partition.seed.")
+    seeds: list[int] = Field(
+        [0], min_length=1, description="Seeds: a cell's top-level seed (its federation.seed and partition.seed)."
+    )
     reference: PruningMethod | None = Field(
         None, description="Paired differences are method minus this one (default: fedtiny if swept, else the first)."
     )
@@ -139,6 +142,9 @@ def _placed(config: ExperimentConfig, root: str, jobs: int) -> ExperimentConfig:
     return placed
 
 
+FOLLOW_SEED = {f"{name}.seed": None for name in SEEDED_SECTIONS}  # whatever params.yaml says: the cell's seed
+
+
 def plan_cells(spec: SweepSpec) -> list[Cell]:
     """Every (method, density, seed) with its validated config, in grid order."""
     cells = []
@@ -146,7 +152,7 @@ def plan_cells(spec: SweepSpec) -> list[Cell]:
         for density in spec.densities:
             for seed in spec.seeds:
                 overrides = {**spec.overrides, **spec.method_overrides.get(method, {}), "pruning.method": method,
-                             "pruning.density": density, "federation.seed": seed, "partition.seed": seed}
+                             "pruning.density": density, "seed": seed, **FOLLOW_SEED}
                 try:
                     config = load_config(spec.params, overrides)
                 except ConfigError as exc:

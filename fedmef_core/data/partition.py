@@ -43,6 +43,8 @@ def partition_indices(labels: np.ndarray, num_clients: int, cfg: PartitionConfig
             f"{num_clients * cfg.min_samples} samples but the training set has {n}: lower "
             "partition.min_samples or federation.num_clients (or raise data.train_limit)"
         )
+    if cfg.seed is None:  # a PartitionConfig on its own: an ExperimentConfig fills it from its top-level seed
+        raise ValueError("partition.seed is null: set it, or pass the partition of a validated ExperimentConfig")
     rng = np.random.default_rng(cfg.seed)
     if cfg.scheme == "iid":
         parts = np.array_split(rng.permutation(n), num_clients)

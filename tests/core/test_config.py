@@ -3,16 +3,24 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from fedmef_core.config import ConfigError, ExperimentConfig, load_config, parse_config, parse_override
+from fedmef_core.config import (
+    ConfigError,
+    ExperimentConfig,
+    identity_of,
+    load_config,
+    parse_config,
+    parse_override,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def _model_defaults() -> dict:
-    return {name: field.default.model_dump(mode="json") for name, field in ExperimentConfig.model_fields.items()}
+    return {name: field.default.model_dump(mode="json") if isinstance(field.default, BaseModel) else field.default
+            for name, field in ExperimentConfig.model_fields.items()}
 
 
 def test_params_yaml_is_the_config_models_defaults():
@@ -40,6 +48,28 @@ def test_auto_settings_resolve_to_what_the_method_runs():
     ablation = parse_config({"pruning": {"method": "fedmef"}, "model": {"norm": "batch"}, "sap": {"enabled": False}})
     assert (ablation.model.norm, ablation.sap.enabled) == ("batch", False)  # explicit choices are kept
     assert parse_config(fedmef.model_dump(mode="json")) == fedmef  # resolved configs round-trip
+
+
+def test_one_seed_drives_the_partition_and_federation_seeds_unless_they_are_set():
+    default = parse_config({})
+    assert (default.seed, default.partition.seed, default.federation.seed) == (0, 0, 0)
+    one = parse_config({"seed": 5})
+    assert (one.partition.seed, one.federation.seed) == (5, 5)
+    assert load_config(ROOT / "params.yaml", {"seed": 5}) == one  # `--set seed=5`, as `dvc exp run -S seed=5`
+    mixed = parse_config({"seed": 5, "federation": {"seed": 2}})
+    assert (mixed.partition.seed, mixed.federation.seed) == (5, 2)  # an explicit seed is kept
+    # params.yaml's spelling: a seed that follows the top-level one is written null, and reads back the same
+    assert mixed.as_params()["partition"]["seed"] is None and mixed.as_params()["federation"]["seed"] == 2
+    assert parse_config(mixed.as_params()) == mixed and parse_config(mixed.model_dump(mode="json")) == mixed
+    assert parse_config(yaml.safe_load(one.to_yaml())) == one
+    # the run folder and digest name the resolved seeds: the same experiment however it is spelled
+    assert one.identity() == parse_config({"seed": 9, "partition": {"seed": 5}, "federation": {"seed": 5}}).identity()
+    assert "seed" not in default.identity() and default.identity() != one.identity()
+    older = {k: v for k, v in one.model_dump(mode="json").items() if k != "seed"}  # a checkpoint's config before
+    assert identity_of(older) == one.identity()
+    with pytest.raises(ConfigError) as err:
+        parse_config({"seed": -1})
+    assert str(err.value).count("\n") == 1 and "- seed: Input should be greater than or equal to 0" in str(err.value)
 
 
 def test_unknown_key_names_the_key():

@@ -23,6 +23,16 @@ from fedmef_core.data.datasets import FASHION_MNIST_DEBIAN_DIR
 from fedmef_core.plots import plot_partition_heatmap
 from tests.conftest import PARTITION_EDITS, RERUN_PARTITION, edit_partition
 
+
+def seeded(**settings) -> PartitionConfig:
+    """A partition section on its own: its seed (null, the experiment's, in a full config) given, 0 unless set."""
+    return PartitionConfig(**{"seed": 0, **settings})
+
+
+def test_a_section_without_its_experiments_seed_is_refused():
+    with pytest.raises(ValueError, match="partition.seed is null"):
+        partition_indices(np.zeros(100, dtype=np.int64), 10, PartitionConfig(scheme="iid"))
+
 SCHEMES = ["iid", "dirichlet", "shards"]
 
 
@@ -52,7 +62,7 @@ def assert_exact_cover(parts: list[np.ndarray], n: int) -> None:
 @pytest.mark.parametrize("num_clients", [1, 7, 20])
 def test_parts_are_disjoint_and_cover_every_index(scheme, num_clients):
     labels = balanced_labels()
-    cfg = PartitionConfig(scheme=scheme, min_samples=5)
+    cfg = seeded(scheme=scheme, min_samples=5)
     parts = partition_indices(labels, num_clients, cfg)
     assert len(parts) == num_clients
     assert_exact_cover(parts, labels.size)
@@ -61,7 +71,7 @@ def test_parts_are_disjoint_and_cover_every_index(scheme, num_clients):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_real_labels_100_clients(fmnist_labels, scheme):
-    cfg = PartitionConfig(scheme=scheme, alpha=0.1, min_samples=20)
+    cfg = seeded(scheme=scheme, alpha=0.1, min_samples=20)
     parts = partition_indices(fmnist_labels, 100, cfg)
     assert_exact_cover(parts, fmnist_labels.size)
     assert min(p.size for p in parts) >= 20
@@ -70,22 +80,22 @@ def test_real_labels_100_clients(fmnist_labels, scheme):
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_same_seed_same_split_other_seed_other_split(scheme):
     labels = balanced_labels()
-    first = partition_indices(labels, 10, PartitionConfig(scheme=scheme, seed=3))
-    again = partition_indices(labels, 10, PartitionConfig(scheme=scheme, seed=3))
-    other = partition_indices(labels, 10, PartitionConfig(scheme=scheme, seed=4))
+    first = partition_indices(labels, 10, seeded(scheme=scheme, seed=3))
+    again = partition_indices(labels, 10, seeded(scheme=scheme, seed=3))
+    other = partition_indices(labels, 10, seeded(scheme=scheme, seed=4))
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert not all(np.array_equal(a, b) for a, b in zip(first, other))
 
 
 def test_iid_sizes_are_even():
-    parts = partition_indices(np.zeros(103, dtype=np.int64), 10, PartitionConfig(scheme="iid"))
+    parts = partition_indices(np.zeros(103, dtype=np.int64), 10, seeded(scheme="iid"))
     assert sorted(p.size for p in parts) == [10] * 7 + [11] * 3
 
 
 def test_dirichlet_skew_grows_as_alpha_shrinks(fmnist_labels):
     entropy = {}
     for alpha in (0.1, 1.0, 100.0):
-        parts = partition_indices(fmnist_labels, 20, PartitionConfig(alpha=alpha))
+        parts = partition_indices(fmnist_labels, 20, seeded(alpha=alpha))
         entropy[alpha] = partition_stats(parts, fmnist_labels, 10)["mean_label_entropy"]
     assert entropy[0.1] < entropy[1.0] < entropy[100.0] <= np.log2(10)
     assert entropy[100.0] > 3.2  # nearly uniform: log2(10) = 3.32
@@ -93,10 +103,10 @@ def test_dirichlet_skew_grows_as_alpha_shrinks(fmnist_labels):
 
 def test_dirichlet_enforces_min_samples():
     labels = balanced_labels(per_class=50)
-    parts = partition_indices(labels, 10, PartitionConfig(alpha=0.2, min_samples=30))
+    parts = partition_indices(labels, 10, seeded(alpha=0.2, min_samples=30))
     assert min(p.size for p in parts) >= 30
     with pytest.raises(ValueError, match="partition.alpha.*partition.min_samples"):
-        partition_indices(labels, 10, PartitionConfig(alpha=0.01, min_samples=50))  # needs an exact split
+        partition_indices(labels, 10, seeded(alpha=0.01, min_samples=50))  # needs an exact split
 
 
 def test_an_impossible_dirichlet_split_of_the_full_dataset_fails_fast(fmnist_labels):
@@ -107,14 +117,14 @@ def test_an_impossible_dirichlet_split_of_the_full_dataset_fails_fast(fmnist_lab
 
     started = time.perf_counter()
     with pytest.raises(PartitionError, match="in all 1000 draws: raise partition.alpha"):
-        partition_indices(fmnist_labels, 6000, PartitionConfig())
+        partition_indices(fmnist_labels, 6000, seeded())
     assert time.perf_counter() - started < 20  # measured 2.5 s here (the old loop: ~58 s)
 
 
 @pytest.mark.parametrize("num_clients,k", [(100, 2), (10, 3), (20, 1), (5, 10)])
 def test_shards_give_exactly_k_classes(fmnist_labels, num_clients, k):
     parts = partition_indices(
-        fmnist_labels, num_clients, PartitionConfig(scheme="shards", classes_per_client=k)
+        fmnist_labels, num_clients, seeded(scheme="shards", classes_per_client=k)
     )
     assert_exact_cover(parts, fmnist_labels.size)
     for p in parts:
@@ -124,7 +134,7 @@ def test_shards_give_exactly_k_classes(fmnist_labels, num_clients, k):
 
 
 def test_shards_class_pairs_are_mixed(fmnist_labels):
-    parts = partition_indices(fmnist_labels, 100, PartitionConfig(scheme="shards", classes_per_client=2))
+    parts = partition_indices(fmnist_labels, 100, seeded(scheme="shards", classes_per_client=2))
     pairs = {tuple(np.unique(fmnist_labels[p])) for p in parts}
     assert len(pairs) > 20  # not the same few combinations over and over
 
@@ -132,11 +142,11 @@ def test_shards_class_pairs_are_mixed(fmnist_labels):
 def test_impossible_requests_name_the_knob():
     labels = balanced_labels(per_class=10)
     with pytest.raises(ValueError, match="partition.min_samples"):
-        partition_indices(labels, 20, PartitionConfig(scheme="iid", min_samples=6))
+        partition_indices(labels, 20, seeded(scheme="iid", min_samples=6))
     with pytest.raises(ValueError, match="partition.classes_per_client"):
-        partition_indices(labels, 5, PartitionConfig(scheme="shards", classes_per_client=11, min_samples=1))
+        partition_indices(labels, 5, seeded(scheme="shards", classes_per_client=11, min_samples=1))
     with pytest.raises(ValueError, match="partition.min_samples"):
-        partition_indices(labels, 20, PartitionConfig(scheme="shards", classes_per_client=3, min_samples=5))
+        partition_indices(labels, 20, seeded(scheme="shards", classes_per_client=3, min_samples=5))
 
 
 def test_stats():
@@ -240,7 +250,7 @@ def test_partition_digest_names_the_split_not_the_file(tmp_path):
 @pytest.mark.parametrize("num_clients", [8, 120])
 def test_heatmap_png(tmp_path, num_clients):
     labels = balanced_labels(per_class=200)
-    parts = partition_indices(labels, num_clients, PartitionConfig(min_samples=1))
+    parts = partition_indices(labels, num_clients, seeded(min_samples=1))
     histogram = partition_stats(parts, labels, 10)["histogram"]
     path = tmp_path / "plots" / "partition.png"
     plot_partition_heatmap(histogram, path, class_names=[f"c{i}" for i in range(10)])

@@ -1,4 +1,5 @@
-"""The real thing: `dvc repro` in a fresh git repository, three stages, each a Prefect flow, tracked in MLflow."""
+"""The real thing: `dvc repro` in a fresh git repository, three stages, each a Prefect flow, tracked in MLflow;
+then, on the same repository, a queued DVC grid over the one seed, and a DVC remote that a fresh clone pulls from."""
 
 from __future__ import annotations
 
@@ -27,8 +28,14 @@ def _sh(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     return output
 
 
+def _commit(repo: Path, env: dict[str, str], message: str) -> None:
+    _sh(["git", "add", "-A"], repo, env)
+    _sh(["git", "commit", "-q", "--allow-empty", "-m", message], repo, env)
+
+
 def _write_params(repo: Path, rounds: int, **sap) -> None:
     raw = tiny_raw()
+    raw["partition"].pop("seed"), raw["federation"].pop("seed")  # both follow the top-level seed (0): `-S seed=1`
     raw["federation"]["rounds"] = rounds
     raw["sap"] = sap
     raw["tracking"] = {"enabled": True, "mlflow_uri": "sqlite:///mlflow.db", "experiment": "e2e"}
@@ -128,3 +135,57 @@ def test_a_queued_experiment_is_tracked_in_the_repositorys_store(repo):
     train = revs[0]["data"]["metrics"]["metrics/train.json"]["data"]
     run = MlflowClient(f"sqlite:///{path / 'mlflow.db'}").get_run(train["mlflow_run_id"])  # not in .dvc/tmp/exps
     assert run.data.tags["dvc_experiment"] == "queued-one" and run.data.params["federation.rounds"] == "1"
+
+
+def _experiments(repo: Path, env: dict[str, str]) -> list[dict]:
+    """`dvc exp show --json`'s experiments: name, params.yaml and metrics of each."""
+    shown = json.loads(_sh(["dvc", "exp", "show", "--json"], repo, env).strip().splitlines()[-1])
+    return [{"name": e.get("name"), **e["revs"][0]["data"]} for rev in shown for e in (rev.get("experiments") or [])]
+
+
+def test_a_paired_grid_over_the_one_seed_is_one_queue_command(repo, prefect_harness):
+    """`-S pruning.density=0.1,0.2 -S seed=0,1` queues the four cells; in each the split and the training follow
+    the one seed, so the two densities of a seed train on the same shards."""
+    from prefect.settings import PREFECT_API_URL
+
+    path, env, _ = repo
+    env = {**env, "PREFECT_API_URL": PREFECT_API_URL.value()}  # one Prefect server for every stage of the grid
+    _commit(path, env, "grid baseline")
+    # the grid itself; the other -S keep it small (MLflow off: two cells at once would share one sqlite file)
+    _sh(["dvc", "exp", "run", "--queue", "-S", "pruning.density=0.1,0.2", "-S", "seed=0,1",
+         "-S", "pruning.method=fedavg_static", "-S", "federation.rounds=1", "-S", "tracking.enabled=false"], path, env)
+    _sh(["dvc", "exp", "run", "--run-all", "-j", "2"], path, env)
+    cells = {}
+    for exp in _experiments(path, env):
+        params = exp["params"]["params.yaml"]["data"]
+        if params["pruning"]["method"] == "fedavg_static":
+            cells[params["pruning"]["density"], params["seed"]] = exp
+    assert sorted(cells) == [(0.1, 0), (0.1, 1), (0.2, 0), (0.2, 1)], sorted(cells)
+    for (density, seed), exp in cells.items():
+        assert exp["params"]["params.yaml"]["data"]["partition"]["seed"] is None  # it follows `seed`
+        train = exp["metrics"]["metrics/train.json"]["data"]
+        assert (train["density"], train["seed"], train["rounds"]) == (density, seed, 1)
+        assert 0 < exp["metrics"]["metrics/eval.json"]["data"]["accuracy"] <= 1
+    # partition.seed followed too: the same shards for both densities of a seed, other shards for the other seed
+    shards = {key: exp["deps"]["data/partitions"]["hash"] for key, exp in cells.items()}
+    assert shards[0.1, 0] == shards[0.2, 0] != shards[0.1, 1] == shards[0.2, 1]
+
+
+def test_a_fresh_clone_pulls_the_outputs_from_a_dvc_remote_and_has_nothing_to_reproduce(repo, tmp_path):
+    path, env, _ = repo
+    _sh(["dvc", "repro"], path, env)  # the workspace matches dvc.lock
+    remote = tmp_path / "dvc-remote"
+    _sh(["dvc", "remote", "add", "-d", "local", str(remote)], path, env)
+    _commit(path, env, "outputs and the DVC remote")  # dvc.lock, .dvc/config and the uncached metrics and plots
+    _sh(["dvc", "push"], path, env)
+    assert any(remote.rglob("*")), "dvc push stored nothing"
+
+    clone = tmp_path / "clone"
+    _sh(["git", "clone", "-q", str(path), str(clone)], tmp_path, env)
+    assert not (clone / "checkpoints").exists() and not (clone / "data" / "partitions").exists()
+    _sh(["dvc", "pull"], clone, env)
+    for out in ("checkpoints/final.pt", "data/partitions/clients.json"):
+        assert (clone / out).read_bytes() == (path / out).read_bytes(), out
+    again = _sh(["dvc", "repro"], clone, env)
+    assert "Running stage" not in again, again
+    assert "Data and pipelines are up to date" in _sh(["dvc", "status"], clone, env)

@@ -44,6 +44,14 @@ def test_ui_form_schema_has_choices_and_help(prefect_harness):
     assert section["scheme"]["enum"] == ["iid", "dirichlet", "shards"]  # a drop-down in the form
     assert section["alpha"]["description"]
     assert schema["definitions"]["FederationConfig"]["additionalProperties"] is False
+    # one seed for the whole experiment: a number field on top; the section seeds default to null (follow it)
+    assert schema["definitions"]["ExperimentConfig"]["properties"]["seed"]["type"] == "integer"
+    assert {"type": "null"} in section["seed"]["anyOf"]
+    form = deps[0].parameters["config"]
+    assert form["seed"] == 0 and form["partition"]["seed"] is None and form["federation"]["seed"] is None
+    form["seed"] = 4  # what a user changes in the form
+    config = FLOWS["train"].validate_parameters({"config": form})["config"]
+    assert (config.partition.seed, config.federation.seed) == (4, 4)
 
 
 def test_served_pipeline_runs_from_the_api_and_rejects_bad_parameters(prefect_harness, tmp_path):

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 import tasks.clients as clients
 from fedmef_core.checkpoint import load_checkpoint
-from fedmef_core.config import ConfigError, ExperimentConfig, identity_of, parse_config
+from fedmef_core.config import SEEDED_SECTIONS, ConfigError, ExperimentConfig, identity_of, parse_config
 from fedmef_core.runs import RunBusy, run_lock, run_name, run_paths
 from tests.conftest import prepare_run
 
@@ -126,6 +126,10 @@ def test_dvc_stages_declare_every_section_that_changes_their_results():
     identity = set(identity_of(dict.fromkeys(sections)))
     assert identity <= set(stages["evaluate"]["params"])  # evaluate checks the checkpoint's identity
     assert stages["train"]["cmd"].endswith("--set runtime.run_dir=.")  # the pipeline's fixed output paths
+    for name, stage in stages.items():  # a section seed left null follows the top-level seed: depend on both
+        if any(p in SEEDED_SECTIONS or p.removesuffix(".seed") in SEEDED_SECTIONS for p in stage["params"]):
+            assert "seed" in stage["params"], f"stage {name} uses a section seed but not the top-level seed"
+    assert "seed" in stages["partition"]["params"]
 
 
 RELATIVE_OUTPUTS = [f"runtime.{key}={key[:-4]}" for key in ("checkpoints_dir", "metrics_dir", "plots_dir")]
