@@ -38,7 +38,8 @@ def test_help_lists_every_flow_and_the_version_is_the_packages(tmp_path):
     assert shown.returncode == 0, shown.stderr
     for name in ("partition", "train", "evaluate", "pipeline", "sweep", "summary", "serve"):
         assert f"\n  {name} " in shown.stdout, shown.stdout
-    assert list(command.COMMANDS) == ["partition", "train", "evaluate", "pipeline", "sweep", "summary", "serve"]
+    assert list(command.COMMANDS) == ["partition", "train", "evaluate", "pipeline", "sweep", "summary", "serve",
+                                     "deploy"]
     said = fedmef("--version", cwd=tmp_path)
     assert (said.returncode, said.stdout) == (0, f"fedmef {version('fedmef')}\n")
 
