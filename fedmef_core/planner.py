@@ -107,9 +107,17 @@ class StepProfile:
     sap_layers: tuple[tuple[int, np.ndarray], ...]  # each SAP call: input entries per sample, |input| quantiles
     relu_masks: tuple[int, ...]  # entries per sample of each 1-bit ReLU call
     param_bytes: int
+    buffer_bytes: int
     sap: bool  # traced with SAP on
     relu_bitmask: bool
     source: str  # "data" (the first training images) or "random" (standard normal inputs)
+    _weights: dict[float | None, int] = field(default_factory=dict, repr=False)  # weight bytes by density
+
+    def weight_bytes(self, density: float | None) -> int:
+        """:func:`fedmef_core.memory.weight_bytes` of the model at ``density`` (remembered)."""
+        if density not in self._weights:
+            self._weights[density] = weight_bytes(self.model, density=density)
+        return self._weights[density]
 
 
 class _Recorder(ActivationCounter):
@@ -198,6 +206,7 @@ def profile_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, source: str
                                                                      large.magnitudes)),
         relu_masks=tuple(large.counts["relu"]),
         param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
         sap=sap is not None,
         relu_bitmask=bool(large.counts["relu"]),
         source=source,
@@ -250,11 +259,11 @@ def predict(profile: StepProfile, step: ClientStep) -> MemoryReport:
                                          step.sap)
     activations += sum(packed_bytes(n * b) for n in profile.relu_masks)
     return MemoryReport(
-        weights_bytes=weight_bytes(profile.model, density=step.density),
+        weights_bytes=profile.weight_bytes(step.density),
         gradient_bytes=profile.param_bytes,
         optimizer_bytes=profile.param_bytes if step.momentum > 0 else 0,
         activation_bytes=activations,
-        weights_dense_bytes=profile.param_bytes + sum(t.numel() * t.element_size() for t in profile.model.buffers()),
+        weights_dense_bytes=profile.param_bytes + profile.buffer_bytes,
         batch_size=b,
     )
 

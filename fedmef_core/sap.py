@@ -162,7 +162,8 @@ def kept_share(magnitudes: np.ndarray, n: int, gamma: float) -> float:
     if k >= n or magnitudes.size == 0:
         return 1.0
     t = magnitudes[max(0, magnitudes.size - math.ceil(k / n * magnitudes.size))]
-    at_least = np.searchsorted(magnitudes, 0.0, "right") if t <= 0 else np.searchsorted(magnitudes, t, "left")
+    zero = magnitudes.dtype.type(0)  # a scalar of another dtype would convert the whole array at every call
+    at_least = np.searchsorted(magnitudes, zero, "right") if t <= 0 else np.searchsorted(magnitudes, t, "left")
     return float(magnitudes.size - at_least) / magnitudes.size
 
 
