@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmef_core.algorithms import ClientResult, build_algorithm
+from fedmef_core.algorithms import ClientResult, FederatedAlgorithm, build_algorithm
 from fedmef_core.checkpoint import FINAL_NAME, round_checkpoint_path, save_checkpoint
 from fedmef_core.client import SETUP_KEY, Broadcast, run_client
 from fedmef_core.config import ExperimentConfig
@@ -75,6 +75,21 @@ ClientExecutor = Callable[[Broadcast, list[int]], "RoundResults | list[ClientRes
 RoundCallback = Callable[[int, dict[str, float]], None]
 
 
+def initial_model(config: ExperimentConfig, shape: tuple[int, int, int]) -> tuple[torch.nn.Module, FederatedAlgorithm,
+                                                                             dict[str, Any]]:
+    """The global model before round 1 for images of ``shape`` (channels, size, classes), seeded by
+    ``federation.seed``, with its algorithm and server state, bound."""
+    seed = config.federation.seed
+    channels, size, classes = shape
+    with GLOBAL_RNG:  # seeded and drawn in one turn, whatever other threads build meanwhile
+        torch.manual_seed(seed)
+        model = build_model(config.model, channels, classes, size)
+    algorithm = build_algorithm(config)
+    state: dict[str, Any] = algorithm.init_server_state(model, torch.Generator().manual_seed(seed))
+    algorithm.bind_state(model, state)
+    return model, algorithm, state
+
+
 class Server:
     """The global model, the method's server state and the round history."""
 
@@ -94,14 +109,7 @@ class Server:
             )
         self.config, self.train, self.test, self.parts, self.device = config, train, test, parts, device
         use_threads(config.runtime.threads)
-        with GLOBAL_RNG:  # seeded and drawn in one turn, whatever other threads build meanwhile
-            torch.manual_seed(fed.seed)
-            self.model = build_model(config.model, train.images.shape[1], train.num_classes, train.images.shape[-1])
-        self.algorithm = build_algorithm(config)
-        self.state: dict[str, Any] = self.algorithm.init_server_state(
-            self.model, torch.Generator().manual_seed(fed.seed)
-        )
-        self.algorithm.bind_state(self.model, self.state)
+        self.model, self.algorithm, self.state = initial_model(config, train.shape)
         self.round = 0  # rounds completed
         self.history: list[dict[str, float]] = []
         self.last_eval: EvalResult | None = None

@@ -109,7 +109,7 @@ def _model_storages(model: nn.Module) -> set[int]:
     return ptrs
 
 
-class _ActivationCounter:
+class ActivationCounter:
     """saved_tensors_hooks that count each saved storage once, per running leaf module."""
 
     def __init__(self, model: nn.Module):
@@ -169,7 +169,7 @@ def measure_step(
     work = copy.deepcopy(model).train()
     for p in work.parameters():
         p.grad = None
-    counter = _ActivationCounter(work)
+    counter = ActivationCounter(work)
     cuda = x.is_cuda
     if cuda:
         torch.cuda.synchronize(x.device)

@@ -143,12 +143,43 @@ def _sample_positions(n: int, device: torch.device) -> torch.Tensor:
     return torch.randint(0, n, (SAMPLE,), generator=torch.Generator().manual_seed(n)).to(device)
 
 
+def kept_entries(n: int, gamma: float) -> int:
+    """k: how many of ``n`` entries SAP aims to keep, ``n - floor(gamma n)`` (= ceil((1 - gamma) n), robust to
+    float rounding)."""
+    return n - math.floor(gamma * n + 1e-9)
+
+
+def packed_bytes(n: int) -> int:
+    """Bytes of ``n`` entries packed one bit each (:func:`pack_bits`, a ReLU's 1-bit mask)."""
+    return (n + 7) // 8
+
+
+def kept_share(magnitudes: np.ndarray, n: int, gamma: float) -> float:
+    """The share of an ``n``-entry input SAP keeps when its magnitudes are distributed like ``magnitudes`` (an
+    ascending sample): all of them when k = :func:`kept_entries` reaches n, else those ``>= t`` with ``t`` the
+    sample's value at the kept share (the non-zeros when ``t`` is 0: fewer than k; ties at ``t``: more)."""
+    k = kept_entries(n, gamma)
+    if k >= n or magnitudes.size == 0:
+        return 1.0
+    t = magnitudes[max(0, magnitudes.size - math.ceil(k / n * magnitudes.size))]
+    zero = magnitudes.dtype.type(0)  # a scalar of another dtype would convert the whole array at every call
+    at_least = np.searchsorted(magnitudes, zero, "right") if t <= 0 else np.searchsorted(magnitudes, t, "left")
+    return float(magnitudes.size - at_least) / magnitudes.size
+
+
+def saved_input_bytes(n: int, kept: int, sap: SapConfig) -> int:
+    """Bytes a SAP layer saves of an ``n``-entry input of which it keeps ``kept``: the values (``sap.value_dtype``)
+    and their positions (one int32 index each, or a bitmap of n bits)."""
+    positions = packed_bytes(n) if sap.positions == "bitmap" else 4 * kept
+    return kept * DTYPES[sap.value_dtype].itemsize + positions
+
+
 def select(x: torch.Tensor, gamma: float, keep_at: Callable[[float], tuple[Kept, int]]) -> Kept:
     """What SAP keeps of ``x``, built by ``keep_at(t)``: the entries ``|x| >= t`` (the non-zeros when t <= 0,
     every entry when t is -inf) as a bool mask or a bitmap, with how many there are (module doc)."""
     flat = x.detach().reshape(-1)
     n = flat.numel()
-    k = n - math.floor(gamma * n + 1e-9)  # = ceil((1 - gamma) n), robust to float rounding
+    k = kept_entries(n, gamma)
     if k >= n:
         return keep_at(-math.inf)[0]
     if n <= SAMPLE:

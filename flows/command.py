@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("flows.sweep", "methods x densities x seeds, compared under one MLflow parent run"),
     "summary": ("flows.summary", "a finished run in a few lines"),
     "serve": ("flows.serve", "serve the deployments that the Prefect UI triggers"),
+    "plan": ("flows.plan", "which methods a client with a memory budget can train, at which batch and SAP gamma"),
     "deploy": ("flows.deploy", "deploy every flow into a Prefect work pool that workers on GPU machines serve"),
 }
 

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from fedmef_core.config import ExperimentConfig
-from fedmef_core.data import ImageData, iterate_batches
+from fedmef_core.data import ImageData, iterate_batches, load_dataset
+from fedmef_core.engine import initial_model
 from fedmef_core.io import write_json
 from fedmef_core.memory import MemoryReport, measure_step
 from fedmef_core.plots import plot_memory_parts
@@ -37,6 +38,13 @@ def client_step_report(config: ExperimentConfig, model: nn.Module, data: ImageDa
     x, y = next(iterate_batches(data, list(range(n)), n, device=device))
     density = config.pruning.density if config.pruning.density < 1 else None
     return measure_step(work, x, y, momentum=fed.momentum, density=density)
+
+
+def initial_step_report(config: ExperimentConfig, device: torch.device | None = None) -> MemoryReport:
+    """:func:`client_step_report` of ``config``'s global model before round 1 (what a run reports when it starts)."""
+    train, _ = load_dataset(config.data)
+    model, _, _ = initial_model(config, train.shape)
+    return client_step_report(config, model, train, device or torch.device("cpu"))
 
 
 def _table(report: MemoryReport) -> list[dict]:

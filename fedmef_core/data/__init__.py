@@ -1,7 +1,7 @@
 """Datasets in memory, mini-batches from them, and client partitions."""
 
 from fedmef_core.data.batches import iterate_batches
-from fedmef_core.data.datasets import DatasetUnavailable, ImageData, load_dataset
+from fedmef_core.data.datasets import DatasetUnavailable, ImageData, image_shape, load_dataset
 from fedmef_core.data.partition import (
     PartitionError,
     load_partition,
@@ -17,6 +17,7 @@ from fedmef_core.data.partition import (
 __all__ = [
     "DatasetUnavailable",
     "ImageData",
+    "image_shape",
     "PartitionError",
     "iterate_batches",
     "load_dataset",

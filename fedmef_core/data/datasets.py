@@ -40,6 +40,16 @@ _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 
+# (channels, height = width, classes) of each dataset's images as decoded.
+_SHAPES: dict[str, tuple[int, int, int]] = {
+    "fashion_mnist": (1, 28, 10),
+    "mnist": (1, 28, 10),
+    "cifar10": (3, 32, 10),
+    "cifar100": (3, 32, 100),
+    "cinic10": (3, 32, 10),
+    "tinyimagenet": (3, 64, 200),
+}
+
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
@@ -82,6 +92,11 @@ class ImageData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(channels, image size, classes), as :func:`image_shape` gives them from the config."""
+        return int(self.images.shape[1]), int(self.images.shape[-1]), self.num_classes
+
 
 def load_dataset(cfg: DataConfig) -> tuple[ImageData, ImageData]:
     """(train, test) for `cfg`, decoded once per process and cached."""
@@ -120,6 +135,12 @@ def _first(data: ImageData, limit: int | None) -> ImageData:
     if limit is None or limit >= len(data):
         return data
     return _replace(data, data.images[:limit].clone(), data.labels[:limit].clone())
+
+
+def image_shape(cfg: DataConfig) -> tuple[int, int, int]:
+    """(channels, image size, classes) the model sees for `cfg`, known without loading the data."""
+    channels, size, classes = _SHAPES[cfg.name]
+    return (3, 32, classes) if cfg.cifar_shape and (channels, size) == (1, 28) else (channels, size, classes)
 
 
 def _to_cifar_shape(data: ImageData) -> ImageData:

@@ -15,7 +15,7 @@ import torchvision.datasets as tvd
 from PIL import Image
 
 from fedmef_core.config import DataConfig
-from fedmef_core.data import DatasetUnavailable, ImageData, load_dataset
+from fedmef_core.data import DatasetUnavailable, ImageData, image_shape, load_dataset
 from fedmef_core.data.datasets import FASHION_MNIST_DEBIAN_DIR, FASHION_MNIST_ENV, channel_stats
 
 DEBIAN = Path(FASHION_MNIST_DEBIAN_DIR)
@@ -98,6 +98,10 @@ def test_cifar_shape_pads_and_repeats():
     assert border.count_nonzero() == 0
     assert shaped.mean == plain.mean * 3 and shaped.std == plain.std * 3
     assert torch.equal(shaped.labels, plain.labels)
+    # the shape the config alone gives (the planner's, without loading) is the loaded one
+    assert plain.shape == image_shape(DataConfig()) == (1, 28, 10)
+    assert shaped.shape == image_shape(DataConfig(cifar_shape=True)) == (3, 32, 10)
+    assert image_shape(DataConfig(name="cifar100", cifar_shape=True)) == (3, 32, 100)
 
 
 @needs_debian

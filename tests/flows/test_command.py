@@ -39,7 +39,7 @@ def test_help_lists_every_flow_and_the_version_is_the_packages(tmp_path):
     for name in ("partition", "train", "evaluate", "pipeline", "sweep", "summary", "serve"):
         assert f"\n  {name} " in shown.stdout, shown.stdout
     assert list(command.COMMANDS) == ["partition", "train", "evaluate", "pipeline", "sweep", "summary", "serve",
-                                     "deploy"]
+                                     "plan", "deploy"]
     said = fedmef("--version", cwd=tmp_path)
     assert (said.returncode, said.stdout) == (0, f"fedmef {version('fedmef')}\n")
 
