@@ -18,33 +18,45 @@ from fedmef_core.config import ExperimentConfig, checked, load_config, parse_ove
 from fedmef_core.errors import UserError
 from flows.lifecycle import detach_temporary_server, exit_code, signals_interrupt
 
+Options = dict[str, dict[str, Any]]  # a flow's own flags: "--flag" -> argparse keywords, `dest` its parameter
 
-def config_from_args(argv: list[str] | None, description: str) -> ExperimentConfig:
+
+def parse_args(argv: list[str] | None, description: str, options: Options | None = None
+               ) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """The config (`--params`, `--set`) and the values of a flow's own `options`, by parameter name."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="experiment config (default: params.yaml)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one value of the config, e.g. --set federation.rounds=5 (repeatable)",
     )
-    args = parser.parse_args(argv)
-    overrides = dict(parse_override(s) for s in args.set)
-    return load_config(args.params, overrides)
+    for flag, keywords in (options or {}).items():
+        parser.add_argument(flag, **keywords)
+    args = vars(parser.parse_args(argv))
+    overrides = dict(parse_override(s) for s in args.pop("set"))
+    return load_config(args.pop("params"), overrides), args
+
+
+def config_from_args(argv: list[str] | None, description: str) -> ExperimentConfig:
+    return parse_args(argv, description)[0]
 
 
 def main(
-    flow: Callable[[ExperimentConfig], Any],
-    preflight: Callable[[ExperimentConfig], None],
+    flow: Callable[..., Any],
+    preflight: Callable[..., None],
     argv: list[str] | None = None,
+    options: Options | None = None,
 ) -> Any:
-    """Validate the config, check the flow's inputs, run `flow`; user errors become one clear line."""
+    """Validate the config, check the flow's inputs, run `flow`; user errors become one clear line. The values
+    of `options` (a flow's own flags) go to `preflight` and `flow` as keyword arguments."""
     from prefect.exceptions import TerminationSignal
 
     try:
-        config = config_from_args(argv, getattr(flow, "description", None) or flow.__doc__ or "")
-        preflight(config)
+        config, extra = parse_args(argv, getattr(flow, "description", None) or flow.__doc__ or "", options)
+        preflight(config, **extra)
         detach_temporary_server()
         with signals_interrupt():
-            return flow(config)
+            return flow(config, **extra)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -18,6 +18,7 @@ from flows.lifecycle import safe_points
 from tasks import preflight
 from tasks.checkpoints import RoundSaver, finished_summary, resume, start_server
 from tasks.clients import client_updates
+from tasks.logged_models import log_final_model
 from tasks.memory import client_step_report, log_memory_report
 from tasks.outputs import RoundReporter
 from tasks.reporting import publish_summary
@@ -41,6 +42,7 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
         with tracked_run(config, run_name(config), run_id, tags, send_every_s=METRICS_EVERY_S) as tracker, \
                 client_updates(config, paths) as updates:
             log_memory_report(config, memory, paths, tracker if resumed is None else None)
+            tracker.log_partition(config, partition, [len(part) for part in server.parts])  # the run's dataset
             identity = {"mlflow_run_id": tracker.run_id or "", "partition": partition}
             save = RoundSaver(config, paths, identity, fresh=resumed is None)
             report = RoundReporter(config, paths, tracker, first_round=server.round + 1)
@@ -55,7 +57,8 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
                     report(server, rnd, metrics)
                     save(server, rnd, metrics, tracker)  # a checkpoint first sends the metrics held back
             save.final(server)
-            summary = report.finish(server)
+            model_uri = log_final_model(config, server, tracker)  # MLflow's logged model, a registry version
+            summary = report.finish(server, model_uri)
     return summary
 
 
@@ -67,8 +70,9 @@ def train_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
     done = (f"trained rounds {summary['rounds'] - summary['rounds_run'] + 1}-{summary['rounds']} in "
             f"{summary['seconds']:.0f}s" if summary["rounds_run"] else
             f"all {summary['rounds']} rounds were already trained (runtime.resume: false trains again)")
-    print(f"{done}: accuracy {summary['accuracy']:.4f}, MLflow run {summary['mlflow_run_id'] or '(tracking off)'}, "
-          f"outputs in {summary['run_dir']}")
+    model = f", model {summary['model_uri']}" if summary.get("model_uri") else ""
+    print(f"{done}: accuracy {summary['accuracy']:.4f}, MLflow run {summary['mlflow_run_id'] or '(tracking off)'}"
+          f"{model}, outputs in {summary['run_dir']}")
     publish_summary(config, summary)
     return summary
 

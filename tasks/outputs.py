@@ -17,7 +17,7 @@ from fedmef_core.runs import RunPaths
 from tasks.masks import write_mask_plots
 from tasks.partitioning import partition_plot_path
 from tasks.progress import RoundProgress
-from tasks.tracking import Tracker
+from tasks.tracking import Tracker, run_description
 
 ROUND_COLUMNS = ("round", "accuracy", "loss", "train_loss", "lr")
 
@@ -54,8 +54,9 @@ class RoundReporter:
         write_text(self.paths.metrics / "rounds.csv", rounds_csv(server.history))
         self.progress.update(rnd, metrics)
 
-    def finish(self, server: Server) -> dict:
-        """`train.json`, the curves and mask plots, and the run's artifacts; returns the summary."""
+    def finish(self, server: Server, model_uri: str = "") -> dict:
+        """`train.json`, the curves and mask plots, the run's artifacts and description; returns the summary
+        (`model_uri`: the model's version in MLflow's registry, if logged)."""
         cfg, paths, tracker = self.config, self.paths, self.tracker
         seconds = time.perf_counter() - self.started
         ran = cfg.federation.rounds - self.first_round + 1
@@ -72,6 +73,7 @@ class RoundReporter:
             "seed": cfg.federation.seed,
             "run_dir": str(paths.root),
             "mlflow_run_id": tracker.run_id or "",
+            "model_uri": model_uri,
         }
         write_json(paths.metrics / "train.json", summary)
         title = f"{cfg.pruning.method} d={cfg.pruning.density:g}"
@@ -79,6 +81,7 @@ class RoundReporter:
         write_mask_plots(server, paths.plots, tracker, title=title)
         tracker.log_metrics({"final_accuracy": final["accuracy"], "train_seconds": seconds}, step=cfg.federation.rounds)
         tracker.log_text(cfg.to_yaml(), "config.yaml")
+        tracker.describe(run_description(cfg, final["accuracy"]))
         for path, where in [
             (partition_plot_path(cfg), "plots"),
             (paths.plots / "accuracy.png", "plots"),
