@@ -145,7 +145,11 @@ def test_a_bad_or_unknown_model_uri_is_one_line_and_exit_2(trained, uri, message
 
 def test_a_bad_model_uri_from_the_ui_form_fails_the_flow_run_with_one_line(trained):
     from flows.evaluate import evaluate_flow
+    from flows.serve import deployments
 
     _, config, _ = trained
+    deployment = next(d for d in deployments(config) if d.flow_name == "evaluate")
+    field = deployment._parameter_openapi_schema.model_dump()["properties"]["model_uri"]
+    assert field["default"] is None and "models:/fedmef-cnn/1" in field["description"]  # the form's text field
     state = evaluate_flow(config, model_uri="s3://bucket/model", return_state=True)
     assert state.is_failed() and "model URI 's3://bucket/model' is not one a model can be loaded from" in state.message
