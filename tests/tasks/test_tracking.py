@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -313,3 +315,19 @@ def test_system_metrics_are_logged_only_when_asked(tmp_path, monkeypatch, enable
     if enabled:
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
 
+
+
+def test_the_partition_is_the_runs_dataset_input_once_also_after_a_resume(tmp_path):
+    config = tracked_config(tmp_path)
+    digest = "0123456789abcdef" * 4  # a sha256: MLflow keeps 36 characters of a digest
+    first = Tracker(config.tracking)
+    run_id = first.start(config, run_name="r")
+    first.log_partition(config, digest, [20, 30, 50])
+    resumed = Tracker(config.tracking, run_id=run_id)
+    resumed.reopen()
+    resumed.log_partition(config, digest, [20, 30, 50])
+    (logged,) = MlflowClient(config.tracking.mlflow_uri).get_run(run_id).inputs.dataset_inputs
+    assert (logged.dataset.name, logged.dataset.digest) == ("fashion_mnist-dirichlet", digest[:36])
+    assert json.loads(logged.dataset.profile) == {"clients": 3, "samples": 100, "partition_sha256": digest,
+                                                  "scheme": "dirichlet", "seed": 1}
+    assert json.loads(logged.dataset.source)["uri"].endswith("/partitions/clients.json")
