@@ -205,6 +205,11 @@ class TrackingConfig(_Section):
         "logged or stored.",
     )
     experiment: str = Field("fedmef", min_length=1, description="MLflow experiment name.")
+    system_metrics: bool = Field(
+        False,
+        description="Also log MLflow system metrics (system/*: CPU, memory, disk, network; GPU with pynvml) every "
+        "10 s while training (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL changes the period).",
+    )
 
     @field_validator("mlflow_uri")
     @classmethod

@@ -19,16 +19,21 @@ from fedmef_core.config import ExperimentConfig, checked, load_config, parse_ove
 from fedmef_core.errors import UserError
 from flows.lifecycle import detach_temporary_server, exit_code, signals_interrupt
 
+Options = dict[str, dict[str, Any]]  # a flow's own flags: "--flag" -> argparse keywords, `dest` its parameter
 
-def config_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
-    """A parser with the config's two options, `--params FILE` and `--set SECTION.KEY=VALUE` (repeatable);
-    `prog` names the command in its help (`fedmef train`)."""
+
+def config_parser(description: str, prog: str | None = None, options: Options | None = None
+                  ) -> argparse.ArgumentParser:
+    """A parser with the config's two options, `--params FILE` and `--set SECTION.KEY=VALUE` (repeatable), and a
+    flow's own `options`; `prog` names the command in its help (`fedmef train`)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--params", default="params.yaml", help="experiment config (default: params.yaml)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one value of the config, e.g. --set federation.rounds=5 (repeatable)",
     )
+    for flag, keywords in (options or {}).items():
+        parser.add_argument(flag, **keywords)
     return parser
 
 
@@ -37,26 +42,36 @@ def config_from(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.params, dict(parse_override(s) for s in args.set))
 
 
+def parse_args(argv: list[str] | None, description: str, options: Options | None = None, prog: str | None = None
+               ) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """The config (`--params`, `--set`) and the values of a flow's own `options`, by parameter name."""
+    args = config_parser(description, prog, options).parse_args(argv)
+    extra = {k: v for k, v in vars(args).items() if k not in ("params", "set")}
+    return config_from(args), extra
+
+
 def config_from_args(argv: list[str] | None, description: str, prog: str | None = None) -> ExperimentConfig:
     """`--params` and `--set` of every flow's command line."""
-    return config_from(config_parser(description, prog).parse_args(argv))
+    return parse_args(argv, description, prog=prog)[0]
 
 
 def main(
-    flow: Callable[[ExperimentConfig], Any],
-    preflight: Callable[[ExperimentConfig], None],
+    flow: Callable[..., Any],
+    preflight: Callable[..., None],
     argv: list[str] | None = None,
     prog: str | None = None,
+    options: Options | None = None,
 ) -> Any:
-    """Validate the config, check the flow's inputs, run `flow`; user errors become one clear line."""
+    """Validate the config, check the flow's inputs, run `flow`; user errors become one clear line. The values
+    of `options` (a flow's own flags) go to `preflight` and `flow` as keyword arguments."""
     from prefect.exceptions import TerminationSignal
 
     try:
-        config = config_from_args(argv, getattr(flow, "description", None) or flow.__doc__ or "", prog)
-        preflight(config)
+        config, extra = parse_args(argv, getattr(flow, "description", None) or flow.__doc__ or "", options, prog)
+        preflight(config, **extra)
         detach_temporary_server()
         with signals_interrupt():
-            return flow(config)
+            return flow(config, **extra)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

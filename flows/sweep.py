@@ -8,7 +8,9 @@ Each cell is one experiment in its own run folder (`<root>/<run_name>`): partiti
 split the data the same way), `train`, evaluate — a child run of the sweep's parent run in MLflow. The parent
 carries the comparison: `comparison.md`/`.csv` (accuracy mean ± std per method and density, paired differences
 against the reference with a 95% t-interval over seeds), `curves.png` and `accuracy_memory.png`; the same table
-is the flow run's Markdown artifact `sweep-comparison`. Re-running the same sweep skips the finished cells,
+is the flow run's Markdown artifact `sweep-comparison` and the parent run's description. In the Model Registry
+the alias `best-<method>` of each registered model (`fedmef-<arch>`) then points at the version of that method's
+best cell by test accuracy, and `champion` at the best of all. Re-running the same sweep skips the finished cells,
 resumes half-done ones from their checkpoints and reuses the parent run.
 """
 
@@ -27,7 +29,7 @@ from prefect.exceptions import TerminationSignal
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fedmef_core.config import ConfigError, ExperimentConfig, PruningMethod, parse_override
+from fedmef_core.config import ConfigError, ExperimentConfig, PruningMethod, TrackingConfig, parse_override
 from fedmef_core.data import load_dataset
 from fedmef_core.errors import UserError
 from fedmef_core.io import write_json, write_text
@@ -44,6 +46,7 @@ from tasks.comparison import (
     summary_rows,
 )
 from tasks.evaluation import evaluate_model
+from tasks.logged_models import point_aliases
 from tasks.partitioning import partition_dataset
 from tasks.sweep import (
     Cell,
@@ -61,7 +64,7 @@ from tasks.sweep import (
     plan_cells,
     sweep_name,
 )
-from tasks.tracking import Tracker
+from tasks.tracking import Tracker, TrackingUnavailable
 
 
 @task(name="sweep-cell", cache_policy=NO_CACHE, task_run_name="{name}")
@@ -114,6 +117,7 @@ def publish_comparison(results: list[CellResult], reference: str, title: str, ou
     for name in [*files, "cells.json", "curves.png", "accuracy_memory.png"]:
         parent.log_artifact(out_dir / name, "comparison")
     parent.log_metrics(summary_metrics(rows, paired))
+    parent.describe(markdown)
     create_markdown_artifact(markdown, key="sweep-comparison", description=f"sweep {title}")
     return {"markdown": markdown, "rows": [asdict(r) for r in rows], "paired": [asdict(p) for p in paired]}
 
@@ -134,9 +138,25 @@ def sweep_flow(spec: SweepSpec = SweepSpec()) -> dict:
         results = [cell_result(c) for c in cells]
         comparison = publish_comparison(results, spec.reference_method, name, Path(spec.root) / "sweeps" / name,
                                         parent)
+        aliases = best_model_aliases(tracking, results) if parent.enabled else []
     print(comparison["markdown"])
     return {"name": name, "parent_run_id": parent.run_id or "", "steps": steps,
-            "cells": [asdict(r) for r in results], **comparison}
+            "cells": [asdict(r) for r in results], "aliases": aliases, **comparison}
+
+
+def best_model_aliases(tracking: TrackingConfig, results: list[CellResult]) -> list[dict[str, Any]]:
+    """Point the registry's aliases at the sweep's best models (`best-<method>`, `champion`: see
+    :func:`tasks.comparison.best_aliases`), one line each; a store that fails here is a warning (the sweep's
+    results are all written)."""
+    try:
+        aliases = point_aliases(tracking, results)
+    except TrackingUnavailable as exc:
+        print(f"warning: no model aliases set: {exc}")
+        return []
+    for a in aliases:
+        print(f"alias {a['model']}@{a['alias']} -> version {a['version']} ({a['method']} d={a['density']:g} "
+              f"seed {a['seed']}, accuracy {a['accuracy']:.4f})")
+    return aliases
 
 
 def _overrides(texts: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

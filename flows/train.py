@@ -19,6 +19,7 @@ from flows.lifecycle import safe_points
 from tasks import preflight
 from tasks.checkpoints import RoundSaver, finished_summary, resume, start_server
 from tasks.clients import client_updates
+from tasks.logged_models import log_final_model
 from tasks.memory import client_step_report, log_memory_report
 from tasks.outputs import RoundReporter
 from tasks.reporting import publish_summary
@@ -42,6 +43,7 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
         with tracked_run(config, run_name(config), run_id, tags, send_every_s=METRICS_EVERY_S) as tracker, \
                 client_updates(config, paths) as updates:
             log_memory_report(config, memory, paths, tracker if resumed is None else None)
+            tracker.log_partition(config, partition, [len(part) for part in server.parts])  # the run's dataset
             identity = {"mlflow_run_id": tracker.run_id or "", "partition": partition}
             save = RoundSaver(config, paths, identity, fresh=resumed is None)
             report = RoundReporter(config, paths, tracker, first_round=server.round + 1)
@@ -56,7 +58,8 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
                     report(server, rnd, metrics)
                     save(server, rnd, metrics, tracker)  # a checkpoint first sends the metrics held back
             save.final(server)
-            summary = report.finish(server)
+            model_uri = log_final_model(config, server, tracker)  # MLflow's logged model, a registry version
+            summary = report.finish(server, model_uri)
     return summary
 
 
@@ -69,9 +72,10 @@ def train_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
             f"{summary['seconds']:.0f}s" if summary["rounds_run"] else
             f"all {summary['rounds']} rounds were already trained (runtime.resume: false trains again)")
     k = config.runtime.eval_mean_last
+    model = f", model {summary['model_uri']}" if summary.get("model_uri") else ""
     print(f"{done}: accuracy {summary['accuracy']:.4f} (mean of the last {k} evaluated rounds "
-          f"{summary[f'accuracy_mean_last{k}']:.4f}), MLflow run {summary['mlflow_run_id'] or '(tracking off)'}, "
-          f"outputs in {summary['run_dir']}")
+          f"{summary[f'accuracy_mean_last{k}']:.4f}), MLflow run {summary['mlflow_run_id'] or '(tracking off)'}"
+          f"{model}, outputs in {summary['run_dir']}")
     publish_summary(config, summary)
     return summary
 

@@ -225,6 +225,23 @@ def summary_metrics(rows: Sequence[SummaryRow], paired: Sequence[PairedRow]) -> 
     return out
 
 
+CHAMPION = "champion"
+
+
+def best_aliases(results: Sequence[CellResult]) -> dict[str, CellResult]:
+    """The Model Registry aliases a sweep sets, by the comparison's metric (a cell's :attr:`CellResult.score`, its
+    mean test accuracy over the last rounds, so one lucky final round does not pick the model):
+    ``best-<method>`` -> each method's best cell, ``champion`` -> the best of all (a tie: the first in grid
+    order)."""
+    best: dict[str, CellResult] = {}
+    for r in results:
+        for alias in (f"best-{r.method}", CHAMPION):
+            if alias not in best or r.score > best[alias].score:
+                best[alias] = r
+    champion = best.pop(CHAMPION, None)
+    return best if champion is None else {**best, CHAMPION: champion}
+
+
 def mean_curve(curves: Sequence[Sequence[tuple[int, float]]]) -> tuple[list[int], list[float]]:
     """Mean accuracy per round over the seeds' curves (rounds that every curve has)."""
     common = set.intersection(*(set(r for r, _ in c) for c in curves)) if curves else set()

@@ -12,13 +12,23 @@ from fedmef_core.io import write_json
 from fedmef_core.plots import plot_confusion
 from fedmef_core.runs import run_paths
 from tasks.checkpoints import load_final_model
+from tasks.logged_models import find_model, load_model, trained_config
 from tasks.tracking import Tracker
 
 
 @task(name="evaluate-model")
-def evaluate_model(config: ExperimentConfig) -> dict:
+def evaluate_model(config: ExperimentConfig, model_uri: str | None = None) -> dict:
+    """The run folder's final checkpoint or, with `model_uri` (``models:/…``, ``runs:/…``), that model logged in
+    MLflow, tested on the data it was trained on (:func:`~tasks.logged_models.trained_config`); the results go
+    to that run folder and to the MLflow run that trained it."""
+    if model_uri:
+        source = find_model(config.tracking, model_uri)
+        config = trained_config(config, source)
+        model, run_id, rnd = load_model(source), source.run_id, int(source.meta["rounds"])
+    else:
+        model, ckpt = load_final_model(config, run_paths(config))
+        run_id, rnd = ckpt.get("extra", {}).get("mlflow_run_id", ""), int(ckpt["round"])
     paths = run_paths(config)
-    model, ckpt = load_final_model(config, paths)
     _, test = load_dataset(config.data)
     result = evaluate(model, test, resolve_device(config.runtime.device))
     per_class = dict(zip(test.class_names, result.per_class_accuracy))
@@ -26,18 +36,18 @@ def evaluate_model(config: ExperimentConfig) -> dict:
         "accuracy": result.accuracy,
         "loss": result.loss,
         "per_class_accuracy": per_class,
-        "round": int(ckpt["round"]),
+        "round": rnd,
         "test_samples": len(test.labels),
+        **({"model_uri": model_uri} if model_uri else {}),
     }
     metrics_path = paths.metrics / "eval.json"
     plot_path = paths.plots / "confusion.png"
     write_json(metrics_path, report)
     plot_confusion(result.confusion, test.class_names, plot_path, title=f"accuracy {result.accuracy:.4f}")
-    run_id = ckpt.get("extra", {}).get("mlflow_run_id", "")
     tracker = Tracker(config.tracking, run_id=run_id or None)
     metrics = {"test_accuracy": result.accuracy, "test_loss": result.loss}
     metrics.update({f"test_accuracy_class_{i}": a for i, a in enumerate(result.per_class_accuracy)})
-    tracker.log_metrics(metrics, step=int(ckpt["round"]))
+    tracker.log_metrics(metrics, step=rnd)
     tracker.log_artifact(metrics_path, "eval")
     tracker.log_artifact(plot_path, "plots")
     tracker.end()  # the training's finished run, ended again: flushes (or reports) what a store outage held back

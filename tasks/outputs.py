@@ -18,7 +18,7 @@ from fedmef_core.runs import RunPaths
 from tasks.masks import write_mask_plots
 from tasks.partitioning import partition_plot_path
 from tasks.progress import RoundProgress
-from tasks.tracking import Tracker
+from tasks.tracking import Tracker, run_description
 
 ROUND_COLUMNS = ("round", "accuracy", "loss", "train_loss", "lr")
 
@@ -55,8 +55,9 @@ class RoundReporter:
         write_text(self.paths.metrics / "rounds.csv", rounds_csv(server.history))
         self.progress.update(rnd, metrics)
 
-    def finish(self, server: Server) -> dict:
-        """`train.json`, the curves and mask plots, and the run's artifacts; returns the summary."""
+    def finish(self, server: Server, model_uri: str = "") -> dict:
+        """`train.json`, the curves and mask plots, the run's artifacts and description; returns the summary
+        (`model_uri`: the model's version in MLflow's registry, if logged)."""
         cfg, paths, tracker = self.config, self.paths, self.tracker
         seconds = time.perf_counter() - self.started
         ran = cfg.federation.rounds - self.first_round + 1
@@ -75,6 +76,7 @@ class RoundReporter:
             "seed": cfg.federation.seed,
             "run_dir": str(paths.root),
             "mlflow_run_id": tracker.run_id or "",
+            "model_uri": model_uri,
         }
         write_json(paths.metrics / "train.json", summary)
         title = f"{cfg.pruning.method} d={cfg.pruning.density:g}"
@@ -83,6 +85,7 @@ class RoundReporter:
         tracker.log_metrics({"final_accuracy": final["accuracy"], "final_accuracy_mean_last": mean_of_last(
             server.history, mean_last), "train_seconds": seconds}, step=cfg.federation.rounds)
         tracker.log_text(cfg.to_yaml(), "config.yaml")
+        tracker.describe(run_description(cfg, final["accuracy"]))
         for path, where in [
             (partition_plot_path(cfg), "plots"),
             (paths.plots / "accuracy.png", "plots"),

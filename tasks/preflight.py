@@ -14,6 +14,7 @@ from fedmef_core.device import resolve_device
 from fedmef_core.errors import UserError
 from fedmef_core.runs import run_paths
 from tasks.checkpoints import load_final_model
+from tasks.logged_models import find_model, trained_config
 from tasks.tracking import Tracker
 
 
@@ -93,10 +94,14 @@ def for_train(config: ExperimentConfig) -> None:
     Tracker(config.tracking).check_reachable()
 
 
-def for_evaluate(config: ExperimentConfig) -> None:
+def for_evaluate(config: ExperimentConfig, model_uri: str | None = None) -> None:
+    """The final checkpoint or, with `model_uri`, that model in MLflow (and the data it was trained on)."""
     check_device(config)
+    if model_uri:
+        config = trained_config(config, find_model(config.tracking, model_uri))
     check_dataset(config)
-    check_checkpoint(config)
+    if not model_uri:
+        check_checkpoint(config)
     check_writable(config, "metrics_dir", "plots_dir")
     Tracker(config.tracking).check_reachable()  # evaluate logs to the training's run
 

@@ -24,6 +24,8 @@ def summary_markdown(config: ExperimentConfig, train: dict, evaluation: dict | N
     if evaluation:
         rows.append(("evaluated accuracy", f"{evaluation['accuracy']:.4f}"))
     rows.append(("MLflow run", mlflow_run_link(config, train.get("mlflow_run_id", ""))))
+    if train.get("model_uri"):
+        rows.append(("MLflow model", f"`{train['model_uri']}`"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"# fedmef run summary\n\n| | |\n|---|---|\n{table}\n"
 

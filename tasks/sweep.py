@@ -44,7 +44,7 @@ from fedmef_core.evaluation import mean_of_last
 from fedmef_core.io import read_record
 from fedmef_core.runs import read_eval_metrics, read_train_metrics, run_name, run_paths
 from tasks.comparison import CellResult
-from tasks.tracking import Tracker, artifact_root, ended, git_commit, prefect_flow_run_id, store_uri
+from tasks.tracking import Tracker, ended, git_commit, prefect_flow_run_id
 
 Density = Annotated[float, Field(gt=0, le=1)]
 
@@ -252,33 +252,14 @@ def parent_params(spec: SweepSpec) -> dict[str, str]:
     return params
 
 
-def _find_or_create_parent(tracking: TrackingConfig, name: str, digest: str, params: dict[str, str]) -> str:
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
-
-    uri = store_uri(tracking.mlflow_uri)
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(tracking.experiment,
-                                                                     artifact_location=artifact_root(uri))
-    found = client.search_runs([exp_id], f"tags.sweep_digest = '{digest}' and attributes.run_name = '{name}'",
-                               max_results=1, order_by=["attributes.start_time DESC"])
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=name, tags={"sweep": name, "sweep_digest": digest,
-                                                         "git_commit": git_commit()})
-    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-    return run.info.run_id
-
-
 @contextmanager
 def parent_run(tracking: TrackingConfig, name: str, digest: str, params: dict[str, str]) -> Iterator[Tracker]:
     """The sweep's MLflow parent run (reused by a re-run of the same sweep), ended on every way out."""
     tracker = Tracker(tracking)
     if tracker.enabled:
         tracker.check_reachable()
-        tracker.run_id = _find_or_create_parent(tracking, name, digest, params)
+        tags = {"sweep": name, "sweep_digest": digest, "git_commit": git_commit()}
+        tracker.run_id = tracker.continue_or_start(name, {"sweep_digest": digest}, tags, params)
         tracker.set_tags({"prefect_flow_run_id": prefect_flow_run_id()})
     with ended(tracker):
         yield tracker

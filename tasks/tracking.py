@@ -4,6 +4,11 @@ The store is checked before any work (a wrong or dead URI is one message). Once 
 never stops a training: an outage mid-run prints one warning, the tracker keeps what it could not send in
 memory and sends it at the next round's metrics or at the end, where it says what was lost, if anything.
 
+Every run says what it is: the experiment is tagged for MLflow's model-training view, a training's run gets a
+description (method, architecture, density, seed, and at the end its accuracy), its partition as the run's
+dataset input and, with `tracking.system_metrics`, MLflow's system metrics. The trained model itself goes to
+MLflow through :mod:`tasks.logged_models`.
+
 A training's tracker sends its per-round metrics at most every `send_every_s` seconds, as one batch (each
 send is a store transaction, which would otherwise cost fast rounds more than their clients' training);
 the train flow flushes it before every checkpoint, so whatever a checkpoint holds is in the store too.
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import logging
 import os
 import sqlite3
@@ -40,6 +46,10 @@ PER_ROUND_METRIC = "train_loss"  # logged every round: its last step is how far 
 MAX_BATCH_METRICS = 1000  # what one MLflow log_batch call takes
 SQLITE_PROBE_S = 2.0  # how long a send waits for a locked local store (MLflow itself waits 20 s per call)
 OFFLINE_RETRY_S = 10.0  # while the store is away, sends try again at most this often (the run's end always)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI opens its model-training view
+DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
+MAX_TAG_LENGTH = 8000  # what MLflow stores of a tag's value
+MAX_DIGEST_LENGTH = 36  # what MLflow stores of a dataset's digest
 
 
 class TrackingUnavailable(UserError):
@@ -123,6 +133,8 @@ class Tracker:
         self._last_send = self._last_try = float("-inf")
         self.offline = False
         self._logged_through, self._logged_keys = -1, frozenset()  # what a resumed run already holds
+        self._monitor = None  # MLflow's system metrics thread, while one runs
+        self.model_logged: Any = None  # what :meth:`log_model` returned, once sent
         if cfg.enabled:
             from mlflow.tracking import MlflowClient
 
@@ -147,9 +159,12 @@ class Tracker:
             else:
                 probe_sqlite_write(self.uri)
             self._client.search_experiments(max_results=1)
-            self._experiment_id(create=False)  # refuses a deleted one
+            self.experiment_id(create=False)  # refuses a deleted one
 
-    def _experiment_id(self, create: bool) -> str | None:
+    def experiment_id(self, create: bool) -> str | None:
+        """The experiment's id (None if it does not exist and `create` is false). Created, or found without it,
+        with `create`: tagged as a model-training experiment, so the MLflow UI opens its runs, models and
+        charts (not the GenAI traces view)."""
         exp = self._client.get_experiment_by_name(self.cfg.experiment)
         if exp is not None and exp.lifecycle_stage == "deleted":
             raise TrackingUnavailable(
@@ -158,10 +173,13 @@ class Tracker:
                 f"--experiment-id {exp.experiment_id}`, or set tracking.experiment to another name"
             )
         if exp is not None:
+            if create and EXPERIMENT_KIND[0] not in exp.tags:  # one made before, or by another tool
+                self._client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
             return exp.experiment_id
         if not create:
             return None
-        return self._client.create_experiment(self.cfg.experiment, artifact_location=artifact_root(self.uri))
+        return self._client.create_experiment(self.cfg.experiment, artifact_location=artifact_root(self.uri),
+                                              tags=dict([EXPERIMENT_KIND]))
 
     def start(self, config: ExperimentConfig, run_name: str, tags: dict[str, str] | None = None) -> str:
         """Create the run, log the flattened config as params, and return its id."""
@@ -178,14 +196,31 @@ class Tracker:
             "method": config.pruning.method,
             "density": f"{config.pruning.density:g}",
             "seed": str(config.federation.seed),
+            DESCRIPTION_TAG: run_description(config),
             **(tags or {}),
         }
-        run = self._client.create_run(self._experiment_id(create=True), run_name=run_name, tags=all_tags)
+        run = self._client.create_run(self.experiment_id(create=True), run_name=run_name, tags=all_tags)
         self.run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in config.flat().items()]
         for i in range(0, len(params), 100):
             self._client.log_batch(self.run_id, params=params[i : i + 100])
         return self.run_id
+
+    def continue_or_start(self, run_name: str, match: dict[str, str], tags: dict[str, str],
+                          params: dict[str, str]) -> str:
+        """The newest run named `run_name` whose tags hold `match`, set RUNNING again; else a new one with `tags`
+        and `params`. Its id (e.g. a sweep's parent run, found again by a re-run of the same sweep)."""
+        from mlflow.entities import Param
+
+        exp_id = self.experiment_id(create=True)
+        wanted = " and ".join([f"tags.{k} = '{v}'" for k, v in match.items()] + [f"attributes.run_name = '{run_name}'"])
+        found = self._client.search_runs([exp_id], wanted, max_results=1, order_by=["attributes.start_time DESC"])
+        if found:
+            self._client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+        run = self._client.create_run(exp_id, run_name=run_name, tags=tags)
+        self._client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        return run.info.run_id
 
     def lost(self, run_id: str) -> str | None:
         """Why `run_id` cannot be continued — ``"is not in"`` the store (a moved or fresh store) or ``"was
@@ -203,7 +238,7 @@ class Tracker:
     def end_orphans(self, run_dir: str) -> list[str]:
         """Mark KILLED the runs of `run_dir` still RUNNING: left by a training that died (``kill -9``) before
         its first checkpoint named its run. The caller holds the folder's lock, so none is alive."""
-        exp_id = self._experiment_id(create=False)
+        exp_id = self.experiment_id(create=False)
         if exp_id is None:
             return []
         running = self._client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'")
@@ -261,6 +296,51 @@ class Tracker:
         for k, v in tags.items():
             self._send(("tag", k), functools.partial(self._client.set_tag, self.run_id, k, str(v)))
 
+    def describe(self, markdown: str) -> None:
+        """The run's description in the MLflow UI (cut at a line to what MLflow stores)."""
+        if len(markdown) > MAX_TAG_LENGTH:
+            cut = "\n\n(cut here: the whole text is in the run's artifacts)"
+            markdown = markdown[: MAX_TAG_LENGTH - len(cut)].rsplit("\n", 1)[0] + cut
+        self.set_tags({DESCRIPTION_TAG: markdown})
+
+    def log_partition(self, config: ExperimentConfig, digest: str, sizes: list[int]) -> None:
+        """The clients' partition as the run's dataset input (context ``training``): named after the data and the
+        scheme, its digest the partition's own (:func:`fedmef_core.data.split_digest`, cut to the 36 characters
+        MLflow stores; the whole sha256 is in its profile), its source the partition's ``clients.json``. Logging
+        it again (a resumed run) adds nothing."""
+        if self._client is None or not self.run_id:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        source = (Path(config.runtime.partitions_dir) / "clients.json").resolve().as_uri()
+        profile = {"clients": len(sizes), "samples": sum(sizes), "partition_sha256": digest,
+                   "scheme": config.partition.scheme, "seed": config.partition.seed}
+        dataset = Dataset(name=f"{config.data.name}-{config.partition.scheme}", digest=digest[:MAX_DIGEST_LENGTH],
+                          source_type="local", source=json.dumps({"uri": source}), profile=json.dumps(profile))
+        data_input = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
+        self._send(("input", dataset.name), functools.partial(self._client.log_inputs, self.run_id, [data_input]))
+
+    def log_model(self, log: Callable[[str, str], Any], what: str) -> None:
+        """Run ``log(store_uri, run_id)`` — a logged model's whole logging (:mod:`tasks.logged_models`) — as one
+        send: it waits, in order, while the store is away. Its result is kept in `model_logged`."""
+        if self._client is None or not self.run_id:
+            return
+
+        def send() -> None:
+            self.model_logged = log(self.uri, self.run_id)
+
+        self._send(("model", what), send)
+
+    def start_system_metrics(self, resumed: bool) -> None:
+        """MLflow's system metrics (``system/*``) for this run in a thread of its own, until :meth:`end`; a
+        resumed run continues their steps."""
+        if self._client is None or not self.run_id or not self.cfg.system_metrics or self._monitor is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed, tracking_uri=self.uri)
+        self._monitor.start()
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self._client is None or not self.run_id:
             return
@@ -279,6 +359,9 @@ class Tracker:
         """End the run with `status`; say what could not be logged if the store is still away."""
         if self._client is None or not self.run_id:
             return
+        if self._monitor is not None:  # its last samples go before the run ends
+            self._monitor.finish()
+            self._monitor = None
         self._send(("status", status), functools.partial(self._client.set_terminated, self.run_id, status=status))
         if self.pending:
             print(f"warning: MLflow tracking store {self.uri} is still unreachable; not logged to run "
@@ -409,7 +492,8 @@ def describe_lost(lost: list[tuple[str, str]]) -> str:
     """``metrics of steps 2, 3; artifacts plots/a.png; its end (FINISHED: ...)`` from (kind, what) pairs."""
     steps = sorted({int(step) for k, w in lost if k == "metrics" for step in w.split(",")})
     parts = [f"metrics of steps {', '.join(map(str, steps))}"] if steps else []
-    for kind, label in (("artifact", "artifacts"), ("tag", "tags")):
+    for kind, label in (("artifact", "artifacts"), ("tag", "tags"), ("input", "dataset inputs"),
+                        ("model", "the model")):
         if names := [w for k, w in lost if k == kind]:
             parts.append(f"{label} {', '.join(dict.fromkeys(names))}")
     parts += [f"its end ({w}: the store shows it RUNNING)" for k, w in lost if k == "status"]
@@ -458,6 +542,7 @@ def _open_run(tracker: Tracker, config: ExperimentConfig, run_name: str, tags: d
     lost = tracker.lost(tracker.run_id) if tracker.run_id else None
     if tracker.run_id and lost is None:
         tracker.reopen()
+        tracker.start_system_metrics(resumed=True)
         return
     run_dir = str(run_paths(config).root.resolve())
     lineage = {"run_dir": run_dir}
@@ -467,6 +552,17 @@ def _open_run(tracker: Tracker, config: ExperimentConfig, run_name: str, tags: d
     if lost_run:
         lineage["continues_run"] = lost_run
     tracker.start(config, run_name=run_name, tags={**(tags or {}), **lineage})
+    tracker.start_system_metrics(resumed=False)
     if lost_run:
         print(f"MLflow run {lost_run} (named by the checkpoint) {lost} {tracker.uri}: this resume logs to "
               f"a new run {tracker.run_id}, tagged continues_run={lost_run}", flush=True)
+
+
+def run_description(config: ExperimentConfig, accuracy: float | None = None) -> str:
+    """A training run's description (Markdown): what was trained and, once known, how well."""
+    p = config.pruning
+    text = (f"**{p.method}** · {config.model.arch} ({config.model.norm}) · density {p.density:g} · "
+            f"seed {config.federation.seed} · {config.data.name}")
+    if accuracy is None:
+        return text + f"\n\ntraining {config.federation.rounds} rounds"
+    return text + f"\n\nfinal test accuracy **{accuracy:.4f}** after {config.federation.rounds} rounds"

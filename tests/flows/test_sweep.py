@@ -102,6 +102,16 @@ def test_sweep_runs_children_under_one_parent_and_resumes_only_the_unfinished_ce
         (cells["fedtiny", 0]["accuracy"] + cells["fedtiny", 1]["accuracy"]) / 2)
     assert cells["fedtiny", 0]["post_adjust_drop"] is not None and cells["fedavg_static", 0]["post_adjust_drop"] is None
     assert all(c["footprint_bytes"] > 0 and [r for r, _ in c["curve"]] == [1, 2] for c in first["cells"])
+    assert parent.data.tags["mlflow.note.content"] == first["markdown"]  # the comparison, as its description
+
+    # the registry: each cell's model is a version of fedmef-cnn, the aliases point at the best by test accuracy
+    by_run = {c["mlflow_run_id"]: c for c in first["cells"]}
+    assert len(client.search_model_versions("name = 'fedmef-cnn'")) == 4
+    assert [a["alias"] for a in first["aliases"]] == ["best-fedavg_static", "best-fedtiny", "champion"]
+    for alias, method in [("best-fedavg_static", "fedavg_static"), ("best-fedtiny", "fedtiny"), ("champion", None)]:
+        cell = by_run[client.get_model_version_by_alias("fedmef-cnn", alias).run_id]
+        assert cell["method"] == (method or cell["method"])
+        assert cell["accuracy"] == max(c["accuracy"] for c in first["cells"] if method in (None, c["method"]))
     flow_run_id = parent.data.tags["prefect_flow_run_id"]
     markdown = [a for a in _artifacts(flow_run_id) if a["key"] == "sweep-comparison"]
     assert markdown and "Paired difference against fedtiny" in markdown[0]["data"]

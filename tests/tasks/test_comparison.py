@@ -6,6 +6,7 @@ import pytest
 
 from tasks.comparison import (
     CellResult,
+    best_aliases,
     comparison_csv,
     comparison_markdown,
     mean_curve,
@@ -119,3 +120,15 @@ def test_plots_are_written(tmp_path):
     plot_curves(cells, tmp_path / "curves.png", title="t")
     plot_accuracy_memory(summary_rows(cells), tmp_path / "memory.png")
     assert (tmp_path / "curves.png").stat().st_size > 5000 and (tmp_path / "memory.png").stat().st_size > 5000
+
+
+def test_aliases_point_at_each_methods_best_cell_and_the_champion_at_the_best_of_all():
+    cells = [CellResult("fedtiny", 0.1, 0, 0.70), CellResult("fedmef", 0.1, 0, 0.74),
+             CellResult("fedtiny", 0.1, 1, 0.72), CellResult("fedmef", 0.05, 1, 0.74),  # a tie: the first stays
+             CellResult("fedavg", 0.1, 0, 0.80, dense=True)]
+    best = best_aliases(cells)
+    assert list(best) == ["best-fedtiny", "best-fedmef", "best-fedavg", "champion"]
+    assert best["best-fedtiny"] is cells[2] and best["best-fedmef"] is cells[1]
+    assert best["champion"] is cells[4]
+    assert best_aliases([]) == {}
+

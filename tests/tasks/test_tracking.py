@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -32,6 +34,8 @@ def test_tracker_writes_params_metrics_tags_and_artifacts(tmp_path, monkeypatch)
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "accuracy")] == [(1, 0.5), (2, 0.75)]
     assert [f.path for f in client.list_artifacts(run_id, "notes")] == ["notes/note.txt"]
     assert (tmp_path / "mlartifacts").is_dir()  # artifacts beside the sqlite store
+    assert client.get_experiment_by_name("t").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.data.tags["mlflow.note.content"].startswith("**fedmef** · cnn (nsconv) · density 0.1 · seed 0")
 
 
 def test_unreachable_server_fails_fast_naming_the_uri():
@@ -279,3 +283,51 @@ def test_a_training_tracker_holds_metrics_back_and_sends_them_as_one_batch(tmp_p
     time.sleep(0.25)
     timed.log_metrics({"train_loss": 0.25}, step=3)
     assert not timed._held and not timed.pending  # due again: everything held went out
+
+
+def test_an_experiment_made_before_gets_the_model_training_kind_and_a_long_description_is_cut(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_experiment("old")  # by an earlier version, or another tool: no kind
+    config = ExperimentConfig(tracking=TrackingConfig(mlflow_uri=uri, experiment="old"))
+    tracker = Tracker(config.tracking)
+    run_id = tracker.start(config, run_name="r")
+    assert client.get_experiment_by_name("old").tags["mlflow.experimentKind"] == "custom_model_development"
+    tracker.describe("| row |\n" * 2000)  # 14,000 characters: a sweep of many cells
+    note = client.get_run(run_id).data.tags["mlflow.note.content"]
+    assert len(note) <= 8000 and note.endswith("(cut here: the whole text is in the run's artifacts)")
+    assert note.startswith("| row |\n| row |")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_system_metrics_are_logged_only_when_asked(tmp_path, monkeypatch, enabled):
+    import time
+
+    from tasks.tracking import tracked_run
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # MLflow's default: every 10 s
+    config = tracked_config(tmp_path, system_metrics=enabled)
+    with tracked_run(config, "r") as tracker:
+        time.sleep(1.0)
+    metrics = runs_of(config)[tracker.run_id].data.metrics
+    system = {k for k in metrics if k.startswith("system/")}
+    assert bool(system) == enabled, system
+    if enabled:
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+
+
+
+def test_the_partition_is_the_runs_dataset_input_once_also_after_a_resume(tmp_path):
+    config = tracked_config(tmp_path)
+    digest = "0123456789abcdef" * 4  # a sha256: MLflow keeps 36 characters of a digest
+    first = Tracker(config.tracking)
+    run_id = first.start(config, run_name="r")
+    first.log_partition(config, digest, [20, 30, 50])
+    resumed = Tracker(config.tracking, run_id=run_id)
+    resumed.reopen()
+    resumed.log_partition(config, digest, [20, 30, 50])
+    (logged,) = MlflowClient(config.tracking.mlflow_uri).get_run(run_id).inputs.dataset_inputs
+    assert (logged.dataset.name, logged.dataset.digest) == ("fashion_mnist-dirichlet", digest[:36])
+    assert json.loads(logged.dataset.profile) == {"clients": 3, "samples": 100, "partition_sha256": digest,
+                                                  "scheme": "dirichlet", "seed": 1}
+    assert json.loads(logged.dataset.source)["uri"].endswith("/partitions/clients.json")
