@@ -391,7 +391,8 @@ class ExperimentConfig(_Section):
 
 # not part of an experiment's identity: where and how it runs, and the top-level seed (it acts only through the
 # section seeds it sets)
-NOT_IDENTITY = ("tracking", "runtime", "ray", "seed")
+RUN_ONLY_SECTIONS = ("tracking", "runtime", "ray")  # where and how a run executes, not what it computes
+NOT_IDENTITY = (*RUN_ONLY_SECTIONS, "seed")
 
 
 def method_traits(method: str):
