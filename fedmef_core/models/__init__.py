@@ -46,7 +46,8 @@ def build_model(cfg: ModelConfig, in_channels: int, num_classes: int, image_size
     except KeyError:
         raise ValueError(f"unknown arch {cfg.arch!r}; choose one of {sorted(ARCHITECTURES)}") from None
     with GLOBAL_RNG:
-        return finish_norm(builder(in_channels, num_classes, image_size, norm_layer(cfg)), cfg)
+        model = builder(in_channels, num_classes, image_size, norm_layer(cfg))
+        return finish_norm(model, cfg, (in_channels, image_size, image_size))
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -157,14 +157,32 @@ def _block_stds(arch: str, norm: str) -> tuple[list[float], float]:
 
 @pytest.mark.parametrize("arch", ["resnet8", "resnet18", "mobilenetv2"])
 def test_nsconv_residual_networks_keep_their_scale_at_initialisation(arch):
-    """Without BatchNorm nothing rescales a residual stream: with every branch open at initialisation its
-    std grew x9 across ResNet18's blocks (logits std 5) and x4 across MobileNetV2's. As with BatchNorm it
-    must stay within a small factor and the logits small."""
+    """Without BatchNorm nothing rescales a residual stream: with every branch at NSConv's own gain its std
+    grew x9.0 across ResNet18's blocks (logits std 5.1), x1.9 across ResNet8's and x4.3 across MobileNetV2's.
+    As with BatchNorm it must stay within a small factor, and the logits small."""
     stds, logits = _block_stds(arch, "nsconv")
     batch_stds, batch_logits = _block_stds(arch, "batch")
-    assert max(stds) / min(stds) < 2.5, stds
-    assert max(stds) / min(stds) < 1.3 * max(batch_stds) / min(batch_stds), (stds, batch_stds)
+    assert max(stds) / min(stds) < max(1.75, 1.3 * max(batch_stds) / min(batch_stds)), (stds, batch_stds)
     assert logits < 1.0 and batch_logits < 1.0
+
+
+def test_residual_branches_start_at_unit_scale_without_touching_the_global_rng():
+    from fedmef_core.models.layers import residual_branch_ends
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet18", norm="nsconv"), 3, 10, 32)
+    after_build = torch.rand(1)
+    ends = residual_branch_ends(model)
+    assert len(ends) == 8 + 3  # one per BasicBlock, one per projection shortcut
+    outs: list[torch.Tensor] = []
+    for conv in ends:
+        conv.register_forward_hook(lambda m, i, o: outs.append(o))
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32))
+    assert all(0.5 < o.std().item() < 2.0 for o in outs), [round(o.std().item(), 2) for o in outs]
+    torch.manual_seed(0)
+    build_model(ModelConfig(arch="resnet18", norm="batch"), 3, 10, 32)
+    assert torch.equal(torch.rand(1), after_build)  # the calibration draws from its own generator
 
 
 @pytest.mark.parametrize("masked", [False, True])
