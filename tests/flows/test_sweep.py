@@ -95,10 +95,14 @@ def test_sweep_runs_children_under_one_parent_and_resumes_only_the_unfinished_ce
     table = Path(client.download_artifacts(parent.info.run_id, "comparison/comparison.md", str(tmp_path))).read_text()
     assert "| fedavg_static | 0.2 | 2 |" in table and "| fedavg_static | 0.2 | 2 | " in table.split("Paired")[1]
     cells = {(c["method"], c["seed"]): c for c in first["cells"]}
-    diff = cells["fedavg_static", 0]["accuracy"] - cells["fedtiny", 0]["accuracy"]
-    diff1 = cells["fedavg_static", 1]["accuracy"] - cells["fedtiny", 1]["accuracy"]
+    # compared on the mean of the last evaluated rounds (both of these 2-round runs), the last round's beside it
+    assert all(c["mean_last"] == pytest.approx(sum(a for _, a in c["curve"]) / 2) for c in first["cells"])
+    diff = cells["fedavg_static", 0]["mean_last"] - cells["fedtiny", 0]["mean_last"]
+    diff1 = cells["fedavg_static", 1]["mean_last"] - cells["fedtiny", 1]["mean_last"]
     assert parent.data.metrics["diff_mean/fedavg_static-fedtiny/d0.2"] == pytest.approx((diff + diff1) / 2)
     assert parent.data.metrics["acc_mean/fedtiny/d0.2"] == pytest.approx(
+        (cells["fedtiny", 0]["mean_last"] + cells["fedtiny", 1]["mean_last"]) / 2)
+    assert parent.data.metrics["acc_last_round/fedtiny/d0.2"] == pytest.approx(
         (cells["fedtiny", 0]["accuracy"] + cells["fedtiny", 1]["accuracy"]) / 2)
     assert cells["fedtiny", 0]["post_adjust_drop"] is not None and cells["fedavg_static", 0]["post_adjust_drop"] is None
     assert all(c["footprint_bytes"] > 0 and [r for r, _ in c["curve"]] == [1, 2] for c in first["cells"])
