@@ -3,7 +3,9 @@
     W_hat = g * (W - mean(W)) / sqrt(max(var(W) * fan_in, eps))  (* mask)
 
 mean and (biased) variance per output channel over its fan-in (in_channels/groups x kh x kw), ``g`` a
-learned per-channel gain. So each channel of W_hat (unmasked) has zero mean and variance g^2 / fan_in.
+learned per-channel gain. So each channel of W_hat (unmasked) has zero mean and variance g^2 / fan_in. A sparse
+layer takes the mean, the variance and the count over the weights its mask keeps (:func:`standardize`), so
+its kept W_hat are centred too; grown weights enter at their channel's mean (:func:`grow_at_channel_mean`).
 The gain starts at ``GAIN_INIT`` = sqrt(2 / (1 - 1/pi)) ~ 1.71 (the ReLU gain of Brock et al.'s
 scaled weight standardisation), not 1: with sum(W_hat^2) = g^2 per channel, a ReLU'd unit Gaussian
 input (variance (1 - 1/pi) / 2) leaves the conv with unit variance, so the signal does not shrink layer
