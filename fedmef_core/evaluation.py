@@ -20,6 +20,11 @@ class EvalResult:
 
 
 @torch.no_grad()
+def mean_last_key(rounds: int) -> str:
+    """The name of the mean over the last ``rounds`` evaluated rounds in a run's train.json."""
+    return f"accuracy_mean_last{rounds}"
+
+
 def mean_of_last(history: list[dict], rounds: int) -> float | None:
     """Mean test accuracy over the last ``rounds`` evaluated rounds of a server history (None if none was)."""
     accuracies = [float(h["accuracy"]) for h in history if "accuracy" in h][-rounds:]

@@ -10,6 +10,7 @@ import sys
 
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.errors import UserError
+from fedmef_core.evaluation import mean_last_key
 from fedmef_core.runs import read_eval_metrics, read_train_metrics, run_paths
 from flows.cli import config_from_args
 
@@ -26,7 +27,7 @@ def summary_text(config: ExperimentConfig) -> str:
         f"rounds        {train['rounds']} ({train['seconds_per_round']:.2f} s/round, {train['seconds']:.0f} s total)",
         f"test accuracy {evaluation['accuracy']:.4f}   (loss {evaluation['loss']:.4f}; mean of the last "
         f"{config.runtime.eval_mean_last} evaluated rounds "
-        f"{train.get(f'accuracy_mean_last{config.runtime.eval_mean_last}', float('nan')):.4f})",
+        f"{train.get(mean_last_key(config.runtime.eval_mean_last), float('nan')):.4f})",
         f"metrics       {paths.metrics / 'train.json'}, {paths.metrics / 'eval.json'}, {paths.metrics / 'rounds.csv'}",
         f"plots         {paths.plots}/ ({', '.join(sorted(p.name for p in paths.plots.glob('*.png')))})",
     ]

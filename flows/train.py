@@ -12,6 +12,7 @@ from prefect import flow
 
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import split_digest
+from fedmef_core.evaluation import mean_last_key
 from fedmef_core.runs import run_lock, run_name, run_paths
 from flows import cli
 from flows.cli import fails_cleanly
@@ -74,7 +75,7 @@ def train_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
     k = config.runtime.eval_mean_last
     model = f", model {summary['model_uri']}" if summary.get("model_uri") else ""
     print(f"{done}: accuracy {summary['accuracy']:.4f} (mean of the last {k} evaluated rounds "
-          f"{summary[f'accuracy_mean_last{k}']:.4f}), MLflow run {summary['mlflow_run_id'] or '(tracking off)'}"
+          f"{summary[mean_last_key(k)]:.4f}), MLflow run {summary['mlflow_run_id'] or '(tracking off)'}"
           f"{model}, outputs in {summary['run_dir']}")
     publish_summary(config, summary)
     return summary

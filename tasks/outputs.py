@@ -11,7 +11,7 @@ from pathlib import Path
 from fedmef_core.checkpoint import FINAL_NAME
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.engine import Server
-from fedmef_core.evaluation import mean_of_last
+from fedmef_core.evaluation import mean_last_key, mean_of_last
 from fedmef_core.io import write_json, write_text
 from fedmef_core.plots import plot_round_curves
 from fedmef_core.runs import RunPaths
@@ -62,10 +62,10 @@ class RoundReporter:
         seconds = time.perf_counter() - self.started
         ran = cfg.federation.rounds - self.first_round + 1
         final = server.history[-1]
-        mean_last = cfg.runtime.eval_mean_last
+        mean_last = mean_of_last(server.history, cfg.runtime.eval_mean_last)
         summary = {
             "accuracy": final["accuracy"],
-            f"accuracy_mean_last{mean_last}": mean_of_last(server.history, mean_last),
+            mean_last_key(cfg.runtime.eval_mean_last): mean_last,
             "loss": final["loss"],
             "rounds": cfg.federation.rounds,
             "rounds_run": ran,  # in this process; fewer than `rounds` after a resume
@@ -82,8 +82,8 @@ class RoundReporter:
         title = f"{cfg.pruning.method} d={cfg.pruning.density:g}"
         plot_round_curves(server.history, paths.plots / "accuracy.png", title=f"{title} on {cfg.data.name}")
         write_mask_plots(server, paths.plots, tracker, title=title)
-        tracker.log_metrics({"final_accuracy": final["accuracy"], "final_accuracy_mean_last": mean_of_last(
-            server.history, mean_last), "train_seconds": seconds}, step=cfg.federation.rounds)
+        tracker.log_metrics({"final_accuracy": final["accuracy"], "final_accuracy_mean_last": mean_last,
+                             "train_seconds": seconds}, step=cfg.federation.rounds)
         tracker.log_text(cfg.to_yaml(), "config.yaml")
         tracker.describe(run_description(cfg, final["accuracy"]))
         for path, where in [
