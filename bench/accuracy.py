@@ -132,11 +132,16 @@ def results_json(result: dict) -> dict:
     return table
 
 
+def cell_result(cell: dict) -> CellResult:
+    """A sweep's cell as written to JSON (``cells.json``, the sweep's result) back as a :class:`CellResult`."""
+    return CellResult(**{**cell, "curve": tuple(map(tuple, cell["curve"]))})
+
+
 def paired_json(result: dict, references: list[dict] = ()) -> dict:
     """Paired differences (mean and 95% t-interval over seeds) of every method against fedtiny and feddst;
     ``references``: cells of another sweep (its ``cells.json``) that hold them, e.g. for an ablation."""
-    own = [CellResult(**{**c, "curve": tuple(map(tuple, c["curve"]))}) for c in result["cells"]]
-    others = [CellResult(**{**c, "curve": tuple(map(tuple, c["curve"]))}) for c in references
+    own = [cell_result(c) for c in result["cells"]]
+    others = [cell_result(c) for c in references
               if c["method"] in PAIRED_AGAINST and c["method"] not in {r.method for r in own}]
     cells = own + others
     out: dict = {}
