@@ -103,14 +103,21 @@ def test_a_sparse_nsconv_centres_its_channels_as_a_dense_one_does(density):
     assert sparse_shift < 0.1, (sparse_shift, dense_shift)
 
 
-def test_a_grown_weight_enters_at_zero_and_leaves_its_channel_unchanged():
-    torch.manual_seed(6)
+def _off_centre_sparse_conv(seed: int, density: float, offset: float) -> tuple[nn.Module, NSConv, torch.Tensor]:
+    """A one-NSConv model whose kept raw weights are shifted off-centre by `offset` (as aggregation may leave
+    them), masked outside a random mask of `density` that is attached; returns (model, conv, mask)."""
+    torch.manual_seed(seed)
     model = nn.Sequential(NSConv(8, 4, 3))
     conv = model[0]
-    old = torch.rand_like(conv.weight) < 0.3
+    mask = torch.rand_like(conv.weight) < density
     with torch.no_grad():
-        conv.weight.add_(0.3).mul_(old)  # raw active weights off-centre, as aggregation may leave them
-    attach_masks(model, {"0.weight": old})
+        conv.weight.add_(offset).mul_(mask)
+    attach_masks(model, {"0.weight": mask})
+    return model, conv, mask
+
+
+def test_a_grown_weight_enters_at_zero_and_leaves_its_channel_unchanged():
+    model, conv, old = _off_centre_sparse_conv(6, 0.3, 0.3)
     before = conv.standardized_weight().detach().clone()
     new = old.clone()
     grown = torch.zeros_like(old)
@@ -126,13 +133,7 @@ def test_a_grown_weight_enters_at_zero_and_leaves_its_channel_unchanged():
 
 
 def test_centring_the_initial_sparse_model_leaves_w_hat_unchanged():
-    torch.manual_seed(7)
-    model = nn.Sequential(NSConv(8, 4, 3))
-    conv = model[0]
-    mask = torch.rand_like(conv.weight) < 0.4
-    with torch.no_grad():
-        conv.weight.add_(0.5).mul_(mask)
-    attach_masks(model, {"0.weight": mask})
+    model, conv, mask = _off_centre_sparse_conv(7, 0.4, 0.5)
     before = conv.standardized_weight().detach().clone()
     centre_active(model, {"0.weight": mask})
     torch.testing.assert_close(conv.standardized_weight().detach(), before, atol=1e-6, rtol=1e-5)
