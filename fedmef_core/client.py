@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmef_core.algorithms import ClientResult, FederatedAlgorithm, build_algorithm
+from fedmef_core.budget import ClientPlan, MemoryGuard
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import ImageData, iterate_batches
 from fedmef_core.device import autocast, grad_scaler, seed_from
@@ -28,15 +30,22 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 @dataclass
 class Broadcast:
-    """What the server sends to every client of a round."""
+    """What the server sends to the clients of a round; ``plans``: how each client with a memory budget trains
+    (:meth:`ClientPlan.to_dict` by client id; a client without one trains as configured)."""
 
     round: int
     lr: float
     state: dict[str, torch.Tensor]
     payload: dict[str, Any]
+    plans: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"round": self.round, "lr": self.lr, "state": self.state, "payload": self.payload}
+        return {"round": self.round, "lr": self.lr, "state": self.state, "payload": self.payload,
+                "plans": self.plans}
+
+    def plan_of(self, client_id: int) -> ClientPlan | None:
+        plan = self.plans.get(client_id)
+        return None if plan is None else ClientPlan.from_dict(plan)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Broadcast:
@@ -55,11 +64,14 @@ def local_train(
     generator: torch.Generator,
     device: torch.device,
     client_id: int = -1,
+    plan: ClientPlan | None = None,
 ) -> ClientResult:
-    """Train `model` in place for `local_epochs` on the client's samples and return its update."""
+    """Train `model` in place for `local_epochs` on the client's samples and return its update. With a `plan`
+    whose budget is enforced, every step is measured against it (:class:`~fedmef_core.budget.MemoryGuard`)."""
     fed = config.federation
     model.to(device).train()
     algorithm.on_client_start(model, payload)
+    guard = MemoryGuard(model, plan, config, client_id) if plan is not None and plan.enforce else None
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=fed.momentum, weight_decay=fed.weight_decay
     )
@@ -79,7 +91,7 @@ def local_train(
             for group in optimizer.param_groups:
                 group["lr"] = algorithm.step_lr(lr, step, total_steps, model, payload)
             optimizer.zero_grad(set_to_none=True)
-            with autocast(device, fed.precision):
+            with guard.step(device) if guard is not None else nullcontext(), autocast(device, fed.precision):
                 loss = F.cross_entropy(model(x), y)
                 extra = algorithm.extra_loss(model, payload)
             objective = loss if extra is None else loss + extra
@@ -107,6 +119,7 @@ def local_train(
         train_loss=loss_sum / max(seen, 1),
         steps=step,
         upload=upload,
+        memory=guard.report() if guard is not None else {},
     )
 
 
@@ -136,6 +149,9 @@ def run_client(
         answer = algorithm.client_setup(model, broadcast.payload[SETUP_KEY], batches)
         return ClientResult(client_id=client_id, num_samples=len(indices), state={}, train_loss=0.0, steps=0,
                             upload=answer)
+    plan = broadcast.plan_of(client_id)
+    if plan is not None:
+        config = plan.applied(config)  # the batch size and SAP gamma its device allows
     sap = resolve_sap(config)
     if sap is not None:
         apply_sap(model, sap)  # same parameters and state dict; only what backward saves changes
@@ -145,5 +161,5 @@ def run_client(
     return local_train(
         model, data, indices, config=config, algorithm=algorithm,
         payload=broadcast.payload, lr=broadcast.lr, generator=generator, device=device,
-        client_id=client_id,
+        client_id=client_id, plan=plan,
     )

@@ -193,6 +193,84 @@ class SapConfig(_Section):
     )
 
 
+class DeviceTier(_Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$", description="Tier name (metrics: devices/<name>/...).")
+    memory_mib: float = Field(gt=0, description="Memory budget of a device of this tier, MiB.")
+    share: float = Field(gt=0, le=1, description="Fraction of the clients in this tier.")
+
+
+DEFAULT_TIERS = (
+    DeviceTier(name="small", memory_mib=64, share=0.4),
+    DeviceTier(name="medium", memory_mib=128, share=0.3),
+    DeviceTier(name="large", memory_mib=256, share=0.2),
+    DeviceTier(name="xlarge", memory_mib=1024, share=0.1),
+)
+
+
+class DevicesConfig(_Section):
+    """Each client's device: a memory budget its training step must fit (fedmef_core.devices)."""
+
+    profile: Literal["none", "tiers", "trace"] = Field(
+        "none",
+        description="none: every client unlimited (memory is only reported); tiers: budgets drawn with the "
+        "partition seed in the shares of `tiers`; trace: one budget per client from the CSV `trace`.",
+    )
+    tiers: tuple[DeviceTier, ...] = Field(DEFAULT_TIERS, min_length=1, description="Tiers (profile: tiers).")
+    trace: str | None = Field(
+        None, description="CSV with header client_id,memory_mib, one row per client (profile: trace)."
+    )
+    correlate: Literal["none", "labels"] = Field(
+        "none",
+        description="labels: the smallest devices hold the clients whose data lean most on the first half of the "
+        "classes (a label mix of their own, so leaving them out costs accuracy); none: budgets drawn at random.",
+    )
+    policy: Literal["exclude", "fit_batch", "fit_gamma"] = Field(
+        "exclude",
+        description="A client whose step does not fit: exclude (not trained that round, counted); fit_batch (the "
+        "largest batch <= federation.batch_size that fits, down to min_batch); fit_gamma (SAP methods: the "
+        "smallest SAP gamma >= sap.gamma that fits, up to max_gamma, then the batch).",
+    )
+    bound: Literal["footprint", "total"] = Field(
+        "footprint",
+        description="What the budget bounds: footprint = weights as stored + saved activations (the paper's "
+        "measure), total = + gradients and optimizer state.",
+    )
+    min_batch: int = Field(4, ge=1, description="Smallest batch fit_batch/fit_gamma may use.")
+    max_gamma: float = Field(0.95, gt=0, lt=1, description="Largest SAP gamma fit_gamma may use.")
+    headroom: float = Field(
+        0.02, ge=0, lt=1,
+        description="The plan fits a client to (1 - headroom) x its budget: SAP keeps a data-dependent share, so "
+        "what a step holds can exceed the planner's figure slightly (within 2%); enforcement uses the whole budget.",
+    )
+    enforce: bool = Field(
+        True,
+        description="Measure what each client holds while it trains (saved tensors; CUDA: also its peak); a step "
+        "above its budget fails that client as a device out-of-memory would (dropped, counted as over budget).",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.profile != "none"
+
+    def rule_problems(self) -> list[str]:
+        problems = []
+        if self.profile == "trace" and not self.trace:
+            problems.append("devices.profile is 'trace' but devices.trace is not set; give the CSV's path "
+                            "(header client_id,memory_mib)")
+        if self.profile == "tiers":
+            total = sum(t.share for t in self.tiers)
+            if abs(total - 1.0) > 1e-6:
+                problems.append(f"devices.tiers' shares add up to {total:g}, not 1; make them sum to 1")
+            names = [t.name for t in self.tiers]
+            if len(set(names)) != len(names):
+                problems.append(f"devices.tiers' names repeat ({', '.join(names)}); give each tier its own name")
+        return problems
+
+    @model_validator(mode="after")
+    def _rules(self, info: ValidationInfo) -> DevicesConfig:
+        return _enforce_rules(self, info)
+
+
 TRACKING_URI_FORMS = "sqlite:///path/to/mlflow.db (a local store) or http(s)://host:port (an MLflow server)"
 
 
@@ -306,6 +384,7 @@ class ExperimentConfig(_Section):
     federation: FederationConfig = FederationConfig()
     pruning: PruningConfig = PruningConfig()
     sap: SapConfig = SapConfig()
+    devices: DevicesConfig = DevicesConfig()
     tracking: TrackingConfig = TrackingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     ray: RayConfig = RayConfig()
@@ -351,7 +430,7 @@ class ExperimentConfig(_Section):
     def rule_problems(self) -> list[str]:
         """Rules across fields, each broken one as a sentence naming the fields and the fix."""
         p = self.pruning
-        problems = self.federation.rule_problems()
+        problems = self.federation.rule_problems() + self.devices.rule_problems()
         if p.bn_select and not method_traits(p.method).selects_initial_mask:
             problems.append(f"pruning.bn_select is FedTiny's initial-mask selection: it needs pruning.method "
                             f"fedtiny or fedmef (got {p.method!r}); set pruning.bn_select: false")
@@ -425,7 +504,10 @@ def identity_of(dumped: dict[str, Any]) -> dict[str, Any]:
     """The sections of a dumped config that determine results (also for configs stored in checkpoints). The
     top-level `seed` is left out: the resolved `partition.seed` and `federation.seed` hold what it decides (so
     a config written before it existed has the same identity)."""
-    return {k: v for k, v in dumped.items() if k not in NOT_IDENTITY}
+    identity = {k: v for k, v in dumped.items() if k not in NOT_IDENTITY}
+    if identity.get("devices", {}).get("profile", "none") == "none":
+        identity.pop("devices", None)  # unlimited devices: the identity of a config written before they existed
+    return identity
 
 
 class ConfigError(UserError, ValueError):

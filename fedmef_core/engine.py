@@ -27,26 +27,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmef_core.algorithms import ClientResult, FederatedAlgorithm, build_algorithm
+from fedmef_core.algorithms import ClientResult
+from fedmef_core.budget import OverBudgetError
 from fedmef_core.checkpoint import FINAL_NAME, round_checkpoint_path, save_checkpoint
 from fedmef_core.client import SETUP_KEY, Broadcast, run_client
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.cpu import use_threads
 from fedmef_core.data import ImageData
+from fedmef_core.devices import Fleet, RoundPlan, assign_devices
 from fedmef_core.evaluation import EvalResult, evaluate
-from fedmef_core.models import GLOBAL_RNG, build_model
+from fedmef_core.initial import initial_model
+from fedmef_core.models import GLOBAL_RNG
+from fedmef_core.planner import profile_config
 
 
 class RoundResults:
     """A round's client results, handed over one at a time in client-id order by iterating.
 
     `results` yields them lazily (reads each from disk, or trains it, when asked); iterate once.
-    ``fetch_seconds`` adds up the time spent producing them.
+    ``fetch_seconds`` adds up the time spent producing them; what happened is recorded as they pass: the clients
+    that ``arrived``, the ``memory`` each client with a budget held, the clients that went ``over_budget``
+    (their executor adds them) and how many were ``dropped`` for any fault.
     """
 
     def __init__(self, results: Iterable[ClientResult]):
         self._results = iter(results)
         self.fetch_seconds = 0.0
+        self.arrived: list[int] = []
+        self.memory: dict[int, dict[str, float]] = {}
+        self.over_budget: list[int] = []
+        self.dropped = 0
 
     @classmethod
     def of(cls, results: Iterable[ClientResult]) -> RoundResults:
@@ -55,8 +65,29 @@ class RoundResults:
 
     @classmethod
     def fetched(cls, clients: Iterable[int], fetch: Callable[[int], ClientResult]) -> RoundResults:
-        """``fetch(client_id)`` for each of `clients`, in client-id order, when the aggregation reaches it."""
-        return cls(fetch(c) for c in sorted(clients))
+        """``fetch(client_id)`` for each of `clients`, in client-id order, when the aggregation reaches it; a
+        client whose step goes over its memory budget is left out (counted in ``over_budget``)."""
+
+        def produce(out: RoundResults) -> Iterator[ClientResult]:
+            for c in sorted(clients):
+                try:
+                    result = fetch(c)
+                except OverBudgetError:
+                    out.over_budget.append(c)
+                    out.dropped += 1
+                    continue
+                yield result
+                del result
+
+        return cls.recording(produce)
+
+    @classmethod
+    def recording(cls, produce: Callable[[RoundResults], Iterable[ClientResult]]) -> RoundResults:
+        """Results from ``produce(results)``, which may record on ``results`` (drops, over-budget clients) as it
+        goes."""
+        out = cls(())
+        out._results = iter(produce(out))
+        return out
 
     def __iter__(self) -> Iterator[ClientResult]:
         while True:
@@ -67,27 +98,15 @@ class RoundResults:
                 return
             finally:
                 self.fetch_seconds += time.perf_counter() - start
+            self.arrived.append(result.client_id)
+            if result.memory:
+                self.memory[result.client_id] = result.memory
             yield result
             del result  # no reference kept here: one result alive at a time
 
 
 ClientExecutor = Callable[[Broadcast, list[int]], "RoundResults | list[ClientResult]"]
 RoundCallback = Callable[[int, dict[str, float]], None]
-
-
-def initial_model(config: ExperimentConfig, shape: tuple[int, int, int]) -> tuple[torch.nn.Module, FederatedAlgorithm,
-                                                                             dict[str, Any]]:
-    """The global model before round 1 for images of ``shape`` (channels, size, classes), seeded by
-    ``federation.seed``, with its algorithm and server state, bound."""
-    seed = config.federation.seed
-    channels, size, classes = shape
-    with GLOBAL_RNG:  # seeded and drawn in one turn, whatever other threads build meanwhile
-        torch.manual_seed(seed)
-        model = build_model(config.model, channels, classes, size)
-    algorithm = build_algorithm(config)
-    state: dict[str, Any] = algorithm.init_server_state(model, torch.Generator().manual_seed(seed))
-    algorithm.bind_state(model, state)
-    return model, algorithm, state
 
 
 class Server:
@@ -110,6 +129,8 @@ class Server:
         self.config, self.train, self.test, self.parts, self.device = config, train, test, parts, device
         use_threads(config.runtime.threads)
         self.model, self.algorithm, self.state = initial_model(config, train.shape)
+        self.fleet = _fleet(config, train, parts)  # None: unlimited devices
+        self.device_rows: list[dict] = []  # the last round's per-client device rows (with budgets)
         self.round = 0  # rounds completed
         self.history: list[dict[str, float]] = []
         self.last_eval: EvalResult | None = None
@@ -124,24 +145,32 @@ class Server:
         rng = np.random.default_rng([fed.seed, rnd])
         return sorted(int(c) for c in rng.choice(fed.num_clients, fed.clients_per_round, replace=False))
 
+    def plan_round(self, rnd: int) -> RoundPlan:
+        """The round's sampled clients: with budgets, how each trains or that it is excluded."""
+        sampled = self.sample_clients(rnd)
+        return RoundPlan.unlimited(sampled) if self.fleet is None else self.fleet.plan(sampled)
+
     def lr_for_round(self, rnd: int) -> float:
         """Exponential decay from `lr` in round 1 to `lr_final` in the last round."""
         fed = self.config.federation
         frac = (rnd - 1) / max(fed.rounds - 1, 1)
         return fed.lr * (fed.lr_final / fed.lr) ** frac
 
-    def broadcast(self, rnd: int) -> Broadcast:
+    def broadcast(self, rnd: int, plan: RoundPlan | None = None) -> Broadcast:
         payload = self.algorithm.round_payload(rnd, self.model, self.state)
-        return Broadcast(round=rnd, lr=self.lr_for_round(rnd), state=self._weights_copy(), payload=payload)
+        return Broadcast(round=rnd, lr=self.lr_for_round(rnd), state=self._weights_copy(), payload=payload,
+                         plans=plan.wire() if plan is not None else {})
 
     def _weights_copy(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
-    def finish_round(self, rnd: int, results: RoundResults | Sequence[ClientResult],
-                     seconds: float) -> dict[str, float]:
+    def finish_round(self, rnd: int, results: RoundResults | Sequence[ClientResult], seconds: float,
+                     plan: RoundPlan | None = None) -> dict[str, float]:
         """Aggregate the round's results (streamed in client-id order: the order never depends on timing),
         evaluate where scheduled and return the round's metrics. `seconds`: how long the clients took
-        before this call (time spent fetching streamed results is added)."""
+        before this call (time spent fetching streamed results is added). `plan`: the round's
+        :meth:`plan_round`; with device budgets its ``devices/`` metrics are added (``self.device_rows`` holds
+        its per-client rows), and a round whose sampled clients were all excluded leaves the model as it was."""
         if not isinstance(results, RoundResults):
             results = RoundResults.of(results)
         aggregator = self.algorithm.aggregator(rnd, self.model, self.state)
@@ -150,20 +179,24 @@ class Server:
             aggregator.add(r)
             losses.append(r.train_loss * r.num_samples)
             del r  # released before the next one is fetched
-        if not aggregator.clients:
+        nobody = plan is not None and self.fleet is not None and not aggregator.clients
+        if not aggregator.clients and not nobody:
             raise ValueError(f"round {rnd}: no client result to aggregate")
         before: list[EvalResult] = []  # the averaged model's test result, where the method prunes it after
-        method_metrics = aggregator.finish(self.model, self.state,
-                                           before_adjust=lambda: before.append(self._evaluate()))
+        method_metrics = {} if nobody else aggregator.finish(self.model, self.state,
+                                                              before_adjust=lambda: before.append(self._evaluate()))
         self.algorithm.bind_state(self.model, self.state)
         metrics: dict[str, float] = {
             "round": rnd,
             "lr": self.lr_for_round(rnd),
-            "train_loss": sum(losses) / aggregator.samples,
+            **({} if nobody else {"train_loss": sum(losses) / aggregator.samples}),
             "clients": aggregator.clients,
             "round_seconds": seconds + results.fetch_seconds,
             **method_metrics,
         }
+        if plan is not None and self.fleet is not None:
+            self.device_rows = self.fleet.round_rows(rnd, plan, results.arrived, results.memory, results.over_budget)
+            metrics.update(self.fleet.round_metrics(self.device_rows))
         run = self.config.runtime
         scheduled = rnd % run.eval_every == 0 or rnd == self.config.federation.rounds
         after = self._evaluate() if scheduled or before else None
@@ -214,6 +247,16 @@ class Server:
         self.algorithm.bind_state(self.model, self.state)
 
 
+def _fleet(config: ExperimentConfig, train: ImageData, parts: Sequence[np.ndarray]) -> Fleet | None:
+    """The clients' devices (None when unlimited): budgets drawn with the partition seed, fitted by the planner
+    on a profile of the initial model traced on the training images."""
+    labels = train.labels.numpy()
+    assignment = assign_devices(config.devices, labels, parts, train.num_classes, config.partition.seed)
+    if assignment is None:
+        return None
+    return Fleet(config, assignment, profile_config(config, train), labels, parts, train.num_classes)
+
+
 def streaming_executor(server: Server) -> ClientExecutor:
     """Run the round's clients in this process, each when the aggregation reads its result (so only one
     client update is alive at a time)."""
@@ -254,8 +297,9 @@ def run_rounds(
         on_round(0, setup_metrics)
     for rnd in server.pending_rounds():
         start = time.perf_counter()
-        results = executor(server.broadcast(rnd), server.sample_clients(rnd))
-        metrics = server.finish_round(rnd, results, time.perf_counter() - start)
+        plan = server.plan_round(rnd)
+        results = executor(server.broadcast(rnd, plan), plan.trained) if plan.trained else []
+        metrics = server.finish_round(rnd, results, time.perf_counter() - start, plan)
         if checkpoint_dir is not None and (
             rnd % cfg.runtime.checkpoint_every == 0 or rnd == cfg.federation.rounds
         ):

@@ -100,7 +100,7 @@ def weight_bytes(
     return total
 
 
-def _model_storages(model: nn.Module) -> set[int]:
+def model_storages(model: nn.Module) -> set[int]:
     ptrs = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     for m in model.modules():
         mask = getattr(m, "weight_mask", None)
@@ -113,7 +113,7 @@ class ActivationCounter:
     """saved_tensors_hooks that count each saved storage once, per running leaf module."""
 
     def __init__(self, model: nn.Module):
-        self.exclude = _model_storages(model)
+        self.exclude = model_storages(model)
         self.seen: set[int] = set()
         self.by_layer: dict[str, int] = {}
         self.stack: list[str] = []

@@ -50,7 +50,7 @@ from torch import nn
 
 from fedmef_core.config import ExperimentConfig, SapConfig
 from fedmef_core.data import ImageData, image_shape, iterate_batches
-from fedmef_core.engine import initial_model
+from fedmef_core.initial import initial_model
 from fedmef_core.memory import ActivationCounter, MemoryReport, weight_bytes
 from fedmef_core.sap import (
     BitmaskReLU,

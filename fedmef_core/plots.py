@@ -142,3 +142,31 @@ def plot_accuracy_with_adjustments(history: Sequence[dict], path: str | Path, ti
     if any(h.get("adjusted") for h in history):
         ax.legend(loc="lower right")
     _save(fig, path)
+
+
+def plot_participation(rows: Sequence[dict], tiers: Sequence[str], path: str | Path, title: str = "") -> None:
+    """Per tier (one panel each, smallest budget first): per round, its sampled clients that trained, were
+    excluded by their budget, went over it while training or were dropped for another fault (stacked bars)."""
+    rounds = sorted({int(r["round"]) for r in rows})
+    statuses = (("trained", "tab:green"), ("excluded", "tab:grey"), ("over_budget", "tab:red"),
+                ("dropped", "tab:orange"))
+    fig = Figure(figsize=(min(max(6.0, 0.25 * len(rounds) + 3), 16.0), 1.8 * len(tiers) + 0.8))
+    axes = fig.subplots(len(tiers), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, tier in zip(axes, tiers):
+        bottom = np.zeros(len(rounds))
+        for status, colour in statuses:
+            counts = np.array([sum(1 for r in rows if r["tier"] == tier and int(r["round"]) == rnd
+                                   and r["status"] == status) for rnd in rounds], dtype=float)
+            ax.bar(rounds, counts, bottom=bottom, color=colour, label=status.replace("_", " "))
+            bottom += counts
+        trained = sum(1 for r in rows if r["tier"] == tier and r["status"] == "trained")
+        sampled = sum(1 for r in rows if r["tier"] == tier)
+        ax.set_ylabel("clients")
+        ax.set_title(f"{tier}: {trained} of {sampled} sampled trained", fontsize=9, loc="left")
+        ax.yaxis.get_major_locator().set_params(integer=True)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, ncols=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    axes[-1].set_xlabel("round")
+    if title:
+        fig.suptitle(title, y=1.06)
+    _save(fig, path)

@@ -20,6 +20,7 @@ from flows.lifecycle import safe_points
 from tasks import preflight
 from tasks.checkpoints import RoundSaver, finished_summary, resume, start_server
 from tasks.clients import client_updates
+from tasks.devices import DeviceReporter
 from tasks.logged_models import log_final_model
 from tasks.memory import client_step_report, log_memory_report
 from tasks.outputs import RoundReporter
@@ -37,6 +38,8 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
         server = start_server(config)
         memory = client_step_report(config, server.model, server.train, server.device)  # of the initial model
         partition = split_digest(server.parts)  # part of what a checkpoint must match to be resumed
+        if server.fleet is not None:  # and the devices' budgets, with it
+            partition += f"+devices-{server.fleet.assignment.digest()}"
         resumed = resume(server, config, paths, partition)
         if resumed is not None and (done := finished_summary(config, paths, resumed)) is not None:
             return {**done, "rounds_run": 0}  # nothing left to train: its outputs and MLflow run stay as they are
@@ -48,19 +51,24 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
             identity = {"mlflow_run_id": tracker.run_id or "", "partition": partition}
             save = RoundSaver(config, paths, identity, fresh=resumed is None)
             report = RoundReporter(config, paths, tracker, first_round=server.round + 1)
+            devices = DeviceReporter(config, paths, tracker, server)
             report.setup(server.setup(updates))
             with safe_points() as stop:  # Ctrl-C / SIGTERM: at once while clients train, else after the writes
                 for rnd in server.pending_rounds():
                     started = time.perf_counter()
                     with stop.interruptible():  # training and aggregation change nothing on disk
-                        results = updates(server.broadcast(rnd), server.sample_clients(rnd))
-                        metrics = server.finish_round(rnd, results, time.perf_counter() - started)
-                    metrics["dropped_clients"] = updates.dropped.pop(rnd, 0)
+                        plan = server.plan_round(rnd)  # who trains, at which batch and SAP gamma, who cannot
+                        results = updates(server.broadcast(rnd, plan), plan.trained) if plan.trained else None
+                        metrics = server.finish_round(rnd, results or [], time.perf_counter() - started, plan)
+                    metrics["dropped_clients"] = results.dropped if results is not None else 0
+                    devices(server)
                     report(server, rnd, metrics)
                     save(server, rnd, metrics, tracker)  # a checkpoint first sends the metrics held back
             save.final(server)
             model_uri = log_final_model(config, server, tracker)  # MLflow's logged model, a registry version
             summary = report.finish(server, model_uri)
+            if device_summary := devices.finish(server):
+                summary["devices"] = device_summary
     return summary
 
 

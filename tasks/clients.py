@@ -26,6 +26,7 @@ from prefect.exceptions import MissingContextError
 from prefect.utilities.annotations import quote
 
 from fedmef_core.algorithms import ClientResult
+from fedmef_core.budget import OverBudgetError
 from fedmef_core.checkpoint import load_exchange, save_exchange
 from fedmef_core.client import Broadcast, NonFiniteLossError, run_client
 from fedmef_core.config import ExperimentConfig
@@ -63,15 +64,17 @@ def train_client(config: ExperimentConfig, broadcast: Broadcast, client_id: int)
 
 
 class Trained:
-    """One client of a wave: its update, or why it was dropped (`failure`, "Error: message").
+    """One client of a wave: its update, or why it was dropped (`failure`, "Error: message"; `over_budget`: its
+    step went over its device's memory budget).
 
     The update is taken out with :meth:`take`, which leaves the box empty: whatever still holds the box
     (Prefect's generator engine keeps the last value yielded while the next client trains) no longer
     holds the update, so only one is alive at a time.
     """
 
-    def __init__(self, client: int, result: ClientResult | None = None, failure: str | None = None):
-        self.client, self._result, self.failure = client, result, failure
+    def __init__(self, client: int, result: ClientResult | None = None, failure: str | None = None,
+                 over_budget: bool = False):
+        self.client, self._result, self.failure, self.over_budget = client, result, failure, over_budget
 
     def take(self) -> ClientResult:
         result, self._result = self._result, None
@@ -83,14 +86,14 @@ class Trained:
 def train_clients(config: ExperimentConfig, broadcast: Broadcast, clients: list[int]) -> Iterator[Trained]:
     """Train `clients` in turn, one :class:`Trained` each: its update, or the failure of a client that failed
     `runtime.client_retries` + 1 times (dropped; the others go on). A NaN/inf loss is not retried: it stops
-    the run."""
+    the run; a step over the client's memory budget is not retried either (the same step would hold the same)."""
     for c in clients:
         try:
             result = _retried(config, broadcast, c)
         except NonFiniteLossError:
             raise
         except Exception as exc:  # noqa: BLE001 - any client fault (CUDA OOM included) drops the client
-            yield Trained(c, failure=f"{type(exc).__name__}: {exc}")
+            yield Trained(c, failure=f"{type(exc).__name__}: {exc}", over_budget=isinstance(exc, OverBudgetError))
             continue
         trained = Trained(c, result)
         del result  # the box holds the only reference
@@ -106,19 +109,22 @@ def client_wave(config: ExperimentConfig, broadcast_path: str, rnd: int, first: 
     """Train a wave of clients in turn (one task, one broadcast read), writing each update to `out_dir`
     (see :func:`train_clients` for retries and drops).
 
-    Returns ``{"updates": {client: {"path", "num_samples", "loss"}}, "failures": {client: "Error: message"}}``.
+    Returns ``{"updates": {client: {"path", "num_samples", "loss"}}, "failures": {client: "Error: message"},
+    "over_budget": [client, ...]}``.
     """
     broadcast = Broadcast.from_dict(load_exchange(broadcast_path))
-    updates, failures = {}, {}
+    updates, failures, over_budget = {}, {}, []
     for trained in train_clients(config, broadcast, clients):
         if trained.failure is not None:
             failures[trained.client] = trained.failure
+            if trained.over_budget:
+                over_budget.append(trained.client)
             continue
         result = trained.take()
         path = save_exchange(update_path(out_dir, rnd, result.client_id), result.to_dict())
         updates[result.client_id] = {"path": str(path), "num_samples": result.num_samples,
                                      "loss": result.train_loss}
-    return {"updates": updates, "failures": failures}
+    return {"updates": updates, "failures": failures, "over_budget": over_budget}
 
 
 @task(name="client-wave", cache_policy=NO_CACHE, task_run_name="round-{rnd}-clients-{first}-{last}",
@@ -137,7 +143,7 @@ def _retried(config: ExperimentConfig, broadcast: Broadcast, client_id: int) -> 
     for attempt in range(retries + 1):
         try:
             return train_client(config, broadcast, client_id)
-        except NonFiniteLossError:
+        except (NonFiniteLossError, OverBudgetError):
             raise
         except Exception as exc:  # noqa: BLE001 - the last attempt's fault drops the client
             if attempt == retries:
@@ -185,22 +191,25 @@ class ClientUpdates:
 
     def __call__(self, broadcast: Broadcast, clients: list[int]) -> RoundResults:
         if self.in_memory:
-            return RoundResults(self._trained_here(broadcast, sorted(clients)))
+            return RoundResults.recording(lambda out: self._trained_here(broadcast, sorted(clients), out))
         rnd = broadcast.round
         bpath = save_exchange(self.exchange_dir / f"broadcast_r{rnd:04d}.pt", broadcast.to_dict())
         batches = waves(sorted(clients), self.config.runtime.workers)
         futures = [self.submit(client_wave, self._parameters(bpath, rnd, wave)) for wave in batches]
-        updates, failures = {}, {}
+        updates, failures, over_budget = {}, {}, []
         try:
             for wave, future in zip(batches, futures):
                 answer = self._answer(bpath, rnd, wave, future)
                 updates.update(answer["updates"])
                 failures.update(answer["failures"])
+                over_budget += answer.get("over_budget", [])
                 print(wave_summary(rnd, wave, answer), flush=True)
         finally:
             _remove(bpath)
         self._close_round(rnd, len(updates), len(clients), failures)
-        return RoundResults.fetched(updates, lambda c: _read_once(Path(updates[c]["path"])))
+        results = RoundResults.fetched(updates, lambda c: _read_once(Path(updates[c]["path"])))
+        results.dropped, results.over_budget = len(failures), over_budget
+        return results
 
     def _answer(self, broadcast_path: Path, rnd: int, wave: list[int], future) -> dict:
         """A wave's answer. A wave lost as a whole (its Ray worker or node died) is a failed attempt of each of
@@ -221,8 +230,8 @@ class ClientUpdates:
                 future = self.submit(client_wave, self._parameters(broadcast_path, rnd, wave))
         raise AssertionError("unreachable")
 
-    def _trained_here(self, broadcast: Broadcast, clients: list[int]) -> Iterator[ClientResult]:
-        """One wave, trained in this thread as the aggregation asks for each update."""
+    def _trained_here(self, broadcast: Broadcast, clients: list[int], out: RoundResults) -> Iterator[ClientResult]:
+        """One wave, trained in this thread as the aggregation asks for each update (drops recorded on `out`)."""
         rnd = broadcast.round
         done, failures = {}, {}
         # quote: Prefect need not walk the config and the weights looking for futures (the task gets them as is)
@@ -230,6 +239,9 @@ class ClientUpdates:
         for trained in wave:
             if trained.failure is not None:
                 failures[trained.client] = trained.failure
+                out.dropped += 1
+                if trained.over_budget:
+                    out.over_budget.append(trained.client)
                 continue
             result = trained.take()
             done[result.client_id] = {"num_samples": result.num_samples, "loss": result.train_loss}

@@ -14,7 +14,7 @@ from torch import nn
 
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import ImageData, iterate_batches, load_dataset
-from fedmef_core.engine import initial_model
+from fedmef_core.initial import initial_model
 from fedmef_core.io import write_json
 from fedmef_core.memory import MemoryReport, measure_step
 from fedmef_core.plots import plot_memory_parts

@@ -42,6 +42,7 @@ class ClientResult:
     train_loss: float
     steps: int
     upload: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, float] = field(default_factory=dict)  # what a client with a budget held (budget.MemoryGuard)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +52,7 @@ class ClientResult:
             "train_loss": self.train_loss,
             "steps": self.steps,
             "upload": self.upload,
+            "memory": self.memory,
         }
 
     @classmethod

@@ -13,7 +13,7 @@ import torch
 
 from fedmef_core.config import parse_config
 from fedmef_core.data import load_dataset
-from fedmef_core.engine import initial_model
+from fedmef_core.initial import initial_model
 from fedmef_core.planner import ClientStep, fit, predict, profile_config
 from tasks.memory import client_step_report
 

@@ -1,0 +1,103 @@
+"""A real train flow with a tiered population of devices: devices/ metrics in MLflow, the per-client rows, the
+Prefect table, the plot, and a resume that keeps the assignment."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+
+import pytest
+
+from fedmef_core.checkpoint import round_checkpoint_path
+from fedmef_core.config import parse_config
+from tests.conftest import prepare_run, train_cli
+
+TIERS = [{"name": "small", "memory_mib": 6.5, "share": 0.5}, {"name": "big", "memory_mib": 64, "share": 0.5}]
+
+
+def _tiered(tmp_path, policy: str, rounds: int = 4):
+    _, config = prepare_run(tmp_path, rounds=rounds)
+    raw = config.model_dump(mode="json")
+    raw["pruning"].update(method="fedmef", density=0.1, adjust_interval=2, adjust_until=2)
+    raw["model"]["norm"], raw["sap"]["enabled"] = "auto", None
+    raw["devices"] = {"profile": "tiers", "tiers": TIERS, "correlate": "labels", "policy": policy}
+    return parse_config(raw)
+
+
+def _artifacts() -> list[dict]:
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            response = await client._client.post("/artifacts/filter", json={"limit": 50, "offset": 0,
+                                                                            "sort": "CREATED_DESC"})
+            return response.json()
+
+    return asyncio.run(read())
+
+
+def test_a_tiered_population_trains_within_its_budgets_and_reports_who_could(prefect_harness, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flows.train import train_flow
+
+    config = _tiered(tmp_path, "fit_batch")
+    summary = train_flow(config)
+    devices = summary["devices"]
+    small, big = devices["tiers"]
+    assert small["tier"] == "small" and small["fits"] and small["batch_size"] < 32 == big["batch_size"]
+    assert small["trained"] == small["sampled"] > 0 and devices["over_budget"] == 0
+    assert small["held_mib_max"] <= 6.5 and 0 < small["accuracy_on_its_data"] <= 1
+
+    rows = list(csv.DictReader(open(tmp_path / "metrics" / "devices.csv")))
+    assert len(rows) == config.federation.rounds * config.federation.clients_per_round
+    assert {r["status"] for r in rows} == {"trained"}
+    assert all(float(r["held_mib"]) <= float(r["budget_mib"]) for r in rows)
+    assert all(int(r["batch_size"]) == small["batch_size"] for r in rows if r["tier"] == "small")
+    assert (tmp_path / "plots" / "participation.png").stat().st_size > 0
+
+    client = MlflowClient(config.tracking.mlflow_uri)
+    run_id = summary["mlflow_run_id"]
+    sampled = client.get_metric_history(run_id, "devices/small/sampled")
+    assert sorted(m.step for m in sampled) == list(range(1, config.federation.rounds + 1))
+    assert sum(m.value for m in sampled) == small["sampled"]
+    assert client.get_metric_history(run_id, "devices/small/batch_size")[0].value == small["batch_size"]
+    assert client.get_metric_history(run_id, "devices/participation")[0].value == 1.0
+    logged = {a.path for a in client.list_artifacts(run_id, "devices")}
+    assert logged == {"devices/devices.csv", "devices/devices.json"}
+
+    table = [a for a in _artifacts() if a["key"] == "device-participation"]
+    assert table and table[0]["type"] == "table" and "accuracy_on_its_data" in str(table[0]["data"])
+
+
+def test_excluded_devices_are_counted_and_a_resume_keeps_the_assignment(prefect_harness, tmp_path):
+    from flows.train import train_flow
+
+    config = _tiered(tmp_path, "exclude")
+    full = train_flow(config)
+    small = full["devices"]["tiers"][0]
+    assert not small["fits"] and small["trained"] == 0 and small["excluded"] == small["sampled"] > 0
+    assert full["devices"]["participation"] < 1
+    rows = (tmp_path / "metrics" / "devices.csv").read_text()
+
+    # back to round 2 (a killed run), then again: the same assignment, the same rows, the same model
+    for rnd in (3, 4):
+        round_checkpoint_path(config.runtime.checkpoints_dir, rnd).unlink(missing_ok=True)
+    (tmp_path / "checkpoints" / "final.pt").unlink()
+    again = train_flow(config)
+    assert again["rounds_run"] == 2  # rounds 3 and 4 again, from the round-2 checkpoint
+    assert again["devices"]["assignment"] == full["devices"]["assignment"]
+    assert (tmp_path / "metrics" / "devices.csv").read_text() == rows
+    assert again["accuracy"] == full["accuracy"]
+
+
+def test_a_bad_budget_trace_stops_the_cli_with_one_message(tmp_path, capsys):
+    params, config = prepare_run(tmp_path, rounds=1)
+    trace = tmp_path / "budgets.csv"
+    trace.write_text("client_id,memory_mib\n0,64\n1,-3\n99,8\n")
+    with pytest.raises(SystemExit) as exit_:
+        train_cli(params, "devices.profile=trace", f"devices.trace={trace}")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "client 1 has budget -3" in err and "client 99 does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
