@@ -8,11 +8,12 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from fedmef_core.config import parse_config
-from fedmef_core.data import load_dataset, partition_indices
+from fedmef_core.config import ExperimentConfig, parse_config
+from fedmef_core.data import ImageData, load_dataset, partition_indices
 from fedmef_core.device import resolve_device
 from fedmef_core.engine import Server, run_rounds
 from fedmef_core.tiny import save_partition_of, tiny_raw  # the tiny experiment, shared with bench/
@@ -25,6 +26,26 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture
 def tiny_config(tmp_path):
     return parse_config(tiny_raw(tmp_path))
+
+
+def tiny_with(**sections: dict) -> ExperimentConfig:
+    """The tiny experiment with the keys of each section updated: ``tiny_with(federation={"rounds": 2})``."""
+    raw = tiny_raw()
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return parse_config(raw)
+
+
+def data_of(config: ExperimentConfig) -> tuple[ImageData, ImageData, list[np.ndarray]]:
+    """(train, test, parts): `config`'s data (decoded once per process) split among its clients."""
+    train, test = load_dataset(config.data)
+    return train, test, partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
+
+
+def server_of(config: ExperimentConfig, data: tuple | None = None) -> Server:
+    """A `Server` of `config` on the CPU, on `data` ((train, test, parts), e.g. a fixture's) or on `data_of(config)`."""
+    train, test, parts = data if data is not None else data_of(config)
+    return Server(config, train, test, parts, resolve_device("cpu"))
 
 
 @pytest.fixture(scope="session")
@@ -108,9 +129,7 @@ def processes_with_home(home: Path, running: str | None = None) -> list[int]:
 
 def uninterrupted_metrics(config) -> list[tuple]:
     """(round, accuracy, loss) of the plain in-process loop: the reference every runner must match."""
-    train, test = load_dataset(config.data)
-    parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
-    history = run_rounds(Server(config, train, test, parts, resolve_device("cpu")))
+    history = run_rounds(server_of(config))
     return [(h["round"], h["accuracy"], h["loss"]) for h in history]
 
 

@@ -101,14 +101,8 @@ def _setup_recorder(setup: dict[str, float]):
 def run_all() -> dict[str, Any]:
     """Every method's run, and the resumed one (`<method>+resumed`), summarised."""
     from fedmef_core.checkpoint import load_checkpoint, round_checkpoint_path
-    from fedmef_core.data import load_dataset, partition_indices
-    from fedmef_core.device import resolve_device
-    from fedmef_core.engine import Server, run_rounds
-
-    def server_of(config) -> Server:
-        train, test = load_dataset(config.data)
-        parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
-        return Server(config, train, test, parts, resolve_device("cpu"))
+    from fedmef_core.engine import run_rounds
+    from tests.conftest import server_of  # after fedmef_core, which sets the numerics torch loads with
 
     runs = {}
     for method in METHODS:
