@@ -63,7 +63,7 @@ def loop_config(work: Path, clients: int, per_round: int, rounds: int, way: str 
                 samples: int | None = WORKLOADS["tiny"], threads: int = 1):
     """The loops' experiment: `samples` a client (None: the whole training set split over the clients)."""
     from fedmef_core.config import parse_config
-    from tests.conftest import tiny_raw
+    from fedmef_core.tiny import tiny_raw
 
     raw = tiny_raw(work)
     raw["data"].update(train_limit=None if samples is None else clients * samples, test_limit=1000)
@@ -145,7 +145,7 @@ def timed_rounds(config, parts: list | None = None, clock: TrainingClock | None 
 
 def run_loop(way: str, workload: str, clients: int, per_round: int, rounds: int, threads: int) -> dict:
     """One way's seconds per round (this process), training with `threads` torch threads."""
-    from tests.conftest import save_partition_of
+    from fedmef_core.tiny import save_partition_of
 
     with tempfile.TemporaryDirectory(prefix="fedmef-scale-") as tmp:
         config = loop_config(Path(tmp), clients, per_round, rounds, way, WORKLOADS[workload], threads)
@@ -163,7 +163,7 @@ def run_aggregation(way: str, count: int) -> dict:
     from fedmef_core.config import ModelConfig, parse_config
     from fedmef_core.engine import RoundResults
     from fedmef_core.models import build_model
-    from tests.conftest import tiny_raw
+    from fedmef_core.tiny import tiny_raw
 
     model = build_model(ModelConfig(arch="resnet18", norm="batch"), 3, 10, 32)
     base = model.state_dict()

@@ -120,10 +120,12 @@ class Tracker:
     Metrics are held back and sent as one batch once `send_every_s` seconds have passed since the last send
     (0: at once), or at :meth:`flush`. What the store refuses mid-run waits in `pending` (in order) and is
     sent again at the next send and at :meth:`end`. After :meth:`reopen`, steps the run already holds are
-    not logged again."""
+    not logged again. `clock` (seconds, only differences count) times the sends and the retries."""
 
-    def __init__(self, cfg: TrackingConfig, run_id: str | None = None, send_every_s: float = 0.0):
+    def __init__(self, cfg: TrackingConfig, run_id: str | None = None, send_every_s: float = 0.0, *,
+                 clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
+        self._clock = clock
         self.run_id = run_id
         self.uri = store_uri(cfg.mlflow_uri)
         self._client = None
@@ -271,14 +273,14 @@ class Tracker:
             metrics = {k: v for k, v in metrics.items() if k not in self._logged_keys}
         now = int(time.time() * 1000)
         self._held += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if time.monotonic() - self._last_send >= self.send_every_s:
+        if self._clock() - self._last_send >= self.send_every_s:
             self.flush()
 
     def flush(self) -> None:
         """Send the metrics held back, and try again what an outage kept, now."""
         if self._client is None or not self.run_id:
             return
-        self._last_send = time.monotonic()
+        self._last_send = self._clock()
         self._hand_held_to_pending()
         self._flush()
 
@@ -383,9 +385,9 @@ class Tracker:
         self.offline = True
 
     def _flush(self, force: bool = False) -> None:
-        if self.offline and not force and time.monotonic() - self._last_try < OFFLINE_RETRY_S:
+        if self.offline and not force and self._clock() - self._last_try < OFFLINE_RETRY_S:
             return  # the store was away a moment ago: a retry at every send would cost each round its wait
-        self._last_try = time.monotonic()
+        self._last_try = self._clock()
         if self.pending and self.uri.startswith("sqlite:///"):
             try:  # a locked local store: a short probe instead of MLflow's 20 s wait on each call while it lasts
                 probe_sqlite_write(self.uri, timeout=SQLITE_PROBE_S)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny but real experiment (real Fashion-MNIST, a few clients, a few rounds)."""
+"""Shared fixtures: a tiny but real experiment (:mod:`fedmef_core.tiny`: real Fashion-MNIST, a few clients, a few
+rounds)."""
 
 from __future__ import annotations
 
@@ -7,53 +8,44 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from fedmef_core.config import parse_config
-from fedmef_core.data import load_dataset, partition_indices, write_partition
+from fedmef_core.config import ExperimentConfig, parse_config
+from fedmef_core.data import ImageData, load_dataset, partition_indices
 from fedmef_core.device import resolve_device
 from fedmef_core.engine import Server, run_rounds
+from fedmef_core.tiny import save_partition_of, tiny_raw  # the tiny experiment, shared with bench/
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def tiny_raw(tmp_path=None) -> dict:
-    """A config small enough to train in a second or two on CPU."""
-    raw = {
-        "data": {"name": "fashion_mnist", "train_limit": 1200, "test_limit": 500},
-        "partition": {"scheme": "dirichlet", "alpha": 0.5, "min_samples": 20, "seed": 1},
-        "federation": {
-            "num_clients": 6,
-            "clients_per_round": 3,
-            "rounds": 3,
-            "local_epochs": 1,
-            "batch_size": 32,
-            "lr": 0.05,
-            "lr_final": 0.02,
-            "seed": 3,
-        },
-        "pruning": {"method": "fedavg"},  # dense unless a test says otherwise (params.yaml's default is fedmef)
-        "tracking": {"enabled": False},
-        "runtime": {"device": "cpu", "checkpoint_every": 1},
-    }
-    if tmp_path is not None:
-        raw["runtime"].update(
-            run_dir=str(tmp_path),
-            partitions_dir=str(tmp_path / "partitions"),
-            checkpoints_dir=str(tmp_path / "checkpoints"),
-            metrics_dir=str(tmp_path / "metrics"),
-            plots_dir=str(tmp_path / "plots"),
-        )
-        raw["data"]["root"] = str(tmp_path / "raw")
-    return raw
-
-
 @pytest.fixture
 def tiny_config(tmp_path):
     return parse_config(tiny_raw(tmp_path))
+
+
+def tiny_with(**sections: dict) -> ExperimentConfig:
+    """The tiny experiment with the keys of each section updated: ``tiny_with(federation={"rounds": 2})``."""
+    raw = tiny_raw()
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return parse_config(raw)
+
+
+def data_of(config: ExperimentConfig) -> tuple[ImageData, ImageData, list[np.ndarray]]:
+    """(train, test, parts): `config`'s data (decoded once per process) split among its clients."""
+    train, test = load_dataset(config.data)
+    return train, test, partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
+
+
+def server_of(config: ExperimentConfig, data: tuple | None = None) -> Server:
+    """A `Server` of `config` on the CPU, on `data` ((train, test, parts), e.g. a fixture's) or on `data_of(config)`."""
+    train, test, parts = data if data is not None else data_of(config)
+    return Server(config, train, test, parts, resolve_device("cpu"))
 
 
 @pytest.fixture(scope="session")
@@ -74,12 +66,6 @@ def prepare_run(tmp_path: Path, **federation) -> tuple[Path, object]:
     (tmp_path / "params.yaml").write_text(config.to_yaml())
     save_partition_of(config)
     return tmp_path / "params.yaml", config
-
-
-def save_partition_of(config) -> list:
-    """Split the training set as the partition stage does and save it where the train flow reads it."""
-    train, _ = load_dataset(config.data)
-    return write_partition(config, train.labels.numpy(), train.num_classes)[0]
 
 
 def train_cli(params: Path, *overrides: str):
@@ -143,9 +129,7 @@ def processes_with_home(home: Path, running: str | None = None) -> list[int]:
 
 def uninterrupted_metrics(config) -> list[tuple]:
     """(round, accuracy, loss) of the plain in-process loop: the reference every runner must match."""
-    train, test = load_dataset(config.data)
-    parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
-    history = run_rounds(Server(config, train, test, parts, resolve_device("cpu")))
+    history = run_rounds(server_of(config))
     return [(h["round"], h["accuracy"], h["loss"]) for h in history]
 
 

@@ -6,12 +6,11 @@ import torch
 from fedmef_core.algorithms import REGISTRY, MaskedAlgorithm, build_algorithm
 from fedmef_core.client import local_train
 from fedmef_core.config import parse_config
-from fedmef_core.data import load_dataset, partition_indices
-from fedmef_core.device import resolve_device
-from fedmef_core.engine import Server, local_executor, run_rounds
+from fedmef_core.engine import local_executor, run_rounds
 from fedmef_core.models import prunable_weights
 from fedmef_core.sparse import smallest_active
-from tests.conftest import tiny_raw
+from tests.conftest import server_of, tiny_raw, tiny_with
+from tests.core.conftest import SMALL_DATA
 
 SPARSE = ["fedavg_static", "feddst", "fedtiny", "prunefl", "fedmef"]
 
@@ -19,31 +18,14 @@ SPARSE = ["fedavg_static", "feddst", "fedtiny", "prunefl", "fedmef"]
 def _config(method, norm="batch", **pruning):
     """Every method on the same BatchNorm CNN, so their mechanics compare one to one (FedMef's own default,
     NSConv + SAP, is tested with `norm="auto"` and in test_nsconv/test_sap)."""
-    raw = tiny_raw()
-    raw["data"]["train_limit"] = 600
-    raw["model"] = {"norm": norm}
-    raw["federation"].update(rounds=2, clients_per_round=2)
-    raw["pruning"] = {"method": method, "density": 0.1, "adjust_interval": 1, "adjust_until": 4,
-                      "adjust_alpha": 0.3, **pruning}
-    return parse_config(raw)
-
-
-@pytest.fixture(scope="module")
-def data():
-    cfg = _config("fedavg")
-    train, test = load_dataset(cfg.data)
-    parts = partition_indices(train.labels.numpy(), cfg.federation.num_clients, cfg.partition)
-    return train, test, parts
-
-
-def _server(config, data):
-    train, test, parts = data
-    return Server(config, train, test, parts, resolve_device("cpu"))
+    return tiny_with(data=SMALL_DATA, model={"norm": norm}, federation={"rounds": 2, "clients_per_round": 2},
+                     pruning={"method": method, "density": 0.1, "adjust_interval": 1, "adjust_until": 4,
+                              "adjust_alpha": 0.3, **pruning})
 
 
 def _run_and_check(config, data):
     """Run all rounds; after every aggregation check density and zeros outside the mask."""
-    server = _server(config, data)
+    server = server_of(config, data)
     total = sum(m.numel() for m in server.state["masks"].values())
     want = round(config.pruning.density * total)
     counts = {k: int(m.sum()) for k, m in server.state["masks"].items()}
@@ -112,7 +94,7 @@ def test_same_seed_same_masks_and_metrics(runs, data):
 def _one_client(method, data, rnd=1, **pruning):
     """The global model, the payload of adjustment round `rnd`, and a client's trained copy."""
     config = _config(method, **pruning)
-    server = _server(config, data)
+    server = server_of(config, data)
     payload = server.algorithm.round_payload(rnd, server.model, server.state)
     model = type(server.model)(1, 10, 28, lambda c: torch.nn.BatchNorm2d(c))
     model.load_state_dict(server.model.state_dict())
@@ -179,7 +161,7 @@ def test_budget_profile():
 
 def test_feddst_union_and_prune_back(data):
     config = _config("feddst")
-    server = _server(config, data)
+    server = server_of(config, data)
     old = {k: m.clone() for k, m in server.state["masks"].items()}
     payload = server.algorithm.round_payload(1, server.model, server.state)
     results = []
@@ -233,7 +215,7 @@ def test_fedtiny_server_prunes_k_smallest_and_grows_top_summed_gradients(data):
     from fedmef_core.algorithms import ClientResult
 
     config = _config("fedtiny")
-    server = _server(config, data)
+    server = server_of(config, data)
     algorithm, state = server.algorithm, server.state
     old = {k: m.clone() for k, m in state["masks"].items()}
     weights = prunable_weights(server.model)
@@ -275,7 +257,7 @@ def test_nsconv_effective_weights_follow_the_mask(data):
     raw["pruning"] = {"method": "fedtiny", "density": 0.2, "adjust_interval": 1, "adjust_until": 2}
     raw["federation"]["rounds"] = 2
     config = parse_config(raw)
-    server = _server(config, data)
+    server = server_of(config, data)
     run_rounds(server)
     masks = server.state["masks"]
     convs = [(n, m) for n, m in server.model.named_modules() if isinstance(m, NSConv)]
@@ -291,10 +273,10 @@ def test_nsconv_effective_weights_follow_the_mask(data):
 @pytest.mark.parametrize("method", ["fedtiny", "fedmef"])
 def test_adaptive_bn_selection_keeps_the_candidate_with_the_lowest_weighted_loss(method, data):
     config = _config(method, bn_select=True, bn_candidates=4)
-    server = _server(config, data)
+    server = server_of(config, data)
     candidates = [{k: m.clone() for k, m in c.items()} for c in server.state["candidates"]]
     # candidate 0 is the mask the method starts from without selection (same seed)
-    plain = _server(_config(method), data).state["masks"]
+    plain = server_of(_config(method), data).state["masks"]
     assert all(torch.equal(candidates[0][k], plain[k]) for k in plain)
     total = sum(m.numel() for m in plain.values())
     want = round(config.pruning.density * total)
@@ -326,9 +308,9 @@ def test_adaptive_bn_selection_keeps_the_candidate_with_the_lowest_weighted_loss
 def test_bn_selection_runs_before_round_one_and_is_reproducible(data):
     config = _config("fedtiny", bn_select=True, bn_candidates=3)
     seen = []
-    first = run_rounds(_server(config, data), on_round=lambda r, m: seen.append(r))
+    first = run_rounds(server_of(config, data), on_round=lambda r, m: seen.append(r))
     assert seen == [0, 1, 2]
-    again = run_rounds(_server(config, data))
+    again = run_rounds(server_of(config, data))
     assert [h["accuracy"] for h in first] == [h["accuracy"] for h in again]
 
 
@@ -354,7 +336,7 @@ def _nsconv_config(method, norm="nsconv"):
 def _grown_channels(method, norm, data):
     """Output channels of conv2 that one server adjustment (round 1) grew weights into, and the count."""
     config = _nsconv_config(method, norm)
-    server = _server(config, data)
+    server = server_of(config, data)
     old = server.state["masks"]["conv2.weight"].clone()
     server.finish_round(1, local_executor(server)(server.broadcast(1), server.sample_clients(1)), 0.0)
     grown = server.state["masks"]["conv2.weight"] & ~old
@@ -373,7 +355,7 @@ def test_nsconv_growth_spreads_over_output_channels_like_batchnorm(method, data)
 
 @pytest.mark.parametrize("method", ["fedtiny", "prunefl"])
 def test_nsconv_growth_scores_of_inactive_weights_are_distinct(method, data):
-    server = _server(_nsconv_config(method), data)
+    server = server_of(_nsconv_config(method), data)
     result = local_executor(server)(server.broadcast(1), [0])[0]
     inactive = ~server.state["masks"]["conv2.weight"]
     if method == "prunefl":
@@ -389,7 +371,7 @@ def _feddst_round(data, local_epochs):
     config = _config("feddst", density=0.2)
     config = config.model_copy(update={"federation": config.federation.model_copy(
         update={"local_epochs": local_epochs, "clients_per_round": 3})})
-    server = _server(config, data)
+    server = server_of(config, data)
     old = {k: m.clone() for k, m in server.state["masks"].items()}
     results = local_executor(server)(server.broadcast(1), server.sample_clients(1))
     server.finish_round(1, results, 0.0)
@@ -428,7 +410,7 @@ def test_feddst_adjusts_after_half_the_local_epochs(data):
         update={"local_epochs": 3})}))
     assert algorithm.adjust_step(30) == 10
     assert FedDST(config).adjust_step(9) == 4 and FedDST(config).adjust_step(1) == 1
-    server = _server(config, data)
+    server = server_of(config, data)
     payload = server.algorithm.round_payload(1, server.model, server.state)
     seen = []
     original = algorithm.on_step_end
@@ -446,14 +428,14 @@ def test_feddst_adjusts_after_half_the_local_epochs(data):
     assert len(seen) == 1 and seen[0][0] == seen[0][1] // 3
 
 
-def _bae_server(data, **pruning):
+def _baeserver_of(data, **pruning):
     """FedMef without SAP, adjusting in round 2 only (round 1 is a normal round)."""
     config = _config("fedmef", adjust_interval=2, adjust_until=4, **pruning)
-    return _server(config.model_copy(update={"sap": config.sap.model_copy(update={"enabled": False})}), data)
+    return server_of(config.model_copy(update={"sap": config.sap.model_copy(update={"enabled": False})}), data)
 
 
 def test_bae_norms_are_reported_on_adjustment_rounds_and_extrusion_shrinks_them(data):
-    server = _bae_server(data, bae_lambda=1.0)
+    server = _baeserver_of(data, bae_lambda=1.0)
     history = run_rounds(server)
     normal, adjusted = history
     assert adjusted.get("adjusted") and not normal.get("adjusted")
@@ -467,13 +449,13 @@ def test_bae_norms_are_reported_on_adjustment_rounds_and_extrusion_shrinks_them(
 def test_bae_default_extrudes_the_marked_weights_within_the_adjustment_round(data):
     """At the default lambda the extrusion beats the task gradient: the marked weights shrink (at the
     paper's 0.01 they grew, x1.3 here)."""
-    server = _bae_server(data)  # the config's BaE defaults
+    server = _baeserver_of(data)  # the config's BaE defaults
     adjusted = run_rounds(server)[1]
     assert adjusted["bae/low_norm_end"] < 0.6 * adjusted["bae/low_norm_start"]
 
 
 def test_bae_start_norm_is_the_global_models_and_the_mean_is_sample_weighted(data):
-    server = _bae_server(data)
+    server = _baeserver_of(data)
     server.finish_round(1, local_executor(server)(server.broadcast(1), server.sample_clients(1)), 0.0)
     payload = server.algorithm.round_payload(2, server.model, server.state)
     start = _low_norm(server.model, payload)
@@ -494,7 +476,7 @@ def test_prune_drop_is_the_accuracy_of_the_averaged_model_minus_the_pruned_one(m
     from fedmef_core.evaluation import evaluate
 
     config = _config(method)
-    server = _server(config, data)
+    server = server_of(config, data)
     results = local_executor(server)(server.broadcast(1), server.sample_clients(1))
     averaged = copy.deepcopy(server.model)
     ordered = sorted(results, key=lambda r: r.client_id)

@@ -11,11 +11,8 @@ import torch
 
 from fedmef_core import cpu
 from fedmef_core.config import parse_config
-from fedmef_core.data import load_dataset, partition_indices
-from fedmef_core.device import resolve_device
-from fedmef_core.engine import Server
 from tasks.sweep import cell_threads
-from tests.conftest import tiny_raw
+from tests.conftest import server_of, tiny_raw
 
 ROOT = Path(__file__).resolve().parents[2]
 AVX2_FLAGS = "flags\t\t: fpu sse sse2 avx avx2 fma avx512f\n"
@@ -78,10 +75,7 @@ def test_a_training_uses_the_configured_threads():
         for threads in (1, 3):
             raw = tiny_raw()
             raw["runtime"]["threads"] = threads
-            config = parse_config(raw)
-            train, test = load_dataset(config.data)
-            parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
-            Server(config, train, test, parts, resolve_device("cpu"))
+            server_of(parse_config(raw))
             assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)

@@ -1,15 +1,10 @@
 import torch
 
 from fedmef_core.checkpoint import load_checkpoint, round_checkpoint_path, round_checkpoints
-from fedmef_core.data import load_dataset, partition_indices
+from fedmef_core.data import load_dataset
 from fedmef_core.device import resolve_device
 from fedmef_core.engine import Server, run_rounds
-
-
-def _server(config):
-    train, test = load_dataset(config.data)
-    parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
-    return Server(config, train, test, parts, resolve_device("cpu"))
+from tests.conftest import server_of
 
 
 def _key_metrics(history):
@@ -17,8 +12,8 @@ def _key_metrics(history):
 
 
 def test_training_improves_and_is_deterministic(tiny_config):
-    first = run_rounds(_server(tiny_config))
-    second = run_rounds(_server(tiny_config))
+    first = run_rounds(server_of(tiny_config))
+    second = run_rounds(server_of(tiny_config))
     assert _key_metrics(first) == _key_metrics(second)  # bit for bit on CPU
     assert first[-1]["accuracy"] > 0.3  # 10 classes: far above chance after 3 short rounds
     assert first[-1]["train_loss"] < first[0]["train_loss"]
@@ -26,9 +21,9 @@ def test_training_improves_and_is_deterministic(tiny_config):
 
 def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tiny_config, tmp_path):
     ckpt_dir = tmp_path / "ckpts"
-    full = run_rounds(_server(tiny_config), checkpoint_dir=ckpt_dir)
+    full = run_rounds(server_of(tiny_config), checkpoint_dir=ckpt_dir)
     assert [r for r, _ in round_checkpoints(ckpt_dir)] == [1, 2, 3]
-    resumed = _server(tiny_config)
+    resumed = server_of(tiny_config)
     resumed.restore(load_checkpoint(round_checkpoint_path(ckpt_dir, 1)))
     assert resumed.round == 1
     rest = run_rounds(resumed)
@@ -39,7 +34,7 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tiny_config, tmp_
 
 
 def test_client_sampling_and_lr_schedule(tiny_config):
-    server = _server(tiny_config)
+    server = server_of(tiny_config)
     fed = tiny_config.federation
     picks = [server.sample_clients(r) for r in range(1, 6)]
     assert all(len(p) == fed.clients_per_round == len(set(p)) for p in picks)

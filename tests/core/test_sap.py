@@ -8,9 +8,7 @@ from torch import nn
 
 from fedmef_core import sap as sap_module
 from fedmef_core.config import SapConfig, parse_config
-from fedmef_core.data import load_dataset, partition_indices
-from fedmef_core.device import resolve_device
-from fedmef_core.engine import Server, run_rounds
+from fedmef_core.engine import run_rounds
 from fedmef_core.sap import (
     SAMPLE,
     apply_sap,
@@ -29,7 +27,7 @@ from fedmef_core.sap import (
     true_positions,
     unpack_bits,
 )
-from tests.conftest import tiny_raw
+from tests.conftest import server_of, tiny_raw
 
 CONV_CASES = [  # (in, out, kernel, stride, padding, groups, bias)
     (3, 8, 3, 1, 1, 1, False),
@@ -244,9 +242,7 @@ def test_sap_auto_enables_for_fedmef_only():
 
 
 def _history(config):
-    train, test = load_dataset(config.data)
-    parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
-    server = Server(config, train, test, parts, resolve_device("cpu"))
+    server = server_of(config)
     return [(h["round"], h["accuracy"], h["loss"], h["train_loss"]) for h in run_rounds(server)]
 
 
@@ -305,9 +301,7 @@ def test_mixed_precision_training_tracks_fp32_and_keeps_fp32_weights(tmp_path, p
     reference = _history(parse_config(raw))
     raw["federation"]["precision"] = precision
     config = parse_config(raw)
-    train, test = load_dataset(config.data)
-    parts = partition_indices(train.labels.numpy(), config.federation.num_clients, config.partition)
-    server = Server(config, train, test, parts, resolve_device("cpu"))
+    server = server_of(config)
     got = [(h["round"], h["accuracy"], h["loss"], h["train_loss"]) for h in run_rounds(server)]
     assert all(v.dtype in (torch.float32, torch.int64) for v in server.model.state_dict().values())
     assert got != reference  # autocast really ran in lower precision

@@ -11,36 +11,18 @@ import pytest
 import torch
 
 from fedmef_core.aggregation import weighted_average
-from fedmef_core.config import parse_config
-from fedmef_core.data import load_dataset, partition_indices
-from fedmef_core.device import resolve_device
-from fedmef_core.engine import RoundResults, Server, local_executor, run_rounds
-from tests.conftest import tiny_raw
+from fedmef_core.engine import RoundResults, local_executor, run_rounds
+from tests.conftest import server_of, tiny_with
+from tests.core.conftest import SMALL_DATA
 
 METHODS = ["fedavg", "fedavg_static", "feddst", "fedtiny", "fedmef", "prunefl"]
 
 
 def _config(method, **pruning):
-    raw = tiny_raw()
-    raw["data"]["train_limit"] = 600
-    raw["federation"].update(rounds=2, clients_per_round=4)
-    if method != "fedavg":  # every round adjusts
-        raw["pruning"] = {"method": method, "density": 0.2, "adjust_interval": 1, "adjust_until": 4, **pruning}
-    if method == "fedmef":
-        raw["sap"] = {"enabled": False}  # client-side only; keeps the test quick
-    return parse_config(raw)
-
-
-@pytest.fixture(scope="module")
-def data():
-    cfg = _config("fedavg")
-    train, test = load_dataset(cfg.data)
-    return train, test, partition_indices(train.labels.numpy(), cfg.federation.num_clients, cfg.partition)
-
-
-def _server(config, data):
-    train, test, parts = data
-    return Server(config, train, test, parts, resolve_device("cpu"))
+    every_round = {"method": method, "density": 0.2, "adjust_interval": 1, "adjust_until": 4, **pruning}
+    return tiny_with(data=SMALL_DATA, federation={"rounds": 2, "clients_per_round": 4},
+                     pruning=every_round if method != "fedavg" else {},
+                     sap={"enabled": False} if method == "fedmef" else {})  # SAP: client-side only; keeps it quick
 
 
 def _reference_sums(method, results, masks):
@@ -87,7 +69,7 @@ def _assert_identical(a, b):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_streamed_sums_are_bit_identical_to_the_list_based_aggregation_in_any_arrival_order(method, data):
-    server = _server(_config(method), data)
+    server = server_of(_config(method), data)
     results = local_executor(server)(server.broadcast(1), server.sample_clients(1))
     in_order = sorted(results, key=lambda r: r.client_id)
     shuffled = in_order[:]
@@ -117,7 +99,7 @@ def test_streamed_sums_are_bit_identical_to_the_list_based_aggregation_in_any_ar
 
 
 def test_only_one_client_update_is_alive_at_a_time(data):
-    server = _server(_config("fedtiny"), data)
+    server = server_of(_config("fedtiny"), data)
     broadcast, clients = server.broadcast(1), server.sample_clients(1)
     trained = local_executor(server)(broadcast, clients)
     alive: list[weakref.ref] = []
@@ -136,7 +118,7 @@ def test_only_one_client_update_is_alive_at_a_time(data):
 
 def test_the_bare_loop_streams_and_matches_the_list_executor(data):
     config = _config("fedavg_static")
-    streamed, listed = _server(config, data), _server(config, data)
+    streamed, listed = server_of(config, data), server_of(config, data)
     h1 = run_rounds(streamed)
     h2 = run_rounds(listed, local_executor(listed))
     assert [{k: v for k, v in m.items() if k != "round_seconds"} for m in h1] == \
@@ -149,7 +131,7 @@ def test_dividing_at_the_end_is_within_one_float32_step_of_the_average_of_shares
     """The average is folded as sum_k n_k w_k / sum_k n_k (no total needed up front); before, as
     sum_k (n_k / N) w_k. Both sum in float64, so the float32 model differs at most by one step of the last
     bit, and only where the float64 value sat on a rounding boundary (here ~1 entry in 10,000)."""
-    server = _server(_config("fedavg"), data)
+    server = server_of(_config("fedavg"), data)
     results = sorted(local_executor(server)(server.broadcast(1), server.sample_clients(1)), key=lambda r: r.client_id)
     total = sum(r.num_samples for r in results)
     shares = {}
@@ -171,7 +153,7 @@ def test_dividing_at_the_end_is_within_one_float32_step_of_the_average_of_shares
 
 
 def test_a_client_that_never_arrives_leaves_the_average_of_those_that_did(data):
-    server = _server(_config("fedavg"), data)
+    server = server_of(_config("fedavg"), data)
     results = sorted(local_executor(server)(server.broadcast(1), server.sample_clients(1)), key=lambda r: r.client_id)
     arrived = results[:1] + results[2:]  # the second client dropped half-way through the round
     metrics = server.finish_round(1, RoundResults(iter(arrived)), 0.0)
@@ -183,6 +165,6 @@ def test_a_client_that_never_arrives_leaves_the_average_of_those_that_did(data):
 
 
 def test_a_round_with_no_result_is_refused(data):
-    server = _server(_config("fedavg"), data)
+    server = server_of(_config("fedavg"), data)
     with pytest.raises(ValueError, match="no client result"):
         server.finish_round(1, RoundResults(iter([])), 0.0)

@@ -273,16 +273,17 @@ def test_a_training_tracker_holds_metrics_back_and_sends_them_as_one_batch(tmp_p
     tracker.end()  # the end sends what is still held
     assert steps() == [1, 2, 3, 4, 5] and client.get_run(run_id).info.status == "FINISHED"
 
-    timed = Tracker(config.tracking, send_every_s=0.2)
+    now = [100.0]  # a clock the test moves
+    timed = Tracker(config.tracking, send_every_s=2.0, clock=lambda: now[0])
     timed.start(config, run_name="timed")
-    timed.log_metrics({"train_loss": 1.0}, step=1)
+    timed.log_metrics({"train_loss": 1.0}, step=1)  # the first send
+    now[0] += 1.0
     timed.log_metrics({"train_loss": 0.5}, step=2)
-    assert timed._held  # within 0.2 s of the last send
-    import time
-
-    time.sleep(0.25)
+    assert timed._held  # within 2 s of the last send
+    now[0] += 1.0
     timed.log_metrics({"train_loss": 0.25}, step=3)
-    assert not timed._held and not timed.pending  # due again: everything held went out
+    assert not timed._held and not timed.pending  # 2 s after it: due again, everything held went out
+    assert [m.step for m in client.get_metric_history(timed.run_id, "train_loss")] == [1, 2, 3]
 
 
 def test_an_experiment_made_before_gets_the_model_training_kind_and_a_long_description_is_cut(tmp_path):
