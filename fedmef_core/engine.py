@@ -109,6 +109,11 @@ ClientExecutor = Callable[[Broadcast, list[int]], "RoundResults | list[ClientRes
 RoundCallback = Callable[[int, dict[str, float]], None]
 
 
+# a round's wall-clock metrics: reported (MLflow, progress) but left out of checkpoints, so identical runs write
+# identical checkpoint files (a DVC output: hashed in dvc.lock)
+TIMING_KEYS = ("round_seconds",)
+
+
 class Server:
     """The global model, the method's server state and the round history."""
 
@@ -231,7 +236,7 @@ class Server:
             "round": self.round,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "server_state": self.state,
-            "history": self.history,
+            "history": [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in self.history],
             "torch_rng": torch.get_rng_state(),
             "config": self.config.model_dump(mode="json"),
             "extra": extra or {},

@@ -12,10 +12,12 @@ from matplotlib.figure import Figure
 from fedmef_core.io import atomic_path
 
 
-def _save(fig: Figure, path: str | Path) -> None:
+def save_png(fig: Figure, path: str | Path) -> None:
+    """Write `fig` as a PNG atomically, without matplotlib's version in its metadata (the `Software` text it adds
+    by default): the same figure is the same file whatever matplotlib drew it, as long as its pixels are."""
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
 
 
 def plot_partition_heatmap(
@@ -44,7 +46,7 @@ def plot_partition_heatmap(
         ax.tick_params(axis="x", labelsize=7 if num_clients > 20 else 9)
     if num_classes <= 50:
         ax.set_yticks(range(num_classes), labels=[str(c) for c in (class_names or range(num_classes))])
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_round_curves(history: Sequence[dict], path: str | Path, title: str = "") -> None:
@@ -64,7 +66,7 @@ def plot_round_curves(history: Sequence[dict], path: str | Path, title: str = ""
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path,
@@ -86,7 +88,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str
                     ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=6,
                             color="white" if rates[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 MEMORY_PART_COLORS = {"weights": "tab:blue", "gradients": "tab:orange", "optimizer": "tab:green",
@@ -113,7 +115,7 @@ def plot_memory_parts(panels: dict[str, dict[str, dict[str, int]]], path: str | 
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_layer_density(densities: dict[str, float], path: str | Path, title: str = "") -> None:
@@ -126,7 +128,7 @@ def plot_layer_density(densities: dict[str, float], path: str | Path, title: str
                   ha="right", fontsize=8)
     ax.set(ylabel="density (kept fraction)", ylim=(0, 1.05), title=title or "per-layer density")
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_accuracy_with_adjustments(history: Sequence[dict], path: str | Path, title: str = "") -> None:
@@ -141,7 +143,7 @@ def plot_accuracy_with_adjustments(history: Sequence[dict], path: str | Path, ti
     ax.grid(alpha=0.3)
     if any(h.get("adjusted") for h in history):
         ax.legend(loc="lower right")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_participation(rows: Sequence[dict], tiers: Sequence[str], path: str | Path, title: str = "") -> None:
@@ -169,4 +171,4 @@ def plot_participation(rows: Sequence[dict], tiers: Sequence[str], path: str | P
     axes[-1].set_xlabel("round")
     if title:
         fig.suptitle(title, y=1.06)
-    _save(fig, path)
+    save_png(fig, path)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fedmef_core.config import ConfigError, ExperimentConfig
 from fedmef_core.errors import UserError
-from fedmef_core.io import NUMBER, read_record
+from fedmef_core.io import NUMBER, read_record, write_json
 
 RUNS_ROOT = "runs"
 LOCK_NAME = ".fedmef-run.lock"
@@ -78,15 +78,46 @@ def run_paths(config: ExperimentConfig) -> RunPaths:
 
 
 # what the run's metrics files hold (at least), checked wherever they are read back
-TRAIN_RECORD = {"accuracy": NUMBER, "loss": NUMBER, "rounds": int, "rounds_run": int, "seconds": NUMBER,
-                "seconds_per_round": NUMBER, "method": str, "mlflow_run_id": str}
+TRAIN_RECORD = {"accuracy": NUMBER, "loss": NUMBER, "rounds": int, "method": str}
 EVAL_RECORD = {"accuracy": NUMBER, "loss": NUMBER, "round": int}
+# `run.json`: the facts of the training that wrote the folder's checkpoints, which change between identical runs
+# and so stay out of `train.json` and the checkpoints (DVC outputs, hashed in dvc.lock): the MLflow run, then
+# at its end the time it took, the rounds this process ran and the registered model
+RUN_FACTS = "run.json"
+RUN_RECORD = {"identity": str, "partition": str, "mlflow_run_id": str}
+FINISHED_RECORD = {**RUN_RECORD, "rounds_run": int, "seconds": NUMBER, "seconds_per_round": NUMBER, "model_uri": str}
+RERUN_TRAINING = "re-run the training (`python -m flows.train` or `dvc repro train`) to write it again"
 
 
 def read_train_metrics(paths: RunPaths) -> dict:
     """`train.json` of a finished training; :class:`InvalidFile` if it does not hold what training writes."""
-    return read_record(paths.metrics / "train.json", TRAIN_RECORD,
-                       "re-run the training (`python -m flows.train` or `dvc repro train`) to write it again")
+    return read_record(paths.metrics / "train.json", TRAIN_RECORD, RERUN_TRAINING)
+
+
+def run_facts(config: ExperimentConfig, partition: str, mlflow_run_id: str) -> dict:
+    """What names a training beside its checkpoints: its experiment, its split (`partition`, the
+    :func:`~fedmef_core.data.split_digest`) and its MLflow run ("" with tracking off)."""
+    return {"identity": identity_digest(config, length=64), "partition": partition, "mlflow_run_id": mlflow_run_id}
+
+
+def write_run_facts(paths: RunPaths, facts: dict) -> None:
+    write_json(paths.metrics / RUN_FACTS, facts)
+
+
+def read_run_facts(paths: RunPaths, config: ExperimentConfig, partition: str | None = None,
+                   finished: bool = False) -> dict | None:
+    """`run.json` if a training of `config` (on `partition`, if given) wrote it, with its end's facts if
+    `finished`; None if there is none (e.g. outputs from `dvc pull`), or it is another experiment's or unfinished.
+    :class:`InvalidFile` if it does not hold what training writes."""
+    path = paths.metrics / RUN_FACTS
+    try:
+        facts = read_record(path, RUN_RECORD, RERUN_TRAINING)
+    except FileNotFoundError:
+        return None
+    mine = facts["identity"] == identity_digest(config, length=64) and partition in (None, facts["partition"])
+    if not mine or (finished and not FINISHED_RECORD.keys() <= facts.keys()):
+        return None
+    return read_record(path, FINISHED_RECORD, RERUN_TRAINING) if finished else facts
 
 
 def read_eval_metrics(paths: RunPaths) -> dict:

@@ -13,12 +13,12 @@ from prefect import flow
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import split_digest
 from fedmef_core.evaluation import mean_last_key
-from fedmef_core.runs import run_lock, run_name, run_paths
+from fedmef_core.runs import run_facts, run_lock, run_name, run_paths
 from flows import cli
 from flows.cli import fails_cleanly
 from flows.lifecycle import safe_points
 from tasks import preflight
-from tasks.checkpoints import RoundSaver, finished_summary, resume, start_server
+from tasks.checkpoints import RoundSaver, finished_summary, resume, start_server, training_run_id
 from tasks.clients import client_updates
 from tasks.devices import DeviceReporter
 from tasks.logged_models import log_final_model
@@ -43,13 +43,13 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
         resumed = resume(server, config, paths, partition)
         if resumed is not None and (done := finished_summary(config, paths, resumed)) is not None:
             return {**done, "rounds_run": 0}  # nothing left to train: its outputs and MLflow run stay as they are
-        run_id = (resumed or {}).get("extra", {}).get("mlflow_run_id") or None
-        with tracked_run(config, run_name(config), run_id, tags, send_every_s=METRICS_EVERY_S) as tracker, \
+        run_id = training_run_id(config, paths, resumed) if resumed is not None else ""
+        with tracked_run(config, run_name(config), run_id or None, tags, send_every_s=METRICS_EVERY_S) as tracker, \
                 client_updates(config, paths) as updates:
             log_memory_report(config, memory, paths, tracker if resumed is None else None)
             tracker.log_partition(config, partition, [len(part) for part in server.parts])  # the run's dataset
-            identity = {"mlflow_run_id": tracker.run_id or "", "partition": partition}
-            save = RoundSaver(config, paths, identity, fresh=resumed is None)
+            facts = run_facts(config, partition, tracker.run_id or "")  # run.json: what names this run
+            save = RoundSaver(config, paths, facts, fresh=resumed is None)
             report = RoundReporter(config, paths, tracker, first_round=server.round + 1)
             devices = DeviceReporter(config, paths, tracker, server)
             report.setup(server.setup(updates))
@@ -66,7 +66,7 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
                     save(server, rnd, metrics, tracker)  # a checkpoint first sends the metrics held back
             save.final(server)
             model_uri = log_final_model(config, server, tracker)  # MLflow's logged model, a registry version
-            summary = report.finish(server, model_uri)
+            summary = report.finish(server, facts, model_uri)
             if device_summary := devices.finish(server):
                 summary["devices"] = device_summary
     return summary
@@ -84,7 +84,7 @@ def train_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
     model = f", model {summary['model_uri']}" if summary.get("model_uri") else ""
     print(f"{done}: accuracy {summary['accuracy']:.4f} (mean of the last {k} evaluated rounds "
           f"{summary[mean_last_key(k)]:.4f}), MLflow run {summary['mlflow_run_id'] or '(tracking off)'}"
-          f"{model}, outputs in {summary['run_dir']}")
+          f"{model}, outputs in {run_paths(config).root}")
     publish_summary(config, summary)
     return summary
 

@@ -28,8 +28,9 @@ from fedmef_core.data import load_dataset, load_partition, partition_origin
 from fedmef_core.device import resolve_device
 from fedmef_core.engine import Server
 from fedmef_core.errors import UserError
+from fedmef_core.io import InvalidFile
 from fedmef_core.models import build_model
-from fedmef_core.runs import RunPaths, read_train_metrics
+from fedmef_core.runs import RunPaths, read_run_facts, read_train_metrics, write_run_facts
 from tasks.masks import save_adjusted_masks
 
 
@@ -54,10 +55,13 @@ def resume_point(config: ExperimentConfig, paths: RunPaths, partition: str, refe
 
 class RoundSaver:
     """Saves what a finished round leaves behind: a checkpoint every `checkpoint_every` rounds (and the
-    last), the masks of adjustment rounds; stale checkpoints go once the first new one is safe."""
+    last), the masks of adjustment rounds; stale checkpoints go once the first new one is safe. The
+    checkpoints hold only what identical runs share (their split's digest, not the MLflow run): `facts`
+    (:func:`~fedmef_core.runs.run_facts`) are written to `run.json` before each, naming the run that wrote it."""
 
-    def __init__(self, config: ExperimentConfig, paths: RunPaths, extra: dict[str, Any], fresh: bool):
-        self.config, self.paths, self.extra = config, paths, extra
+    def __init__(self, config: ExperimentConfig, paths: RunPaths, facts: dict[str, Any], fresh: bool):
+        self.config, self.paths, self.facts = config, paths, facts
+        self.extra = {"partition": facts["partition"]}
         self.stale = fresh  # a fresh start replaces whatever an earlier, different run left here
 
     def __call__(self, server: Server, rnd: int, metrics: dict[str, float], tracker: Any = None) -> None:
@@ -68,6 +72,7 @@ class RoundSaver:
             if self.stale:
                 remove_checkpoints(self.paths.checkpoints)
                 self.stale = False
+            write_run_facts(self.paths, self.facts)
             save_checkpoint(round_checkpoint_path(self.paths.checkpoints, rnd), server.checkpoint(self.extra))
         save_adjusted_masks(server, rnd, metrics, self.paths.checkpoints, tracker)
 
@@ -76,18 +81,32 @@ class RoundSaver:
 
 
 def finished_summary(config: ExperimentConfig, paths: RunPaths, resumed: dict) -> dict | None:
-    """`train.json` of a training that `resumed` (its last round's checkpoint) already finished — its final
-    checkpoint and metrics written for the same MLflow run — or None if something of its end is missing."""
-    run_id = resumed["extra"].get("mlflow_run_id", "")
+    """What the training that `resumed` (its last round's checkpoint) came from reported at its end —
+    `train.json` and `run.json` — if it finished: its final checkpoint and both files written for this config
+    and split; else None (something of its end is missing, and is written again)."""
+    partition = resumed["extra"].get("partition")
     if int(resumed["round"]) < config.federation.rounds:
         return None
     try:
-        final, summary = load_checkpoint(paths.checkpoints / FINAL_NAME), read_train_metrics(paths)
+        final, train = load_checkpoint(paths.checkpoints / FINAL_NAME), read_train_metrics(paths)
+        facts = read_run_facts(paths, config, partition, finished=True)
     except (UserError, OSError):  # missing or damaged: the training's end is written again
         return None
-    same_run = final["extra"].get("mlflow_run_id", "") == run_id == summary["mlflow_run_id"]
-    done = int(final["round"]) == summary["rounds"] == config.federation.rounds
-    return summary if same_run and done and identity_of(final["config"]) == config.identity() else None
+    same = identity_of(final["config"]) == config.identity() and final["extra"].get("partition") == partition
+    done = int(final["round"]) == train["rounds"] == config.federation.rounds
+    return {**train, **facts} if same and done and facts is not None else None
+
+
+def training_run_id(config: ExperimentConfig, paths: RunPaths, ckpt: dict) -> str:
+    """The MLflow run of the training that wrote checkpoint `ckpt` of `config`, as `run.json` names it; ""
+    if it names none (tracking was off, the checkpoints came from `dvc pull`, another experiment wrote it, or it
+    is damaged: said once, and the next training writes it again)."""
+    try:
+        facts = read_run_facts(paths, config, ckpt["extra"].get("partition", ""))
+    except InvalidFile as exc:
+        print(f"{exc}; the checkpoints' MLflow run is unknown", flush=True)
+        return ""
+    return facts["mlflow_run_id"] if facts else ""
 
 
 def load_final_model(config: ExperimentConfig, paths: RunPaths) -> tuple[torch.nn.Module, dict]:

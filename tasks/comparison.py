@@ -21,11 +21,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
-from fedmef_core.io import atomic_path
+from fedmef_core.plots import save_png
 
 DENSE = 1.0  # the density a dense method runs at, whatever the grid says
 MIB = 2**20
@@ -250,12 +249,6 @@ def mean_curve(curves: Sequence[Sequence[tuple[int, float]]]) -> tuple[list[int]
     return rounds, [statistics.fmean(c[r] for c in by_round) for r in rounds]
 
 
-def _save(fig: Figure, path: str | Path) -> None:
-    FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-
-
 def plot_curves(results: Sequence[CellResult], path: str | Path, title: str = "") -> None:
     """Test accuracy per round, mean over seeds: one panel per grid density, every method a line
     (a dense method dashed, the same in every panel)."""
@@ -275,7 +268,7 @@ def plot_curves(results: Sequence[CellResult], path: str | Path, title: str = ""
     axes[-1].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_accuracy_memory(rows: Sequence[SummaryRow], path: str | Path, title: str = "") -> None:
@@ -297,4 +290,4 @@ def plot_accuracy_memory(rows: Sequence[SummaryRow], path: str | Path, title: st
            title=title or "accuracy versus memory", xscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)

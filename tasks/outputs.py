@@ -1,5 +1,5 @@
 """What a training reports: per round (MLflow metrics, `rounds.csv`, a progress line) and at the end
-(`train.json`, plots, MLflow artifacts)."""
+(`train.json`, `run.json`, plots, MLflow artifacts)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fedmef_core.engine import Server
 from fedmef_core.evaluation import mean_last_key, mean_of_last
 from fedmef_core.io import write_json, write_text
 from fedmef_core.plots import plot_round_curves
-from fedmef_core.runs import RunPaths
+from fedmef_core.runs import RunPaths, write_run_facts
 from tasks.masks import write_mask_plots
 from tasks.partitioning import partition_plot_path
 from tasks.progress import RoundProgress
@@ -55,30 +55,34 @@ class RoundReporter:
         write_text(self.paths.metrics / "rounds.csv", rounds_csv(server.history))
         self.progress.update(rnd, metrics)
 
-    def finish(self, server: Server, model_uri: str = "") -> dict:
-        """`train.json`, the curves and mask plots, the run's artifacts and description; returns the summary
-        (`model_uri`: the model's version in MLflow's registry, if logged)."""
+    def finish(self, server: Server, facts: dict, model_uri: str = "") -> dict:
+        """`train.json` (the results: the same for identical runs, bit for bit), `run.json` (`facts`, see
+        :func:`~fedmef_core.runs.run_facts`, plus this run's time, rounds run and `model_uri`, the model's version
+        in MLflow's registry if logged), the curves and mask plots, the run's artifacts and description; returns
+        both files' contents as one summary."""
         cfg, paths, tracker = self.config, self.paths, self.tracker
         seconds = time.perf_counter() - self.started
         ran = cfg.federation.rounds - self.first_round + 1
         final = server.history[-1]
         mean_last = mean_of_last(server.history, cfg.runtime.eval_mean_last)
-        summary = {
+        results = {
             "accuracy": final["accuracy"],
             mean_last_key(cfg.runtime.eval_mean_last): mean_last,
             "loss": final["loss"],
             "rounds": cfg.federation.rounds,
-            "rounds_run": ran,  # in this process; fewer than `rounds` after a resume
-            "seconds": round(seconds, 2),
-            "seconds_per_round": round(seconds / max(ran, 1), 3),
             "method": cfg.pruning.method,
             "density": cfg.pruning.density,
             "seed": cfg.federation.seed,
-            "run_dir": str(paths.root),
-            "mlflow_run_id": tracker.run_id or "",
+        }
+        facts = {
+            **facts,
+            "rounds_run": ran,  # in this process; fewer than `rounds` after a resume
+            "seconds": round(seconds, 2),
+            "seconds_per_round": round(seconds / max(ran, 1), 3),
             "model_uri": model_uri,
         }
-        write_json(paths.metrics / "train.json", summary)
+        write_json(paths.metrics / "train.json", results)
+        write_run_facts(paths, facts)
         title = f"{cfg.pruning.method} d={cfg.pruning.density:g}"
         plot_round_curves(server.history, paths.plots / "accuracy.png", title=f"{title} on {cfg.data.name}")
         write_mask_plots(server, paths.plots, tracker, title=title)
@@ -94,4 +98,4 @@ class RoundReporter:
         ]:
             if Path(path).exists():
                 tracker.log_artifact(path, where)
-        return summary
+        return {**results, **facts}

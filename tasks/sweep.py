@@ -42,7 +42,7 @@ from fedmef_core.config import (
 )
 from fedmef_core.evaluation import mean_of_last
 from fedmef_core.io import read_record
-from fedmef_core.runs import read_eval_metrics, read_train_metrics, run_name, run_paths
+from fedmef_core.runs import read_eval_metrics, read_run_facts, run_name, run_paths
 from tasks.comparison import CellResult
 from tasks.tracking import Tracker, ended, git_commit, prefect_flow_run_id
 
@@ -227,7 +227,7 @@ def cell_result(cell: Cell) -> CellResult:
     """A finished cell's numbers, read from its run folder: evaluated accuracy, measured footprint,
     accuracy per round and the adjustment drops (from the final checkpoint's round history)."""
     paths = run_paths(cell.config)
-    trained, evaluated = read_train_metrics(paths), read_eval_metrics(paths)
+    evaluated, facts = read_eval_metrics(paths), read_run_facts(paths, cell.config)
     memory = paths.metrics / "memory.json"
     history = load_checkpoint(paths.checkpoints / FINAL_NAME)["history"]
     prune_drop, post_adjust_drop = adjustment_drops(history)
@@ -238,7 +238,7 @@ def cell_result(cell: Cell) -> CellResult:
         footprint_bytes=read_record(memory, {}, RERUN_CELL).get("footprint_bytes") if memory.is_file() else None,
         curve=tuple((int(h["round"]), float(h["accuracy"])) for h in history if "accuracy" in h),
         prune_drop=prune_drop, post_adjust_drop=post_adjust_drop,
-        run_dir=str(paths.root), mlflow_run_id=trained.get("mlflow_run_id", ""),
+        run_dir=str(paths.root), mlflow_run_id=facts["mlflow_run_id"] if facts else "",
     )
 
 

@@ -239,7 +239,7 @@ class Tracker:
 
     def end_orphans(self, run_dir: str) -> list[str]:
         """Mark KILLED the runs of `run_dir` still RUNNING: left by a training that died (``kill -9``) before
-        its first checkpoint named its run. The caller holds the folder's lock, so none is alive."""
+        its first checkpoint's `run.json` named its run. The caller holds the folder's lock, so none is alive."""
         exp_id = self.experiment_id(create=False)
         if exp_id is None:
             return []
@@ -529,10 +529,10 @@ def ended(tracker: Tracker) -> Iterator[Tracker]:
 
 
 def open_run(tracker: Tracker, config: ExperimentConfig, run_name: str, tags: dict[str, str] | None) -> None:
-    """Continue the checkpoint's run (`tracker.run_id`); else start one tagged with the run folder, after
-    marking KILLED the runs a dead training left RUNNING there (tag `restarts`). A checkpoint's run the store
-    does not know (a moved store, a fresh clone) or that was deleted in the MLflow UI continues in a new run,
-    tagged `continues_run`. A failure of the store itself is one :class:`TrackingUnavailable` message."""
+    """Continue the checkpoints' run (`tracker.run_id`, named by `run.json`); else start one tagged with the run
+    folder, after marking KILLED the runs a dead training left RUNNING there (tag `restarts`). A checkpoint's run
+    the store does not know (a moved store, a fresh clone) or that was deleted in the MLflow UI continues in a new
+    run, tagged `continues_run`. A failure of the store itself is one :class:`TrackingUnavailable` message."""
     if not tracker.enabled:
         return
     with store_failures(tracker.uri):
@@ -556,7 +556,7 @@ def _open_run(tracker: Tracker, config: ExperimentConfig, run_name: str, tags: d
     tracker.start(config, run_name=run_name, tags={**(tags or {}), **lineage})
     tracker.start_system_metrics(resumed=False)
     if lost_run:
-        print(f"MLflow run {lost_run} (named by the checkpoint) {lost} {tracker.uri}: this resume logs to "
+        print(f"MLflow run {lost_run} (named by the checkpoints' run.json) {lost} {tracker.uri}: this resume logs to "
               f"a new run {tracker.run_id}, tagged continues_run={lost_run}", flush=True)
 
 

@@ -33,10 +33,11 @@ def _commit(repo: Path, env: dict[str, str], message: str) -> None:
     _sh(["git", "commit", "-q", "--allow-empty", "-m", message], repo, env)
 
 
-def _write_params(repo: Path, rounds: int, **sap) -> None:
+def _write_params(repo: Path, rounds: int, pruning: dict | None = None, **sap) -> None:
     raw = tiny_raw()
     raw["partition"].pop("seed"), raw["federation"].pop("seed")  # both follow the top-level seed (0): `-S seed=1`
     raw["federation"]["rounds"] = rounds
+    raw["pruning"] = pruning or raw["pruning"]
     raw["sap"] = sap
     raw["tracking"] = {"enabled": True, "mlflow_uri": "sqlite:///mlflow.db", "experiment": "e2e"}
     raw["runtime"]["checkpoint_every"] = 2
@@ -84,7 +85,7 @@ def test_repro_runs_all_stages_and_tracks_the_run(repo):
     assert lock["stages"]["train"]["params"]["params.yaml"]["federation"]["rounds"] == 2
 
     client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
-    run = client.get_run(train["mlflow_run_id"])
+    run = client.get_run(json.loads((path / "metrics" / "run.json").read_text())["mlflow_run_id"])
     assert run.data.tags["dvc_stage"] == "train"
     assert len(run.data.tags["git_commit"]) == 40
     assert run.data.params["data.train_limit"] == "1200"
@@ -131,10 +132,12 @@ def test_a_queued_experiment_is_tracked_in_the_repositorys_store(repo):
         if (e.get("name") == "queued-one")
     ]
     assert runs, f"no experiment 'queued-one' in {shown!r}"[:3000]
-    revs = runs[0]["revs"]
-    train = revs[0]["data"]["metrics"]["metrics/train.json"]["data"]
-    run = MlflowClient(f"sqlite:///{path / 'mlflow.db'}").get_run(train["mlflow_run_id"])  # not in .dvc/tmp/exps
-    assert run.data.tags["dvc_experiment"] == "queued-one" and run.data.params["federation.rounds"] == "1"
+    train = runs[0]["revs"][0]["data"]["metrics"]["metrics/train.json"]["data"]
+    assert train["rounds"] == 1
+    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")  # the repository's store, not one in .dvc/tmp/exps
+    [run] = client.search_runs([client.get_experiment_by_name("e2e").experiment_id],
+                               filter_string="tags.dvc_experiment = 'queued-one'")
+    assert run.data.params["federation.rounds"] == "1"
 
 
 def _experiments(repo: Path, env: dict[str, str]) -> list[dict]:
@@ -189,3 +192,31 @@ def test_a_fresh_clone_pulls_the_outputs_from_a_dvc_remote_and_has_nothing_to_re
     again = _sh(["dvc", "repro"], clone, env)
     assert "Running stage" not in again, again
     assert "Data and pipelines are up to date" in _sh(["dvc", "status"], clone, env)
+
+
+def test_a_fresh_clone_trains_again_to_the_same_bytes_and_leaves_git_status_clean(repo, tmp_path):
+    """Issue #21, what `make run` does in a fresh clone: partition and train run again and write their outputs
+    bit for bit as committed (so evaluate, whose deps are unchanged, is skipped; forced, it does the same), and
+    dvc.lock, the metrics and the plots stay as they were. Before, train.json held the run's seconds
+    and MLflow run id and the checkpoints both too: dvc.lock changed on every run. The clone shares the store, so
+    its training is a new MLflow run and a new version of the registered model: those go to run.json (ignored)."""
+    path, env, _ = repo
+    _write_params(path, rounds=2, pruning={"method": "fedmef", "density": 0.2, "adjust_interval": 1,
+                                           "adjust_until": 1})  # sparse, with SAP: masks files and mask plots too
+    _sh(["dvc", "repro"], path, env)
+    _commit(path, env, "a sparse experiment: dvc.lock and the uncached metrics and plots")
+    assert _sh(["git", "status", "--porcelain"], path, env) == ""
+
+    clone = tmp_path / "fresh"
+    _sh(["git", "clone", "-q", str(path), str(clone)], tmp_path, env)
+    shutil.copy2(path / "mlflow.db", clone / "mlflow.db")  # the same MLflow store (git ignores it)
+    again = _sh(["dvc", "repro"], clone, env)
+    assert "Running stage 'train'" in again, again  # no outputs in the clone: it trains
+    assert "Stage 'evaluate' didn't change, skipping" in again, again  # the same checkpoints: its deps unchanged
+    assert list((clone / "checkpoints").glob("masks_round_*.pt"))
+    _sh(["dvc", "repro", "--force", "--single-item", "evaluate"], clone, env)  # and evaluate's outputs, written again
+    status = _sh(["git", "status", "--porcelain"], clone, env)
+    assert status == "", status + _sh(["git", "diff"], clone, env)[-3000:]
+    assert "Data and pipelines are up to date" in _sh(["dvc", "status"], clone, env)
+    first, second = (json.loads((where / "metrics" / "run.json").read_text()) for where in (path, clone))
+    assert first["mlflow_run_id"] != second["mlflow_run_id"] and first["model_uri"] != second["model_uri"]

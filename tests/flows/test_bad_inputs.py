@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmef_core.config import parse_config
+from fedmef_core.config import ExperimentConfig, parse_config
+from fedmef_core.runs import run_facts
 from flows.cli import main
 from flows.train import train_flow
 from tasks import preflight
@@ -106,8 +107,9 @@ def test_cuda_without_a_gpu_is_one_message_before_prefect_starts(stage, tmp_path
     assert sorted(p.name for p in made.parent.iterdir()) == ["params.yaml", "partitions"]  # as staged
 
 
-TRAIN_JSON = {"accuracy": 0.5, "loss": 1.2, "rounds": 3, "rounds_run": 3, "seconds": 9.0, "seconds_per_round": 3.0,
-              "method": "fedavg", "density": 1.0, "seed": 3, "run_dir": ".", "mlflow_run_id": ""}
+TRAIN_JSON = {"accuracy": 0.5, "loss": 1.2, "rounds": 3, "method": "fedavg", "density": 1.0, "seed": 3}
+RUN_JSON = {**run_facts(ExperimentConfig(), "split", "run-7"),  # of params.yaml's experiment, as written by `{}`
+            "rounds_run": 3, "seconds": 9.0, "seconds_per_round": 3.0, "model_uri": ""}
 EVAL_JSON = {"accuracy": 0.5, "loss": 1.2, "round": 3, "per_class_accuracy": {}, "test_samples": 500}
 
 
@@ -118,9 +120,10 @@ EVAL_JSON = {"accuracy": 0.5, "loss": 1.2, "round": 3, "per_class_accuracy": {},
         ("eval.json", "[]", "eval.json holds a list, not the JSON object"),
         ("eval.json", json.dumps({**EVAL_JSON, "accuracy": "high"}), "eval.json: 'accuracy' holds 'high'"),
         ("train.json", json.dumps({k: v for k, v in TRAIN_JSON.items() if k != "rounds"}), "'rounds' holds nothing"),
-        ("train.json", json.dumps({**TRAIN_JSON, "seconds": True}), "train.json: 'seconds' holds True"),
+        ("run.json", json.dumps({**RUN_JSON, "seconds": True}), "run.json: 'seconds' holds True"),
+        ("run.json", json.dumps({**RUN_JSON, "identity": 7}), "run.json: 'identity' holds 7"),
     ],
-    ids=["truncated", "not-an-object", "wrong-type", "missing-key", "bool-for-number"],
+    ids=["truncated", "not-an-object", "wrong-type", "missing-key", "bool-for-number", "run-facts-wrong-type"],
 )
 def test_summary_of_a_metrics_file_that_lies_is_one_message(tmp_path, capsys, name, text, says):
     from flows import summary
@@ -131,8 +134,13 @@ def test_summary_of_a_metrics_file_that_lies_is_one_message(tmp_path, capsys, na
     (metrics / "eval.json").write_text(json.dumps(EVAL_JSON))
     argv = ["--params", str(tmp_path / "p.yaml"), "--set", f"runtime.run_dir={tmp_path}"]
     (tmp_path / "p.yaml").write_text("{}\n")
+    summary.main(argv)  # no run.json (outputs from `dvc pull`): the results without this copy's run facts
+    out = capsys.readouterr().out
+    assert "=== fedmef: run summary ===" in out and "rounds        3\n" in out and "MLflow run" not in out
+    (metrics / "run.json").write_text(json.dumps(RUN_JSON))
     summary.main(argv)
-    assert "=== fedmef: run summary ===" in capsys.readouterr().out  # the files as written: a summary
+    out = capsys.readouterr().out  # the files as written: a summary with the run's time and MLflow run
+    assert "3.00 s/round, 9 s total" in out and "MLflow run    run-7 in experiment" in out
     (metrics / name).write_text(text)
     with pytest.raises(SystemExit) as ended:
         summary.main(argv)

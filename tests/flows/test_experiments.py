@@ -56,10 +56,10 @@ def test_two_concurrent_trainings_keep_their_own_outputs(prefect_harness, tmp_pa
         assert identity_of(final["config"]) == config.identity()  # no file of the other run
         for ckpt in paths.checkpoints.glob("round_*.pt"):
             assert identity_of(load_checkpoint(ckpt)["config"]) == config.identity()
-        train = json.loads((paths.metrics / "train.json").read_text())
-        assert train["mlflow_run_id"] == results[i]["mlflow_run_id"] == final["extra"]["mlflow_run_id"]
+        facts = json.loads((paths.metrics / "run.json").read_text())
+        assert facts["mlflow_run_id"] == results[i]["mlflow_run_id"] and "mlflow_run_id" not in final["extra"]
         assert len((paths.metrics / "rounds.csv").read_text().splitlines()) == 1 + config.federation.rounds
-        run = store.get_run(train["mlflow_run_id"])
+        run = store.get_run(facts["mlflow_run_id"])
         assert run.info.run_name == run_name(config) and run.data.tags["seed"] == str(config.federation.seed)
 
 

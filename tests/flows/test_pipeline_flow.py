@@ -31,6 +31,7 @@ def test_pipeline_flow_runs_partition_train_evaluate(prefect_harness, tracked_co
     assert (tmp_path / "partitions" / "partition.png").stat().st_size > 1000
 
     train = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    run_id = json.loads((tmp_path / "metrics" / "run.json").read_text())["mlflow_run_id"]
     evaluation = json.loads((tmp_path / "metrics" / "eval.json").read_text())
     assert train["rounds"] == rounds
     assert evaluation["accuracy"] == pytest.approx(train["accuracy"])  # same final model, same test set
@@ -44,7 +45,7 @@ def test_pipeline_flow_runs_partition_train_evaluate(prefect_harness, tracked_co
     assert all(p.with_name(p.name + ".sha256").is_file() for p in (tmp_path / "checkpoints").glob("*.pt"))
 
     client = MlflowClient(tracked_config.tracking.mlflow_uri)
-    run = client.get_run(train["mlflow_run_id"])
+    run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["federation.clients_per_round"] == "3"
     assert run.data.tags["prefect_flow_run_id"]
@@ -61,7 +62,7 @@ def test_pipeline_flow_runs_partition_train_evaluate(prefect_harness, tracked_co
 
     (tmp_path / "params.yaml").write_text(tracked_config.to_yaml())
     text = summary_text(tracked_config)
-    assert f"test accuracy {evaluation['accuracy']:.4f}" in text and train["mlflow_run_id"] in text
+    assert f"test accuracy {evaluation['accuracy']:.4f}" in text and run_id in text
     assert "accuracy.png, accuracy_adjustments.png, confusion.png, density.png, memory.png)" in text
 
 

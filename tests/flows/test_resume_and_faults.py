@@ -51,8 +51,8 @@ def test_sigkill_mid_run_then_restart_gives_the_uninterrupted_metrics(tmp_path):
     client = MlflowClient(config.tracking.mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # continued, not forked
-    train_json = json.loads((tmp_path / "metrics" / "train.json").read_text())
-    assert train_json["mlflow_run_id"] == runs[0].info.run_id
+    run_json = json.loads((tmp_path / "metrics" / "run.json").read_text())  # what names the checkpoints' run
+    assert run_json["mlflow_run_id"] == runs[0].info.run_id and run_json["rounds_run"] < config.federation.rounds
     # every round once: metrics held back for a batched send went out before the checkpoint the kill left
     logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")]
     assert sorted(logged) == list(range(1, config.federation.rounds + 1))
@@ -90,7 +90,7 @@ def test_failing_client_is_retried_then_dropped(prefect_harness, tmp_path, flaky
     assert flaky_client.calls[(1, r1[1])] == 1 + config.runtime.client_retries  # then dropped
     from mlflow.tracking import MlflowClient
 
-    run_id = json.loads((tmp_path / "metrics" / "train.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((tmp_path / "metrics" / "run.json").read_text())["mlflow_run_id"]
     dropped = MlflowClient(config.tracking.mlflow_uri).get_metric_history(run_id, "dropped_clients")
     assert (dropped[0].step, dropped[0].value) == (1, 1)
     assert MlflowClient(config.tracking.mlflow_uri).get_metric_history(run_id, "clients")[0].value == 2
@@ -173,8 +173,8 @@ def test_a_finished_training_run_again_trains_nothing_and_rewrites_nothing(prefe
     said = "".join(capsys.readouterr()) + caplog.text
     assert "all 2 rounds were already trained" in said and "trained rounds 3-2" not in said
     assert again["rounds_run"] == 0 and again["accuracy"] == first["accuracy"]
-    assert {p: p.read_bytes() for p in written} == written  # train.json, checkpoints, plots: as they were
-    assert json.loads((tmp_path / "metrics" / "train.json").read_text())["rounds_run"] == 2
+    assert {p: p.read_bytes() for p in written} == written  # train.json, run.json, checkpoints, plots: as they were
+    assert json.loads((tmp_path / "metrics" / "run.json").read_text())["rounds_run"] == 2
     client = MlflowClient(config.tracking.mlflow_uri)
     [run] = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_id == first["mlflow_run_id"]

@@ -292,7 +292,7 @@ def test_a_run_deleted_in_the_ui_is_continued_in_a_new_run_tagged_with_it(prefec
     summary = train_cli(params)
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
-    assert f"MLflow run {deleted.info.run_id} (named by the checkpoint) was deleted from" in caplog.text
+    assert f"MLflow run {deleted.info.run_id} (named by the checkpoints' run.json) was deleted from" in caplog.text
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["continues_run"] == deleted.info.run_id
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [2, 3]
@@ -350,7 +350,7 @@ def test_evaluate_checks_the_store_before_any_work(tmp_path, capfd):
     params, config = prepare_run(tmp_path, rounds=1)
     train, test = load_dataset(config.data)
     server = Server(config, train, test, save_partition_of(config), resolve_device("cpu"))
-    save_checkpoint(tmp_path / "checkpoints" / "final.pt", server.checkpoint({"mlflow_run_id": ""}))
+    save_checkpoint(tmp_path / "checkpoints" / "final.pt", server.checkpoint())
     (tmp_path / "mlflow.db").write_bytes(os.urandom(20_000))
     with pytest.raises(SystemExit) as ended:
         flows.cli.main(evaluate_flow, preflight.for_evaluate, argv=["--params", str(params)])

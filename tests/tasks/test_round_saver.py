@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 
-from fedmef_core.checkpoint import round_checkpoint_path
+from fedmef_core.checkpoint import load_checkpoint, round_checkpoint_path
 from fedmef_core.data import load_dataset
 from fedmef_core.engine import Server
-from fedmef_core.runs import run_paths
+from fedmef_core.runs import read_run_facts, run_facts, run_paths
 from tasks.checkpoints import RoundSaver
 from tests.conftest import prepare_run, save_partition_of
 
@@ -33,8 +33,11 @@ def test_the_held_metrics_are_flushed_before_each_checkpoint_and_only_then(tmp_p
     server = Server(config, train, test, save_partition_of(config), torch.device("cpu"))
     paths = run_paths(config)
     tracker = RecordingTracker(paths.checkpoints)
-    save = RoundSaver(config, paths, {}, fresh=True)
+    facts = run_facts(config, "the split's digest", "run-1")
+    save = RoundSaver(config, paths, facts, fresh=True)
     for rnd in range(1, 5):
         save(server, rnd, {"round": rnd}, tracker)
     assert tracker.flushes == [[], ["round_0002.pt"]]  # at rounds 2 and 4, each before its checkpoint
     assert round_checkpoint_path(paths.checkpoints, 4).exists()
+    assert read_run_facts(paths, config, "the split's digest") == facts  # run.json names the checkpoints' run
+    assert load_checkpoint(round_checkpoint_path(paths.checkpoints, 4))["extra"] == {"partition": "the split's digest"}
