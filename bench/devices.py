@@ -77,12 +77,17 @@ def run_cell(method: str, policy: str, seed: int, rounds: int) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+def _cells(cells: list[dict], policy: str, method: str) -> list[dict]:
+    """One (policy, method)'s cells in seed order."""
+    return sorted((c for c in cells if c["policy"] == policy and c["method"] == method), key=lambda c: c["seed"])
+
+
 def summarise(cells: list[dict]) -> dict:
     out: dict = {}
     for policy in POLICIES:
         rows = {}
         for method in METHODS:
-            mine = sorted((c for c in cells if c["policy"] == policy and c["method"] == method), key=lambda c: c["seed"])
+            mine = _cells(cells, policy, method)
             if not mine:
                 continue
             tiers = mine[0]["tiers"].keys()
@@ -101,9 +106,8 @@ def summarise(cells: list[dict]) -> dict:
         for other in METHODS[1:]:
             if "fedmef" in rows and other in rows:
                 diffs = tuple(a - b for a, b in zip(rows["fedmef"]["per_seed"], rows[other]["per_seed"]))
-                small = tuple(a["tiers"]["small"]["accuracy"] - b["tiers"]["small"]["accuracy"] for a, b in zip(
-                    *(sorted((c for c in cells if c["policy"] == policy and c["method"] == m),
-                             key=lambda c: c["seed"]) for m in ("fedmef", other))))
+                small = tuple(a["tiers"]["small"]["accuracy"] - b["tiers"]["small"]["accuracy"]
+                              for a, b in zip(_cells(cells, policy, "fedmef"), _cells(cells, policy, other)))
                 paired[other] = {"differences": diffs, "interval": _interval(diffs),
                                  "small_tier_differences": small, "small_tier_interval": _interval(small)}
         out[policy] = {"methods": rows, "fedmef_minus": paired}
