@@ -505,7 +505,8 @@ def identity_of(dumped: dict[str, Any]) -> dict[str, Any]:
     top-level `seed` is left out: the resolved `partition.seed` and `federation.seed` hold what it decides (so
     a config written before it existed has the same identity)."""
     identity = {k: v for k, v in dumped.items() if k not in NOT_IDENTITY}
-    if identity.get("devices", {}).get("profile", "none") == "none":
+    devices = identity.get("devices")
+    if isinstance(devices, dict) and devices.get("profile", "none") == "none":
         identity.pop("devices", None)  # unlimited devices: the identity of a config written before they existed
     return identity
 
