@@ -47,6 +47,8 @@ class CellResult:
     post_adjust_drop: float | None = None  # mean of acc(r-1) - acc(r) over adjustment rounds r > 1
     run_dir: str = ""
     mlflow_run_id: str = ""
+    participation: float | None = None  # with device budgets: trained / sampled clients over the run
+    tier_accuracy: tuple[tuple[str, float], ...] = ()  # the final model on each device tier's data
 
     @property
     def score(self) -> float:
@@ -75,6 +77,8 @@ class SummaryRow:
     footprint_mib: float | None = None
     prune_drop: float | None = None
     post_adjust_drop: float | None = None
+    participation: float | None = None
+    tier_accuracy: tuple[tuple[str, float], ...] = ()  # means over seeds
     mean: float = field(init=False)
     std: float = field(init=False)
 
@@ -131,6 +135,9 @@ def summary_rows(results: Sequence[CellResult]) -> list[SummaryRow]:
             footprint_mib=None if footprint is None else footprint / MIB,
             prune_drop=_mean_or_none(c.prune_drop for c in cells),
             post_adjust_drop=_mean_or_none(c.post_adjust_drop for c in cells),
+            participation=_mean_or_none(c.participation for c in cells),
+            tier_accuracy=tuple((t, statistics.fmean(dict(c.tier_accuracy)[t] for c in cells))
+                                for t, _ in cells[0].tier_accuracy if all(t in dict(c.tier_accuracy) for c in cells)),
         ))
     return rows
 
@@ -175,6 +182,7 @@ def comparison_markdown(rows: Sequence[SummaryRow], paired: Sequence[PairedRow],
         lines.append(f"| {r.method} | {r.density:g} | {len(r.accuracies)} | {r.mean:.4f} ± {r.std:.4f} | "
                      f"{_fmt(r.last_round_mean, '.4f')} | {_fmt(r.footprint_mib, '.3f')} | "
                      f"{_fmt(r.prune_drop, '+.4f')} | {_fmt(r.post_adjust_drop, '+.4f')} |")
+    lines += _devices_markdown(rows)
     if paired:
         ref = paired[0].reference
         lines += ["", f"## Paired difference against {ref} (same seed: same partition, sampling and init seed)", "",
@@ -185,6 +193,22 @@ def comparison_markdown(rows: Sequence[SummaryRow], paired: Sequence[PairedRow],
             ci = "-" if iv.n < 2 else f"[{iv.low:+.4f}, {iv.high:+.4f}]"
             lines.append(f"| {p.method} | {p.density:g} | {iv.n} | {iv.mean:+.4f} | {ci} |")
     return "\n".join(lines) + "\n"
+
+
+def _devices_markdown(rows: Sequence[SummaryRow]) -> list[str]:
+    """With device budgets: who could train, and how well each final model serves each tier's data."""
+    with_devices = [r for r in rows if r.participation is not None]
+    if not with_devices:
+        return []
+    tiers = list(dict.fromkeys(t for r in with_devices for t, _ in r.tier_accuracy))
+    lines = ["", "## Devices: participation and accuracy on each tier's data", "",
+             "| method | density | participation | " + " | ".join(f"accuracy on {t}'s data" for t in tiers) + " |",
+             "|---|---|---|" + "---|" * len(tiers)]
+    for r in with_devices:
+        acc = dict(r.tier_accuracy)
+        lines.append(f"| {r.method} | {r.density:g} | {r.participation:.0%} | "
+                     + " | ".join(_fmt(acc.get(t), ".4f") for t in tiers) + " |")
+    return lines
 
 
 def comparison_csv(rows: Sequence[SummaryRow], paired: Sequence[PairedRow]) -> str:

@@ -231,6 +231,10 @@ def cell_result(cell: Cell) -> CellResult:
     memory = paths.metrics / "memory.json"
     history = load_checkpoint(paths.checkpoints / FINAL_NAME)["history"]
     prune_drop, post_adjust_drop = adjustment_drops(history)
+    devices_json = paths.metrics / "devices.json"
+    devices = {}
+    if cell.config.devices.enabled and devices_json.is_file():  # who could train, per device tier
+        devices = read_record(devices_json, {"participation": (int, float), "tiers": list}, RERUN_CELL)
     return CellResult(
         method=cell.method, density=cell.density, seed=cell.seed, accuracy=float(evaluated["accuracy"]),
         dense=cell.dense, mean_last=mean_of_last(history, cell.config.runtime.eval_mean_last),
@@ -239,6 +243,9 @@ def cell_result(cell: Cell) -> CellResult:
         curve=tuple((int(h["round"]), float(h["accuracy"])) for h in history if "accuracy" in h),
         prune_drop=prune_drop, post_adjust_drop=post_adjust_drop,
         run_dir=str(paths.root), mlflow_run_id=facts["mlflow_run_id"] if facts else "",
+        participation=devices.get("participation"),
+        tier_accuracy=tuple((t["tier"], t["accuracy_on_its_data"]) for t in devices.get("tiers", [])
+                            if t.get("accuracy_on_its_data") is not None),
     )
 
 

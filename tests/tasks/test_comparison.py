@@ -132,3 +132,16 @@ def test_aliases_point_at_each_methods_best_cell_and_the_champion_at_the_best_of
     assert best["champion"] is cells[4]
     assert best_aliases([]) == {}
 
+
+
+def test_with_device_budgets_the_comparison_shows_participation_and_accuracy_on_each_tiers_data():
+    cells = [CellResult(m, 0.1, seed, 0.7, participation=p + 0.1 * seed,
+                        tier_accuracy=(("small", small + seed / 100), ("large", 0.8)))
+             for m, p, small in (("fedmef", 0.8, 0.75), ("feddst", 0.5, 0.60)) for seed in range(2)]
+    rows = summary_rows(cells)
+    assert rows[0].participation == pytest.approx(0.85) and rows[1].participation == pytest.approx(0.55)
+    assert dict(rows[1].tier_accuracy) == pytest.approx({"small": 0.605, "large": 0.8})
+    text = comparison_markdown(rows, [])
+    assert "## Devices: participation and accuracy on each tier's data" in text
+    assert "| fedmef | 0.1 | 85% | 0.7550 | 0.8000 |" in text and "| feddst | 0.1 | 55% | 0.6050 | 0.8000 |" in text
+    assert "Devices" not in comparison_markdown(summary_rows(_grid()), [])  # unlimited devices: no such table
