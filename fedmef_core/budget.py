@@ -7,8 +7,9 @@ storage autograd saves for backward, each counted once, the model's own tensors 
 saved-tensor hook around the forward pass, before backward frees them. With ``bound: total`` the dense
 gradients and the optimizer's buffers are added. A step above the budget raises :class:`OverBudgetError`
 right after its forward pass, before backward: the client fails as a device that ran out of memory would. On
-CUDA the step's ``torch.cuda.max_memory_allocated`` is recorded beside it (reported, not enforced: it also holds
-the allocator's temporaries, which the planner does not model).
+CUDA ``torch.cuda.max_memory_allocated`` over each forward pass is recorded beside it (``cuda_peak_mib``: reported,
+not enforced, since it also holds the allocator's temporaries and the dense weights, which the planner does not
+model; not yet checked on a GPU).
 
 The hook costs one Python call per saved tensor; clients without a budget run no hook at all.
 """
