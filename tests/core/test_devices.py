@@ -177,3 +177,12 @@ def test_a_round_whose_clients_are_all_excluded_leaves_the_model_as_it_was():
     assert all(h["clients"] == 0 and h["devices/excluded"] == h["devices/sampled"] for h in history)
     assert all(torch.equal(v, before[k]) for k, v in server.model.state_dict().items())
     assert "train_loss" not in history[0] and "accuracy" in history[-1]
+
+
+def test_budgets_that_bind_no_client_change_nothing_bit_for_bit():
+    free = run_rounds(_server("fedmef"))
+    roomy = _server("fedmef", policy="fit_gamma", tiers=[{"name": "all", "memory_mib": 64, "share": 1.0}])
+    bound = run_rounds(roomy)  # every client measured against its budget, at the configured batch and gamma
+    keys = ("accuracy", "loss", "train_loss")
+    assert [[h[k] for k in keys] for h in bound] == [[h[k] for k in keys] for h in free]
+    assert all(h["devices/trained"] == h["devices/sampled"] for h in bound)
