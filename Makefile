@@ -59,7 +59,7 @@ bench-memory: setup
 	python -m bench.memory
 
 lint: setup
-	ruff check fedmef_core tasks flows tests
+	ruff check fedmef_core services tasks flows tests
 
 clean:
 	rm -rf data/partitions checkpoints metrics plots runs mlflow.db mlartifacts

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 from flows.sweep import main as sweep_main
-from tasks.comparison import DENSE, CellResult, paired_differences
+from services.comparison import DENSE, CellResult, paired_differences
 
 METHODS = ["fedavg", "fedavg_static", "prunefl", "feddst", "fedtiny", "fedmef"]
 DENSITIES = [0.05, 0.1, 0.2]

@@ -32,7 +32,7 @@ from fedmef_core.data import load_dataset, partition_indices
 from fedmef_core.device import resolve_device
 from fedmef_core.engine import Server, run_rounds
 from fedmef_core.evaluation import mean_of_last
-from tasks.comparison import t_interval
+from services.comparison import t_interval
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["fedmef", "feddst", "fedtiny", "fedavg"]

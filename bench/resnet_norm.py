@@ -29,7 +29,7 @@ from pathlib import Path
 
 from bench.accuracy import flat
 from flows.sweep import main as sweep_main
-from tasks.comparison import t_interval
+from services.comparison import t_interval
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NORMS = ("nsconv", "batch")

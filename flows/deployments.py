@@ -15,7 +15,7 @@ from flows.partition import partition_flow
 from flows.pipeline import pipeline_flow
 from flows.sweep import sweep_flow
 from flows.train import train_flow
-from tasks.sweep import SweepSpec
+from services.sweep import SweepSpec
 
 FLOWS = {"pipeline": pipeline_flow, "partition": partition_flow, "train": train_flow, "evaluate": evaluate_flow,
          "sweep": sweep_flow}

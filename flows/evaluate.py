@@ -14,9 +14,9 @@ from prefect import flow
 from fedmef_core.config import ExperimentConfig
 from flows import cli
 from flows.cli import fails_cleanly
+from services.tracking.logged_models import URI_FORMS, check_model_uri
 from tasks import preflight
 from tasks.evaluation import evaluate_model
-from tasks.logged_models import URI_FORMS, check_model_uri
 
 OPTIONS = {"--model": {"dest": "model_uri", "metavar": "URI", "default": None,
                        "help": f"evaluate this model logged in MLflow instead of the final checkpoint: {URI_FORMS}"}}

@@ -35,7 +35,7 @@ from fedmef_core.errors import UserError
 from fedmef_core.io import write_json, write_text
 from flows.lifecycle import detach_temporary_server, exit_code, signals_interrupt
 from flows.train import train
-from tasks.comparison import (
+from services.comparison import (
     CellResult,
     comparison_csv,
     comparison_markdown,
@@ -45,10 +45,7 @@ from tasks.comparison import (
     summary_metrics,
     summary_rows,
 )
-from tasks.evaluation import evaluate_model
-from tasks.logged_models import point_aliases
-from tasks.partitioning import partition_dataset
-from tasks.sweep import (
+from services.sweep import (
     Cell,
     SweepSpec,
     cell_result,
@@ -64,7 +61,10 @@ from tasks.sweep import (
     plan_cells,
     sweep_name,
 )
-from tasks.tracking import Tracker, TrackingUnavailable
+from services.tracking.logged_models import point_aliases
+from services.tracking.tracker import Tracker, TrackingUnavailable
+from tasks.evaluation import evaluate_model
+from tasks.partitioning import partition_dataset
 
 
 @task(name="sweep-cell", cache_policy=NO_CACHE, task_run_name="{name}")
@@ -146,7 +146,7 @@ def sweep_flow(spec: SweepSpec = SweepSpec()) -> dict:
 
 def best_model_aliases(tracking: TrackingConfig, results: list[CellResult]) -> list[dict[str, Any]]:
     """Point the registry's aliases at the sweep's best models (`best-<method>`, `champion`: see
-    :func:`tasks.comparison.best_aliases`), one line each; a store that fails here is a warning (the sweep's
+    :func:`services.comparison.best_aliases`), one line each; a store that fails here is a warning (the sweep's
     results are all written)."""
     try:
         aliases = point_aliases(tracking, results)

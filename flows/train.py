@@ -17,15 +17,15 @@ from fedmef_core.runs import run_facts, run_lock, run_name, run_paths
 from flows import cli
 from flows.cli import fails_cleanly
 from flows.lifecycle import safe_points
+from services.tracking.logged_models import log_final_model
+from services.tracking.tracker import tracked_run
 from tasks import preflight
 from tasks.checkpoints import RoundSaver, finished_summary, resume, start_server, training_run_id
 from tasks.clients import client_updates
 from tasks.devices import DeviceReporter
-from tasks.logged_models import log_final_model
 from tasks.memory import client_step_report, log_memory_report
 from tasks.outputs import RoundReporter
 from tasks.reporting import publish_summary
-from tasks.tracking import tracked_run
 
 METRICS_EVERY_S = 2.0  # per-round metrics go to MLflow in one batch at most this often (and at checkpoints)
 

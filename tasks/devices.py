@@ -15,7 +15,7 @@ from fedmef_core.engine import Server
 from fedmef_core.io import write_json, write_text
 from fedmef_core.plots import plot_participation
 from fedmef_core.runs import RunPaths
-from tasks.tracking import Tracker
+from services.tracking.tracker import Tracker
 
 ROW_COLUMNS = ("round", "client_id", "tier", "budget_mib", "status", "batch_size", "gamma", "predicted_mib",
                "held_mib")

@@ -11,16 +11,16 @@ from fedmef_core.evaluation import evaluate
 from fedmef_core.io import write_json
 from fedmef_core.plots import plot_confusion
 from fedmef_core.runs import run_paths
+from services.tracking.logged_models import find_model, load_model, trained_config
+from services.tracking.tracker import Tracker
 from tasks.checkpoints import load_final_model, training_run_id
-from tasks.logged_models import find_model, load_model, trained_config
-from tasks.tracking import Tracker
 
 
 @task(name="evaluate-model")
 def evaluate_model(config: ExperimentConfig, model_uri: str | None = None) -> dict:
     """The run folder's final checkpoint or, with `model_uri` (``models:/…``, ``runs:/…``), that model logged in
-    MLflow, tested on the data it was trained on (:func:`~tasks.logged_models.trained_config`); the results go
-    to that run folder and to the MLflow run that trained it."""
+    MLflow, tested on the data it was trained on (:func:`~services.tracking.logged_models.trained_config`); the
+    results go to that run folder and to the MLflow run that trained it."""
     if model_uri:
         source = find_model(config.tracking, model_uri)
         config = trained_config(config, source)

@@ -20,7 +20,7 @@ from fedmef_core.memory import MemoryReport, measure_step
 from fedmef_core.plots import plot_memory_parts
 from fedmef_core.runs import RunPaths
 from fedmef_core.sap import apply_sap, resolve_sap
-from tasks.tracking import Tracker
+from services.tracking.tracker import Tracker
 
 MIB = 2**20
 

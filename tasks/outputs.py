@@ -15,10 +15,10 @@ from fedmef_core.evaluation import mean_last_key, mean_of_last
 from fedmef_core.io import write_json, write_text
 from fedmef_core.plots import plot_round_curves
 from fedmef_core.runs import RunPaths, write_run_facts
+from services.tracking.tracker import Tracker, run_description
 from tasks.masks import write_mask_plots
 from tasks.partitioning import partition_plot_path
 from tasks.progress import RoundProgress
-from tasks.tracking import Tracker, run_description
 
 ROUND_COLUMNS = ("round", "accuracy", "loss", "train_loss", "lr")
 

@@ -13,9 +13,9 @@ from fedmef_core.data import load_dataset, load_partition, partition_indices, pa
 from fedmef_core.device import resolve_device
 from fedmef_core.errors import UserError
 from fedmef_core.runs import run_paths
+from services.tracking.logged_models import find_model, trained_config
+from services.tracking.tracker import Tracker
 from tasks.checkpoints import load_final_model
-from tasks.logged_models import find_model, trained_config
-from tasks.tracking import Tracker
 
 
 class MissingInput(UserError):

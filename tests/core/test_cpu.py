@@ -11,7 +11,7 @@ import torch
 
 from fedmef_core import cpu
 from fedmef_core.config import parse_config
-from tasks.sweep import cell_threads
+from services.sweep import cell_threads
 from tests.conftest import server_of, tiny_raw
 
 ROOT = Path(__file__).resolve().parents[2]

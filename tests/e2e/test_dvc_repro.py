@@ -18,7 +18,7 @@ from fedmef_core.config import parse_config
 from tests.conftest import tiny_raw
 
 ROOT = Path(__file__).resolve().parents[2]
-COPIED = ["fedmef_core", "tasks", "flows", "dvc.yaml", ".dvcignore", ".gitignore"]
+COPIED = ["fedmef_core", "services", "tasks", "flows", "dvc.yaml", ".dvcignore", ".gitignore"]
 
 
 def _sh(args: list[str], cwd: Path, env: dict[str, str]) -> str:

@@ -76,7 +76,7 @@ def test_the_registered_model_gives_the_runs_accuracy_in_a_fresh_process_and_thr
 
 
 def test_the_logged_model_holds_masked_weights_masks_config_signature_and_example(trained):
-    from tasks.logged_models import find_model, load_model
+    from services.tracking.logged_models import find_model, load_model
 
     _, config, summary = trained
     client = MlflowClient(config.tracking.mlflow_uri)

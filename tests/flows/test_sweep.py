@@ -19,7 +19,7 @@ from fedmef_core.device import resolve_device
 from fedmef_core.engine import Server
 from fedmef_core.runs import run_paths
 from flows.sweep import spec_from_args, sweep_flow
-from tasks.sweep import experiments, parse_spec, plan_cells
+from services.sweep import experiments, parse_spec, plan_cells
 from tests.conftest import tiny_raw
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -104,7 +104,7 @@ def test_a_tracking_outage_mid_run_does_not_stop_training(prefect_harness, tmp_p
 
 def test_what_an_outage_held_back_is_sent_once_the_server_is_back(tmp_path, mlflow_server, capsys):
     from fedmef_core.config import ExperimentConfig, TrackingConfig
-    from tasks.tracking import Tracker
+    from services.tracking.tracker import Tracker
 
     config = ExperimentConfig(tracking=TrackingConfig(mlflow_uri=mlflow_server.uri, experiment="t"))
     tracker = Tracker(config.tracking)

@@ -7,8 +7,8 @@ from fedmef_core.data import load_dataset
 from fedmef_core.device import resolve_device
 from fedmef_core.models import build_model
 from fedmef_core.runs import run_paths
+from services.tracking.tracker import Tracker
 from tasks.memory import client_step_report, log_memory_report
-from tasks.tracking import Tracker
 from tests.conftest import tiny_raw
 
 

@@ -4,7 +4,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fedmef_core.config import ExperimentConfig, TrackingConfig
-from tasks.tracking import Tracker, TrackingUnavailable, store_uri
+from services.tracking.tracker import Tracker, TrackingUnavailable, store_uri
 
 
 def test_tracker_writes_params_metrics_tags_and_artifacts(tmp_path, monkeypatch):
@@ -182,7 +182,7 @@ def test_the_health_probe_and_mlflow_send_the_credentials_and_no_message_shows_t
 
 
 def test_a_checkpoints_run_missing_from_the_store_continues_in_a_new_tagged_run(tmp_path, capsys):
-    from tasks.tracking import tracked_run
+    from services.tracking.tracker import tracked_run
 
     config = tracked_config(tmp_path)
     lost = "0123456789abcdef0123456789abcdef"
@@ -198,7 +198,7 @@ def test_a_checkpoints_run_missing_from_the_store_continues_in_a_new_tagged_run(
 def test_a_termination_signal_ends_the_run_killed(tmp_path):
     from prefect.exceptions import TerminationSignal
 
-    from tasks.tracking import tracked_run
+    from services.tracking.tracker import tracked_run
 
     config = tracked_config(tmp_path)
     with pytest.raises(TerminationSignal), tracked_run(config, "r") as tracker:
@@ -207,7 +207,7 @@ def test_a_termination_signal_ends_the_run_killed(tmp_path):
 
 
 def test_a_fresh_start_ends_the_run_a_dead_training_left_running(tmp_path, capsys):
-    from tasks.tracking import tracked_run
+    from services.tracking.tracker import tracked_run
 
     config = tracked_config(tmp_path)
     other_folder = tracked_config(tmp_path / "other", mlflow_uri=config.tracking.mlflow_uri)  # same store
@@ -304,7 +304,7 @@ def test_an_experiment_made_before_gets_the_model_training_kind_and_a_long_descr
 def test_system_metrics_are_logged_only_when_asked(tmp_path, monkeypatch, enabled):
     import time
 
-    from tasks.tracking import tracked_run
+    from services.tracking.tracker import tracked_run
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # MLflow's default: every 10 s
     config = tracked_config(tmp_path, system_metrics=enabled)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tasks.comparison import (
+from services.comparison import (
     CellResult,
     best_aliases,
     comparison_csv,

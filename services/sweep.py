@@ -43,8 +43,8 @@ from fedmef_core.config import (
 from fedmef_core.evaluation import mean_of_last
 from fedmef_core.io import read_record
 from fedmef_core.runs import read_eval_metrics, read_run_facts, run_name, run_paths
-from tasks.comparison import CellResult
-from tasks.tracking import Tracker, ended, git_commit, prefect_flow_run_id
+from services.comparison import CellResult
+from services.tracking.tracker import Tracker, ended, git_commit, prefect_flow_run_id
 
 Density = Annotated[float, Field(gt=0, le=1)]
 

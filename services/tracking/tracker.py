@@ -7,7 +7,7 @@ memory and sends it at the next round's metrics or at the end, where it says wha
 Every run says what it is: the experiment is tagged for MLflow's model-training view, a training's run gets a
 description (method, architecture, density, seed, and at the end its accuracy), its partition as the run's
 dataset input and, with `tracking.system_metrics`, MLflow's system metrics. The trained model itself goes to
-MLflow through :mod:`tasks.logged_models`.
+MLflow through :mod:`.logged_models`.
 
 A training's tracker sends its per-round metrics at most every `send_every_s` seconds, as one batch (each
 send is a store transaction, which would otherwise cost fast rounds more than their clients' training);
@@ -323,8 +323,8 @@ class Tracker:
         self._send(("input", dataset.name), functools.partial(self._client.log_inputs, self.run_id, [data_input]))
 
     def log_model(self, log: Callable[[str, str], Any], what: str) -> None:
-        """Run ``log(store_uri, run_id)`` — a logged model's whole logging (:mod:`tasks.logged_models`) — as one
-        send: it waits, in order, while the store is away. Its result is kept in `model_logged`."""
+        """Run ``log(store_uri, run_id)`` — a logged model's whole logging (:mod:`.logged_models`) — as one send: it
+        waits, in order, while the store is away. Its result is kept in `model_logged`."""
         if self._client is None or not self.run_id:
             return
 

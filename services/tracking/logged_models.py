@@ -40,8 +40,8 @@ from fedmef_core.errors import UserError
 from fedmef_core.models import prunable_weights
 from fedmef_core.models.nsconv import attach_masks
 from fedmef_core.sparse import apply_masks
-from tasks.comparison import CellResult, best_aliases
-from tasks.tracking import Tracker, store_failures, store_uri
+from services.comparison import CellResult, best_aliases
+from services.tracking.tracker import Tracker, store_failures, store_uri
 
 MODEL_NAME = "model"  # the run's logged model: runs:/<run id>/model
 EXAMPLE_SIZE = 2  # test images in the input example
@@ -247,7 +247,7 @@ def load_model(source: ModelSource) -> nn.Module:
 
 
 def point_aliases(tracking: TrackingConfig, results: Sequence[CellResult]) -> list[dict[str, Any]]:
-    """Per registered model, :func:`~tasks.comparison.best_aliases` of the cells whose runs logged a version of
+    """Per registered model, :func:`~services.comparison.best_aliases` of the cells whose runs logged a version of
     it (``best-<method>``, ``champion``), each set on that version; returns what was set."""
     from mlflow.tracking import MlflowClient
 
