@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from fedmef_core.errors import UserError
+from fedmef_core.registry import DATASETS, METHODS, OneOf, method_traits
 
 
 class _Section(BaseModel):
@@ -46,7 +47,7 @@ def _enforce_rules(model: Any, info: ValidationInfo) -> Any:
     return model
 
 
-DatasetName = Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "cinic10", "tinyimagenet"]
+DatasetName = Annotated[str, OneOf(DATASETS)]  # a name in fedmef_core.registry.DATASETS, checked when validated
 
 
 class DataConfig(_Section):
@@ -130,7 +131,7 @@ class FederationConfig(_Section):
 
 
 
-PruningMethod = Literal["fedavg", "fedavg_static", "prunefl", "feddst", "fedtiny", "fedmef"]
+PruningMethod = Annotated[str, OneOf(METHODS)]  # a name in fedmef_core.registry.METHODS, checked when validated
 
 
 class PruningConfig(_Section):
@@ -472,14 +473,6 @@ class ExperimentConfig(_Section):
 # section seeds it sets)
 RUN_ONLY_SECTIONS = ("tracking", "runtime", "ray")  # where and how a run executes, not what it computes
 NOT_IDENTITY = (*RUN_ONLY_SECTIONS, "seed")
-
-
-def method_traits(method: str):
-    """What `method` declares about itself (its algorithm class's `traits`), or None if unknown."""
-    from fedmef_core.algorithms import REGISTRY  # the algorithms import this module
-
-    cls = REGISTRY.get(method)
-    return None if cls is None else cls.traits
 
 
 def _value(section: Any, key: str, default: Any) -> Any:

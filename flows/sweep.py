@@ -29,10 +29,11 @@ from prefect.exceptions import TerminationSignal
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fedmef_core.config import ConfigError, ExperimentConfig, PruningMethod, TrackingConfig, parse_override
+from fedmef_core.config import ConfigError, ExperimentConfig, TrackingConfig, parse_override
 from fedmef_core.data import load_dataset
 from fedmef_core.errors import UserError
 from fedmef_core.io import write_json, write_text
+from fedmef_core.registry import METHODS
 from flows.lifecycle import detach_temporary_server, exit_code, signals_interrupt
 from flows.train import train
 from services.comparison import (
@@ -171,7 +172,7 @@ def _overrides(texts: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, An
 
 
 def spec_from_args(argv: list[str] | None, prog: str | None = None) -> SweepSpec:
-    methods = list(PruningMethod.__args__)
+    methods = METHODS.names()
     parser = argparse.ArgumentParser(prog=prog, description=sweep_flow.description)
     parser.add_argument("--methods", nargs="+", required=True, metavar="METHOD", help=f"of {', '.join(methods)}")
     parser.add_argument("--densities", nargs="+", type=float, default=[0.1])

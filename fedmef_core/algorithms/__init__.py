@@ -1,33 +1,44 @@
-"""Federated methods, one module each, chosen by `pruning.method`."""
+"""Federated methods, one module each, chosen by `pruning.method` among the entries of
+`fedmef_core.registry.METHODS` (a new method: its module here plus one entry there)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from fedmef_core.algorithms.base import ClientResult, FederatedAlgorithm, MethodTraits
-from fedmef_core.algorithms.feddst import FedDST
-from fedmef_core.algorithms.fedmef import FedMef
-from fedmef_core.algorithms.fedtiny import FedTiny
-from fedmef_core.algorithms.prunefl import PruneFL
 from fedmef_core.algorithms.static import MaskedAlgorithm
 from fedmef_core.config import ExperimentConfig
+from fedmef_core.registry import METHODS, register_method
 
-REGISTRY: dict[str, type[FederatedAlgorithm]] = {
-    "fedavg": FederatedAlgorithm,
-    "fedavg_static": MaskedAlgorithm,
-    "prunefl": PruneFL,
-    "feddst": FedDST,
-    "fedtiny": FedTiny,
-    "fedmef": FedMef,
-}
+
+class _Classes(Mapping[str, type[FederatedAlgorithm]]):
+    """Method name -> algorithm class, read live from `METHODS` (a class is imported when first asked for)."""
+
+    def __getitem__(self, name: str) -> type[FederatedAlgorithm]:
+        if name not in METHODS:
+            raise KeyError(name)
+        return METHODS[name].load()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(METHODS)
+
+    def __len__(self) -> int:
+        return len(METHODS)
+
+
+REGISTRY: Mapping[str, type[FederatedAlgorithm]] = _Classes()
 
 
 def build_algorithm(config: ExperimentConfig) -> FederatedAlgorithm:
-    try:
-        cls = REGISTRY[config.pruning.method]
-    except KeyError:
-        raise ValueError(
-            f"unknown pruning.method {config.pruning.method!r}; available: {sorted(REGISTRY)}"
-        ) from None
-    return cls(config)
+    return METHODS[config.pruning.method].load()(config)  # an unknown name: one ValueError naming them all
 
 
-__all__ = ["REGISTRY", "ClientResult", "FederatedAlgorithm", "MaskedAlgorithm", "MethodTraits", "build_algorithm"]
+__all__ = [
+    "REGISTRY",
+    "ClientResult",
+    "FederatedAlgorithm",
+    "MaskedAlgorithm",
+    "MethodTraits",
+    "build_algorithm",
+    "register_method",
+]

@@ -16,20 +16,11 @@ from torch import nn
 
 from fedmef_core.aggregation import WeightedSum
 from fedmef_core.config import ExperimentConfig
+from fedmef_core.registry import MethodTraits as MethodTraits  # its traits live in its registry entry
 from fedmef_core.sparse.comm import state_bytes
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 BatchSource = Callable[[], Batches]  # a fresh pass over the client's data at every call
-
-
-@dataclass(frozen=True)
-class MethodTraits:
-    """What a method declares about itself; config resolution, validation and reports ask these."""
-
-    sparse: bool = False  # trains a masked model at `pruning.density` (else dense: density 1.0)
-    norm: str = "batch"  # what `model.norm: auto` means for it
-    sap: bool = False  # what `sap.enabled: null` means for it
-    selects_initial_mask: bool = False  # supports FedTiny's adaptive BN selection (`pruning.bn_select`)
 
 
 @dataclass
@@ -100,7 +91,6 @@ class FederatedAlgorithm:
     """Dense FedAvg, and the hook points that pruning methods override."""
 
     name = "fedavg"
-    traits = MethodTraits()
 
     def __init__(self, config: ExperimentConfig):
         self.config = config

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedmef_core.algorithms.base import Batches, ClientResult, MethodTraits
+from fedmef_core.algorithms.base import Batches, ClientResult
 from fedmef_core.algorithms.fedtiny import FedTiny
 from fedmef_core.models import prunable_weights
 from fedmef_core.sparse import INDEX_BYTES, smallest_active
@@ -39,7 +39,6 @@ def budget_profile(step: int, total: int) -> float:
 
 class FedMef(FedTiny):
     name = "fedmef"
-    traits = MethodTraits(sparse=True, norm="nsconv", sap=True, selects_initial_mask=True)  # the paper's method
 
     def adjust_payload(self, rnd: int, model: nn.Module, state: dict[str, Any],
                        counts: dict[str, int]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmef_core.aggregation import weighted_average
-from fedmef_core.algorithms.base import Batches, BatchSource, ClientResult, MethodTraits
+from fedmef_core.algorithms.base import Batches, BatchSource, ClientResult
 from fedmef_core.algorithms.static import MaskedAlgorithm, batch_gradients
 from fedmef_core.models import prunable_weights
 from fedmef_core.models.nsconv import grow_at_channel_mean
@@ -37,7 +37,6 @@ from fedmef_core.sparse import apply_masks, perturbed_counts, prune_and_grow, ra
 
 class FedTiny(MaskedAlgorithm):
     name = "fedtiny"
-    traits = MethodTraits(sparse=True, selects_initial_mask=True)
     adjusts = True
 
     # ---- adaptive BN selection of the initial mask (pruning.bn_select) -------------------------

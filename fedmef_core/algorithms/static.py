@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedmef_core.algorithms.base import Batches, ClientResult, FederatedAlgorithm, MethodTraits
+from fedmef_core.algorithms.base import Batches, ClientResult, FederatedAlgorithm
 from fedmef_core.models import prunable_weights
 from fedmef_core.models.nsconv import attach_masks, centre_active, effective_grads, recording_effective_grads
 from fedmef_core.sparse import (
@@ -78,7 +78,6 @@ class MaskedAlgorithm(FederatedAlgorithm):
     """FedAvg on a fixed random ERK/uniform mask (FedAvg-static); the base of the dynamic methods."""
 
     name = "fedavg_static"
-    traits = MethodTraits(sparse=True)
     adjusts = False  # subclasses that change the mask set True
 
     # ---- schedule ----------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Load an image dataset once per process into uint8 tensors: `load_dataset(cfg) -> (train, test)`.
 
-Sources, by dataset:
+Each dataset is an entry of `fedmef_core.registry.DATASETS` naming its loader here (shape, classes, statistics
+beside it). The loaders, by dataset:
 
 - ``fashion_mnist``: the Debian package ``dataset-fashion-mnist`` (gzipped IDX files in
   ``/usr/share/datasets/fashion-mnist/``, or ``$FEDMEF_FASHION_MNIST_DIR``), else torchvision under
   ``cfg.root`` (first without, then with download).
 - ``mnist``, ``cifar10``, ``cifar100``: torchvision under ``cfg.root`` (first without, then with download).
-- ``cinic10``, ``tinyimagenet``: a folder the user places under ``cfg.root`` (layouts in `_LAYOUTS`).
+- ``cinic10``, ``tinyimagenet``: a folder the user places under ``cfg.root`` (layouts in their entries).
 
 Every failure to find the data raises :class:`DatasetUnavailable` naming each way to get it.
 """
@@ -28,40 +29,13 @@ from torchvision.transforms.v2 import functional as F
 
 from fedmef_core.config import DataConfig
 from fedmef_core.errors import UserError
+from fedmef_core.registry import DATASETS, FASHION_MNIST_ENV, Dataset
 
-FASHION_MNIST_ENV = "FEDMEF_FASHION_MNIST_DIR"
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
-
-# Per-channel statistics of the full training sets, in [0, 1] units.
-_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "fashion_mnist": ((0.2860,), (0.3530,)),
-    "mnist": ((0.1307,), (0.3081,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
-
-# (channels, height = width, classes) of each dataset's images as decoded.
-_SHAPES: dict[str, tuple[int, int, int]] = {
-    "fashion_mnist": (1, 28, 10),
-    "mnist": (1, 28, 10),
-    "cifar10": (3, 32, 10),
-    "cifar100": (3, 32, 100),
-    "cinic10": (3, 32, 10),
-    "tinyimagenet": (3, 64, 200),
-}
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
-
-_LAYOUTS = {
-    "cinic10": "<root>/cinic10/train/<class>/*.png and <root>/cinic10/test/<class>/*.png "
-    "(the CINIC-10 archive from https://datashare.ed.ac.uk/handle/10283/3192, extracted into <root>/cinic10)",
-    "tinyimagenet": "<root>/tiny-imagenet-200/train/<wnid>/images/*.JPEG, <root>/tiny-imagenet-200/val/images/*.JPEG "
-    "and <root>/tiny-imagenet-200/val/val_annotations.txt "
-    "(http://cs231n.stanford.edu/tiny-imagenet-200.zip, extracted into <root>)",
-}
-
 
 class DatasetUnavailable(UserError, RuntimeError):
     """The dataset is not on disk and could not be fetched; the message lists every way to get it."""
@@ -101,17 +75,17 @@ class ImageData:
 def load_dataset(cfg: DataConfig) -> tuple[ImageData, ImageData]:
     """(train, test) for `cfg`, decoded once per process and cached."""
     root = str(Path(cfg.root).expanduser().resolve())
-    fmnist_dir = os.environ.get(FASHION_MNIST_ENV, FASHION_MNIST_DEBIAN_DIR)
+    env = tuple(os.environ.get(name) for name in DATASETS[cfg.name].env)  # where its loader looks, too
     with _LOCK:  # concurrent first calls decode once
-        return _prepared(cfg.name, root, fmnist_dir, cfg.cifar_shape, cfg.train_limit, cfg.test_limit)
+        return _prepared(cfg.name, root, env, cfg.cifar_shape, cfg.train_limit, cfg.test_limit)
 
 
 _LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=8)
-def _prepared(name, root, fmnist_dir, cifar_shape, train_limit, test_limit) -> tuple[ImageData, ImageData]:
-    train, test = _decoded(name, root, fmnist_dir)
+def _prepared(name, root, env, cifar_shape, train_limit, test_limit) -> tuple[ImageData, ImageData]:
+    train, test = _decoded(name, root, env)
     train, test = _first(train, train_limit), _first(test, test_limit)
     if cifar_shape:
         train, test = _to_cifar_shape(train), _to_cifar_shape(test)
@@ -119,16 +93,9 @@ def _prepared(name, root, fmnist_dir, cifar_shape, train_limit, test_limit) -> t
 
 
 @functools.lru_cache(maxsize=4)
-def _decoded(name: str, root: str, fmnist_dir: str) -> tuple[ImageData, ImageData]:
-    if name == "fashion_mnist":
-        return _fashion_mnist(root, Path(fmnist_dir))
-    if name in ("mnist", "cifar10", "cifar100"):
-        return _from_torchvision(name, root)
-    if name == "cinic10":
-        return _from_folder(name, *_cinic10_files(Path(root)))
-    if name == "tinyimagenet":
-        return _from_folder(name, *_tinyimagenet_files(Path(root)))
-    raise ValueError(f"unknown dataset {name!r}")
+def _decoded(name: str, root: str, env: tuple[str | None, ...]) -> tuple[ImageData, ImageData]:
+    entry = DATASETS[name]  # `env`: the values of its `env` variables, read by its loader (part of the cache key)
+    return entry.load()(entry, root)
 
 
 def _first(data: ImageData, limit: int | None) -> ImageData:
@@ -139,7 +106,8 @@ def _first(data: ImageData, limit: int | None) -> ImageData:
 
 def image_shape(cfg: DataConfig) -> tuple[int, int, int]:
     """(channels, image size, classes) the model sees for `cfg`, known without loading the data."""
-    channels, size, classes = _SHAPES[cfg.name]
+    entry = DATASETS[cfg.name]
+    channels, size, classes = entry.channels, entry.size, entry.classes
     return (3, 32, classes) if cfg.cifar_shape and (channels, size) == (1, 28) else (channels, size, classes)
 
 
@@ -163,13 +131,14 @@ _IDX_FILES = {
 }
 
 
-def _fashion_mnist(root: str, debian_dir: Path) -> tuple[ImageData, ImageData]:
+def fashion_mnist(entry: Dataset, root: str) -> tuple[ImageData, ImageData]:
+    debian_dir = Path(os.environ.get(FASHION_MNIST_ENV, FASHION_MNIST_DEBIAN_DIR))
     if all((debian_dir / f).is_file() for pair in _IDX_FILES.values() for f in pair):
         splits = [_read_idx_split(debian_dir, *_IDX_FILES[s]) for s in ("train", "test")]
-        mean, std = _STATS["fashion_mnist"]
+        mean, std = entry.stats
         return tuple(ImageData(x, y, 10, FASHION_MNIST_CLASSES, mean, std) for x, y in splits)  # type: ignore[return-value]
     try:
-        return _from_torchvision("fashion_mnist", root)
+        return from_torchvision(entry, root)
     except DatasetUnavailable as exc:
         raise DatasetUnavailable(
             f"Fashion-MNIST not found. Tried {debian_dir} (no IDX files) and torchvision under {root}. "
@@ -239,16 +208,12 @@ def _read_maybe_gzipped(path: Path) -> bytes:
 # --- torchvision datasets -----------------------------------------------------------------------------
 
 
-def _from_torchvision(name: str, root: str) -> tuple[ImageData, ImageData]:
+def from_torchvision(entry: Dataset, root: str) -> tuple[ImageData, ImageData]:
+    """The torchvision dataset `entry.torchvision` (a class of `torchvision.datasets`) under `root`."""
     from torchvision import datasets as tvd
 
-    cls = {
-        "fashion_mnist": tvd.FashionMNIST,
-        "mnist": tvd.MNIST,
-        "cifar10": tvd.CIFAR10,
-        "cifar100": tvd.CIFAR100,
-    }[name]
-    mean, std = _STATS[name]
+    cls = getattr(tvd, entry.torchvision)
+    mean, std = entry.stats
     out = []
     for train in (True, False):
         ds = _open_torchvision(cls, root, train)
@@ -281,7 +246,7 @@ Files = list[tuple[Path, int]]
 
 
 def _unavailable(name: str, root: Path, problem: str) -> DatasetUnavailable:
-    layout = _LAYOUTS[name].replace("<root>", str(root))
+    layout = DATASETS[name].layout.replace("<root>", str(root))
     return DatasetUnavailable(f"{name}: {problem}. Expected layout: {layout}")
 
 
@@ -292,6 +257,14 @@ def _class_dirs(name: str, root: Path, split_dir: Path) -> list[str]:
     if not classes:
         raise _unavailable(name, root, f"no class folders in {split_dir}")
     return classes
+
+
+def cinic10(entry: Dataset, root: str) -> tuple[ImageData, ImageData]:
+    return _from_folder("cinic10", *_cinic10_files(Path(root)))
+
+
+def tinyimagenet(entry: Dataset, root: str) -> tuple[ImageData, ImageData]:
+    return _from_folder("tinyimagenet", *_tinyimagenet_files(Path(root)))
 
 
 def _cinic10_files(root: Path) -> tuple[tuple[str, ...], Files, Files]:

@@ -54,6 +54,31 @@ def test_ui_form_schema_has_choices_and_help(prefect_harness):
     assert (config.partition.seed, config.federation.seed) == (4, 4)
 
 
+def test_ui_form_drop_downs_list_the_registered_methods_and_datasets(prefect_harness):
+    """A method or dataset registered after the flows were imported is in the forms made afterwards."""
+    from fedmef_core.algorithms import FederatedAlgorithm
+    from fedmef_core.registry import DATASETS, METHODS, Dataset, register_dataset, register_method
+
+    register_method("toy_form", FederatedAlgorithm)
+    register_dataset("toy_images", Dataset(loader=lambda entry, root: None, channels=1, size=8, classes=2))
+    try:
+        deps = {d.flow_name: d for d in deployments(parse_config({}))}
+        train = deps["train"]._parameter_openapi_schema.model_dump()["definitions"]
+        assert train["PruningConfig"]["properties"]["method"]["enum"] == [*METHODS.names()]
+        assert train["PruningConfig"]["properties"]["method"]["enum"][-1] == "toy_form"
+        assert train["DataConfig"]["properties"]["name"]["enum"][-1] == "toy_images"
+        sweep = deps["sweep"]._parameter_openapi_schema.model_dump()["definitions"]["SweepSpec"]["properties"]
+        assert sweep["methods"]["items"]["enum"][-1] == "toy_form"
+        form = deps["train"].parameters["config"]
+        form["pruning"]["method"] = "toy_form"  # what a user picks in the form
+        assert FLOWS["train"].validate_parameters({"config": form})["config"].pruning.method == "toy_form"
+    finally:
+        METHODS.remove("toy_form")
+        DATASETS.remove("toy_images")
+    assert "toy_form" not in deployments(parse_config({}))[0]._parameter_openapi_schema.model_dump()[
+        "definitions"]["PruningConfig"]["properties"]["method"]["enum"]
+
+
 def test_served_pipeline_runs_from_the_api_and_rejects_bad_parameters(prefect_harness, tmp_path):
     raw = tiny_raw(tmp_path)
     raw["federation"]["rounds"] = 2
