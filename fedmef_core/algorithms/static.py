@@ -185,8 +185,8 @@ class MaskedAlgorithm(FederatedAlgorithm):
         else:
             self.load_average(model, averaged, state.masks)
         metrics.update(density_metrics(state.masks))
-        metrics["comm/upload_bytes"] = float(sums.upload_bytes)
-        metrics["comm/download_bytes"] = float(clients * sums.download_each)
+        metrics.update({"comm/upload_bytes": float(sums.upload_bytes),
+                        "comm/download_bytes": float(clients * sums.download_each)})
         return metrics
 
     def load_average(self, model: nn.Module, averaged: dict[str, torch.Tensor], masks: Masks) -> None:
