@@ -107,8 +107,8 @@ class FedTiny(MaskedAlgorithm):
         return None if state.candidates is None else Candidates(candidates=state.candidates)
 
     def client_setup(self, model: nn.Module, payload: Candidates, batches: BatchSource) -> CandidateScores:
-        losses, stats = [], []
-        for masks in payload.candidates:
+        losses, stats, candidates = [], [], payload.candidates
+        for masks in candidates:
             candidate = copy.deepcopy(model)
             apply_masks(prunable_weights(candidate), masks)
             norms = [m for m in candidate.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -101,7 +101,7 @@ class MaskedRound(ClientRound):
         super().__init__(config, model, payload)
         self.weights = prunable_weights(model)
         device = next(iter(self.weights.values())).device
-        self.masks: Masks = {k: m.to(device) for k, m in payload.masks.items()}  # a method may swap it midway
+        self.masks: Masks = {k: m.to(device) for k, m in self.payload.masks.items()}  # a method may swap it midway
         apply_masks(self.weights, self.masks)
         attach_masks(model, self.masks)
 
