@@ -12,8 +12,9 @@ indices. During that round's local training clients add
 prune and grow are FedTiny's. Scaled activation pruning lives in the SAP modules, not here.
 
 The pieces: :class:`FedMef` is FedTiny's server strategy that also broadcasts theta_low
-(:class:`FedMefPayload`); on the client, :class:`BaE` is the local regulariser (extra loss, lr, norms) that
-:class:`FedMefRound` plugs into FedTiny's client round.
+(:class:`FedMefPayload`; :class:`FedMefState` keeps it until the round's aggregation); on the client,
+:class:`BaE` is the local regulariser (extra loss, lr, norms) that :class:`FedMefRound` plugs into FedTiny's
+client round.
 
 Instrumentation (round metrics of adjustment rounds): ``bae/low_norm_start`` and ``bae/low_norm_end``,
 sum_l ||theta_low,l||_2 at the start and the end of local training (two floats per client, not counted
@@ -48,6 +49,13 @@ def marked_weights(model: nn.Module, masks: Masks, counts: dict[str, int]) -> di
     """theta_low: per layer, the flat positions of the k_l smallest-magnitude active weights of `model`."""
     weights = prunable_weights(model)
     return {k: smallest_active(weights[k], m, counts[k]) for k, m in masks.items()}
+
+
+@dataclass
+class FedMefState(ServerState):
+    """The masks, plus theta_low from the broadcast of an adjustment round until its aggregation starts."""
+
+    marked: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -145,17 +153,21 @@ class FedMef(FedTiny):
     name = "fedmef"
     traits = MethodTraits(sparse=True, norm="nsconv", sap=True, selects_initial_mask=True)  # the paper's method
     client_round_type = FedMefRound
+    state_type = FedMefState
 
-    def round_payload(self, rnd: int, model: nn.Module, state: ServerState) -> FedMefPayload:
+    def round_payload(self, rnd: int, model: nn.Module, state: FedMefState) -> FedMefPayload:
         p = super().round_payload(rnd, model, state)
-        low = marked_weights(model, state.masks, p.k) if p.adjust else None
-        return FedMefPayload(masks=p.masks, adjust=p.adjust, k=p.k, low=low)
+        if p.adjust:
+            state.marked = marked_weights(model, state.masks, p.k)  # for bae/low_norm_global (adjust_sums)
+        return FedMefPayload(masks=p.masks, adjust=p.adjust, k=p.k, low=state.marked if p.adjust else None)
 
     def adjust_download_bytes(self, counts: dict[str, int]) -> int:
         return INDEX_BYTES * sum(counts.values())
 
-    def adjust_sums(self, rnd: int, model: nn.Module, state: ServerState) -> FedMefSums:
-        marked = marked_weights(model, state.masks, self.move_counts(rnd, state.masks))  # what round_payload sent
+    def adjust_sums(self, rnd: int, model: nn.Module, state: FedMefState) -> FedMefSums:
+        marked, state.marked = state.marked, None  # what round_payload sent moves into the round's sums
+        if marked is None:  # this server did not broadcast the round (the same model marks the same weights)
+            marked = marked_weights(model, state.masks, self.move_counts(rnd, state.masks))
         return FedMefSums(scores=super().adjust_sums(rnd, model, state).scores, marked=marked,
                           low_norm_start=[], low_norm_end=[])
 

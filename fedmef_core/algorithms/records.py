@@ -1,7 +1,7 @@
 """What the server keeps, broadcasts and receives: typed records every method shares.
 
 - :class:`ServerState`: what a method keeps between rounds (saved in every checkpoint as its wire dict,
-  ``{"masks": ...}``);
+  ``{"masks": ...}``; a method may keep a subclass, its ``state_type``);
 - :class:`RoundPayload`: what the round's clients receive besides the global weights (a method may
   broadcast a subclass, e.g. FedMef's marked weights);
 - :class:`ClientResult`: what a client sends back; its ``upload`` is the method's own record (top-k
@@ -28,12 +28,6 @@ class ServerState(Record):
 
     masks: Masks | None = None  # the global mask of a sparse method (bool per prunable weight); None: dense
     candidates: list[Masks] | None = None  # FedTiny's initial-mask candidates, until the setup exchange chose one
-
-    @classmethod
-    def from_wire(cls, wire: dict[str, Any]) -> ServerState:
-        # checkpoints before the typed state may hold FedMef's "marked", transient between a broadcast and its
-        # aggregation (saved only when every client of an adjustment round was excluded): not state
-        return super().from_wire({k: v for k, v in wire.items() if k != "marked"})
 
     def get(self, key: str, default: Any = None) -> Any:
         """A field as the checkpoint holds it (`default` if unset): for code that reads a checkpoint's

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmef_core.algorithms.fedmef import FedMefPayload, FedMefUpload
+from fedmef_core.algorithms.fedmef import FedMefPayload, FedMefState, FedMefUpload
 from fedmef_core.algorithms.fedtiny import Candidates, CandidateScores
 from fedmef_core.algorithms.records import ClientResult, ServerState
 from fedmef_core.checkpoint import load_exchange, save_exchange
@@ -97,7 +97,8 @@ def test_the_setup_exchange_and_the_server_state_travel_as_plain_dicts(tmp_path)
     assert state.to_wire() == {"masks": masks}  # a checkpoint's server_state, keyed as before the records
     assert ServerState().to_wire() == {}  # dense FedAvg's
     _assert_same(state, ServerState.from_wire(_roundtrip(state, tmp_path)))
-    assert ServerState.from_wire({"masks": masks, "marked": {"w": torch.tensor([0])}}) == state  # an old checkpoint
+    marked = {"w": torch.tensor([0])}  # FedMef's, kept from a broadcast to its aggregation
+    assert FedMefState.from_wire({"masks": masks, "marked": marked}) == FedMefState(masks=masks, marked=marked)
 
 
 def test_a_record_of_a_class_the_reader_does_not_know_is_one_clear_error():
