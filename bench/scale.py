@@ -159,7 +159,8 @@ def run_aggregation(way: str, count: int) -> dict:
 
     from fedmef_core.aggregation import weighted_average
     from fedmef_core.algorithms import ClientResult
-    from fedmef_core.algorithms.base import FederatedAlgorithm
+    from fedmef_core.algorithms.base import Aggregator, FederatedAlgorithm
+    from fedmef_core.algorithms.records import ServerState
     from fedmef_core.config import ModelConfig, parse_config
     from fedmef_core.engine import RoundResults
     from fedmef_core.models import build_model
@@ -175,11 +176,11 @@ def run_aggregation(way: str, count: int) -> dict:
     start = time.perf_counter()
     if way == "streaming":
         results = RoundResults.fetched(range(count), update)
-        aggregator = FederatedAlgorithm(parse_config(tiny_raw())).aggregator(1, model, {})
+        aggregator = Aggregator(FederatedAlgorithm(parse_config(tiny_raw())), 1, model, ServerState())
         for r in results:
             aggregator.add(r)
             del r
-        aggregator.finish(model, {})
+        aggregator.finish(model, ServerState())
     else:
         results = [update(c) for c in range(count)]
         model.load_state_dict(weighted_average([r.state for r in results], [r.num_samples for r in results]))

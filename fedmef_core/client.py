@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmef_core.algorithms import ClientResult, FederatedAlgorithm, build_algorithm
+from fedmef_core.algorithms.records import RoundPayload
 from fedmef_core.budget import ClientPlan, MemoryGuard
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import ImageData, iterate_batches
@@ -20,8 +21,7 @@ from fedmef_core.device import autocast, grad_scaler, seed_from
 from fedmef_core.errors import UserError
 from fedmef_core.models import build_model
 from fedmef_core.sap import apply_sap, resolve_sap
-
-SETUP_KEY = "setup"  # a broadcast whose payload holds this key asks for the method's setup answer, not training
+from fedmef_core.wire import Record
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -29,19 +29,21 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 
 @dataclass
-class Broadcast:
-    """What the server sends to the clients of a round; ``plans``: how each client with a memory budget trains
-    (:meth:`ClientPlan.to_dict` by client id; a client without one trains as configured)."""
+class Broadcast(Record):
+    """What the server sends to the clients of a round: the global weights (`state`) and the method's `payload`;
+    ``setup`` instead asks for the method's answer to its one-off setup exchange (round 0: nothing trains);
+    ``plans``: how each client with a memory budget trains (:meth:`ClientPlan.to_dict` by client id; a client
+    without one trains as configured)."""
 
     round: int
     lr: float
     state: dict[str, torch.Tensor]
-    payload: dict[str, Any]
+    payload: RoundPayload = field(default_factory=RoundPayload)
+    setup: Record | None = None
     plans: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"round": self.round, "lr": self.lr, "state": self.state, "payload": self.payload,
-                "plans": self.plans}
+        return self.to_wire()
 
     def plan_of(self, client_id: int) -> ClientPlan | None:
         plan = self.plans.get(client_id)
@@ -49,7 +51,7 @@ class Broadcast:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Broadcast:
-        return cls(**d)
+        return cls.from_wire(d)
 
 
 def local_train(
@@ -59,18 +61,20 @@ def local_train(
     *,
     config: ExperimentConfig,
     algorithm: FederatedAlgorithm,
-    payload: dict[str, Any],
+    payload: RoundPayload,
     lr: float,
     generator: torch.Generator,
     device: torch.device,
     client_id: int = -1,
     plan: ClientPlan | None = None,
 ) -> ClientResult:
-    """Train `model` in place for `local_epochs` on the client's samples and return its update. With a `plan`
-    whose budget is enforced, every step is measured against it (:class:`~fedmef_core.budget.MemoryGuard`)."""
+    """Train `model` in place for `local_epochs` on the client's samples and return its update. The method's
+    :class:`~fedmef_core.algorithms.base.ClientRound` (made here, once the model is on `device`) varies the
+    steps through its hooks. With a `plan` whose budget is enforced, every step is measured against it
+    (:class:`~fedmef_core.budget.MemoryGuard`)."""
     fed = config.federation
     model.to(device).train()
-    algorithm.on_client_start(model, payload)
+    client = algorithm.client_round(model, payload)
     guard = MemoryGuard(model, plan, config, client_id) if plan is not None and plan.enforce else None
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=fed.momentum, weight_decay=fed.weight_decay
@@ -89,11 +93,11 @@ def local_train(
         )
         for x, y in batches:
             for group in optimizer.param_groups:
-                group["lr"] = algorithm.step_lr(lr, step, total_steps, model, payload)
+                group["lr"] = client.lr(lr, step, total_steps)
             optimizer.zero_grad(set_to_none=True)
             with guard.step(device) if guard is not None else nullcontext(), autocast(device, fed.precision):
                 loss = F.cross_entropy(model(x), y)
-                extra = algorithm.extra_loss(model, payload)
+                extra = client.extra_loss()
             objective = loss if extra is None else loss + extra
             if not torch.isfinite(objective):
                 raise NonFiniteLossError(
@@ -102,15 +106,15 @@ def local_train(
                 )
             scaler.scale(objective).backward()
             scaler.unscale_(optimizer)  # hooks see true gradients
-            algorithm.on_before_step(model, payload)
+            client.before_step()
             scaler.step(optimizer)  # skipped (and the scale lowered) when an fp16 gradient overflowed
             scaler.update()
-            algorithm.on_after_step(model, payload)
+            client.after_step()
             loss_sum += loss.item() * len(y)
             seen += len(y)
             step += 1
-            algorithm.on_step_end(model, payload, step, total_steps, fresh_batches)
-    upload = algorithm.client_upload(model, payload, fresh_batches())
+            client.step_end(step, total_steps, fresh_batches)
+    upload = client.upload(fresh_batches())
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     return ClientResult(
         client_id=client_id,
@@ -139,14 +143,14 @@ def run_client(
     model = build_model(config.model, data.images.shape[1], data.num_classes, data.images.shape[-1])
     model.load_state_dict(broadcast.state)
     algorithm = build_algorithm(config)
-    if SETUP_KEY in broadcast.payload:
+    if broadcast.setup is not None:
         model.to(device)
         fed = config.federation
 
         def batches():
             return iterate_batches(data, indices, fed.batch_size, shuffle=False, device=device)
 
-        answer = algorithm.client_setup(model, broadcast.payload[SETUP_KEY], batches)
+        answer = algorithm.client_setup(model, broadcast.setup, batches)
         return ClientResult(client_id=client_id, num_samples=len(indices), state={}, train_loss=0.0, steps=0,
                             upload=answer)
     plan = broadcast.plan_of(client_id)

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from fedmef_core.algorithms import ClientResult
+from fedmef_core.algorithms.base import Aggregator
 from fedmef_core.budget import OverBudgetError
 from fedmef_core.checkpoint import FINAL_NAME, round_checkpoint_path, save_checkpoint
-from fedmef_core.client import SETUP_KEY, Broadcast, run_client
+from fedmef_core.client import Broadcast, run_client
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.cpu import use_threads
 from fedmef_core.data import ImageData
@@ -178,7 +179,7 @@ class Server:
         its per-client rows), and a round whose sampled clients were all excluded leaves the model as it was."""
         if not isinstance(results, RoundResults):
             results = RoundResults.of(results)
-        aggregator = self.algorithm.aggregator(rnd, self.model, self.state)
+        aggregator = Aggregator(self.algorithm, rnd, self.model, self.state)
         losses = []
         for r in results:
             aggregator.add(r)
@@ -221,9 +222,9 @@ class Server:
     def setup(self, executor: ClientExecutor) -> dict[str, float]:
         """The method's one-off exchange with clients before round 1, if it has one (else ``{}``)."""
         payload = self.algorithm.setup_payload(self.model, self.state)
-        if self.round > 0 or not payload:
+        if self.round > 0 or payload is None:
             return {}
-        results = executor(Broadcast(round=0, lr=0.0, state=self._weights_copy(), payload={SETUP_KEY: payload}),
+        results = executor(Broadcast(round=0, lr=0.0, state=self._weights_copy(), setup=payload),
                            self.sample_clients(0))
         metrics = self.algorithm.finish_setup(self.model, sorted(results, key=lambda r: r.client_id), self.state)
         self.algorithm.bind_state(self.model, self.state)
@@ -235,7 +236,7 @@ class Server:
             "format": 1,
             "round": self.round,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "server_state": self.state,
+            "server_state": self.state.to_wire(),  # a plain dict: {"masks": ...} (none for dense FedAvg)
             "history": [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in self.history],
             "torch_rng": torch.get_rng_state(),
             "config": self.config.model_dump(mode="json"),
@@ -244,7 +245,7 @@ class Server:
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
-        self.state = ckpt["server_state"]
+        self.state = self.algorithm.state_type.from_wire(ckpt["server_state"])
         self.history = list(ckpt["history"])
         self.round = int(ckpt["round"])
         with GLOBAL_RNG:

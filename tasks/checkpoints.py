@@ -122,7 +122,8 @@ def load_final_model(config: ExperimentConfig, paths: RunPaths) -> tuple[torch.n
     check_layout(paths.checkpoints / FINAL_NAME, ckpt, {"model": model.state_dict()})
     try:
         model.load_state_dict(ckpt["model"])
-        build_algorithm(config).bind_state(model, ckpt["server_state"])
+        algorithm = build_algorithm(config)
+        algorithm.bind_state(model, algorithm.state_type.from_wire(ckpt["server_state"]))
     except Exception as exc:  # noqa: BLE001 - what a server state that lies makes the algorithm raise
         raise CheckpointError(f"{paths.checkpoints / FINAL_NAME}: passes its checksum but its server state does "
                               f"not fit the model ({type(exc).__name__}: {exc}); re-run the train stage") from None

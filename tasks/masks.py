@@ -22,7 +22,7 @@ def mask_path(checkpoints_dir: str | Path, rnd: int) -> Path:
 def save_adjusted_masks(server: Any, rnd: int, metrics: dict[str, float], checkpoints_dir: str | Path,
                         tracker: Any = None) -> Path | None:
     """After an adjustment round, write `masks_round_XXXX.pt` and log it to MLflow under `masks/`."""
-    masks = server.state.get("masks")  # only the sparse methods keep masks
+    masks = server.state.masks  # only the sparse methods keep masks
     if masks is None or not metrics.get("adjusted"):
         return None
     path = save_checkpoint(mask_path(checkpoints_dir, rnd), {"round": rnd, "masks": masks})
@@ -34,7 +34,7 @@ def save_adjusted_masks(server: Any, rnd: int, metrics: dict[str, float], checkp
 def write_mask_plots(server: Any, plots_dir: str | Path, tracker: Any = None, title: str = "") -> list[Path]:
     """`density.png` (per-layer density of the final mask) and `accuracy_adjustments.png`; a dense
     model's density plot is all ones (every method writes both: they are stage outputs)."""
-    masks = server.state.get("masks")  # only the sparse methods keep masks
+    masks = server.state.masks  # only the sparse methods keep masks
     densities = layer_densities(masks) if masks is not None else dict.fromkeys(prunable_weights(server.model), 1.0)
     plots_dir = Path(plots_dir)
     paths = [plots_dir / "density.png", plots_dir / "accuracy_adjustments.png"]

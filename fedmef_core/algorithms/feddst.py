@@ -16,74 +16,97 @@ lower index).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fedmef_core.algorithms.base import Batches, BatchSource, ClientResult
-from fedmef_core.algorithms.static import MaskedAlgorithm, batch_gradients
+from fedmef_core.algorithms.records import ServerState
+from fedmef_core.algorithms.static import MaskedAlgorithm, MaskedRound, MaskedSums, batch_gradients
 from fedmef_core.models import prunable_weights
 from fedmef_core.models.nsconv import attach_masks, grow_at_channel_mean
 from fedmef_core.sparse import Masks, apply_masks, prune_and_grow
+from fedmef_core.wire import Record
+
+
+def adjust_step(local_epochs: int, total_steps: int) -> int:
+    """The number of local steps after which a client adjusts its mask (see the module doc)."""
+    if local_epochs >= 2:
+        return local_epochs // 2 * (total_steps // local_epochs)
+    return max(1, total_steps // 2)
+
+
+@dataclass
+class ClientMask(Record):
+    """A client's upload on an adjustment round: the mask it trained on at the end (bitmap)."""
+
+    mask: Masks
+
+
+@dataclass
+class UnionSums:
+    """An adjustment round's sums, per coordinate: the sample-weighted sum of the clients' weights where their
+    mask holds it (`num`), and the samples whose mask holds it (`votes`, exact integers in float64)."""
+
+    num: dict[str, torch.Tensor]
+    votes: dict[str, torch.Tensor]
+
+
+class FedDSTRound(MaskedRound):
+    """A client's round: on adjustment rounds it prunes and grows its own mask part-way through."""
+
+    def step_end(self, steps_done: int, total_steps: int, batches: BatchSource) -> None:
+        if self.payload.adjust and steps_done == adjust_step(self.config.federation.local_epochs, total_steps):
+            self.masks = self.adjust(batches())
+
+    def adjust(self, batches: Batches) -> Masks:
+        """Prune the k_l smallest active weights, grow the k_l best-scored inactive ones (at 0); the
+        masking hooks and the NSConv layers use the returned mask from the next step on."""
+        grads = batch_gradients(self.model, batches)
+        new_masks = {}
+        for name, mask in self.masks.items():
+            new, _, _ = prune_and_grow(self.weights[name], mask, grads[name].abs(), int(self.payload.k[name]))
+            new_masks[name] = new.to(mask.device)
+        grow_at_channel_mean(self.model, self.masks, new_masks)
+        attach_masks(self.model, new_masks)
+        return new_masks
+
+    def upload(self, batches: Batches) -> ClientMask | None:
+        if not self.payload.adjust:
+            return None
+        return ClientMask(mask={k: m.cpu() for k, m in self.masks.items()})
 
 
 class FedDST(MaskedAlgorithm):
     name = "feddst"
+    client_round_type = FedDSTRound
     adjusts = True
 
-    def adjust_step(self, total_steps: int) -> int:
-        """The number of local steps after which a client adjusts its mask (see the module doc)."""
-        epochs = self.config.federation.local_epochs
-        if epochs >= 2:
-            return epochs // 2 * (total_steps // epochs)
-        return max(1, total_steps // 2)
+    def adjust_sums(self, rnd: int, model: nn.Module, state: ServerState) -> UnionSums:
+        zeros = {k: torch.zeros(m.shape, dtype=torch.float64) for k, m in state.masks.items()}
+        return UnionSums(num=zeros, votes={k: z.clone() for k, z in zeros.items()})
 
-    def on_step_end(self, model: nn.Module, payload: dict[str, Any], steps_done: int, total_steps: int,
-                    batches: BatchSource) -> None:
-        if payload.get("adjust") and steps_done == self.adjust_step(total_steps):
-            self._masks = self.client_adjust(model, payload, batches())
-
-    def client_adjust(self, model: nn.Module, payload: dict[str, Any], batches: Batches) -> Masks:
-        """Prune the k_l smallest active weights, grow the k_l best-scored inactive ones (at 0); the
-        masking hooks and the NSConv layers use the returned mask from the next step on."""
-        grads = batch_gradients(model, batches)
-        new_masks = {}
-        for name, mask in self._masks.items():
-            new, _, _ = prune_and_grow(self._weights[name], mask, grads[name].abs(), int(payload["k"][name]))
-            new_masks[name] = new.to(mask.device)
-        grow_at_channel_mean(model, self._masks, new_masks)
-        attach_masks(model, new_masks)
-        return new_masks
-
-    def client_upload(self, model: nn.Module, payload: dict[str, Any], batches: Batches) -> dict[str, Any]:
-        if not payload.get("adjust"):
-            return {}
-        return {"mask": {k: m.cpu() for k, m in self._masks.items()}}
-
-    def adjust_sums(self, rnd: int, state: dict[str, Any]) -> dict[str, Any]:
-        """Per coordinate: the sample-weighted sum of the clients' weights where their mask holds it (`num`),
-        and the samples whose mask holds it (`votes`, exact integers in float64)."""
-        zeros = {k: torch.zeros(m.shape, dtype=torch.float64) for k, m in state["masks"].items()}
-        return {"num": zeros, "votes": {k: z.clone() for k, z in zeros.items()}}
-
-    def fold_adjust(self, sums: dict[str, Any], result: ClientResult) -> None:
-        for name, num in sums["num"].items():
-            m = result.upload["mask"][name]
+    def fold_adjust(self, sums: MaskedSums, result: ClientResult) -> None:
+        union: UnionSums = sums.adjustment
+        upload: ClientMask = result.upload
+        for name, num in union.num.items():
+            m = upload.mask[name]
             num += result.state[name].double() * m * result.num_samples
-            sums["votes"][name] += m.double() * result.num_samples
+            union.votes[name] += m.double() * result.num_samples
 
-    def adjust_aggregate(self, rnd: int, model: nn.Module, averaged: dict[str, torch.Tensor], sums: dict[str, Any],
-                         state: dict[str, Any], before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
+    def adjust_aggregate(self, rnd: int, model: nn.Module, averaged: dict[str, torch.Tensor], sums: MaskedSums,
+                         state: ServerState, before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
         """Union, coordinate-wise average and prune-back in one pass (no separate averaged model, so
         ``before_adjust`` is not called)."""
-        old = state["masks"]
+        union: UnionSums = sums.adjustment
+        old = state.masks
         new_masks, pruned, grown = {}, 0, 0
         for name, mask in old.items():
-            num, votes = sums["num"][name], sums["votes"][name]
+            num, votes = union.num[name], union.votes[name]
             value = torch.where(votes > 0, num / votes.clamp_min(1), torch.zeros_like(num))
-            union = (votes > 0).flatten()
-            cand = union.nonzero().flatten()
+            union_mask = (votes > 0).flatten()
+            cand = union_mask.nonzero().flatten()
             keep_n = int(mask.sum())
             # rank by |value| then votes, lower index first: two stable sorts (secondary key first)
             order = torch.sort(votes.flatten()[cand], descending=True, stable=True).indices
@@ -98,6 +121,6 @@ class FedDST(MaskedAlgorithm):
             pruned += int((mask & ~new).sum())
             grown += int((new & ~mask).sum())
         model.load_state_dict(averaged)
-        state["masks"] = new_masks
+        state.masks = new_masks
         apply_masks(prunable_weights(model), new_masks)
         return {"pruned": float(pruned), "grown": float(grown)}

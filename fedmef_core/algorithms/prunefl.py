@@ -19,51 +19,74 @@ single-client pruning phase, and adjustments follow the shared ΔR / R_end / alp
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fedmef_core.algorithms.base import Batches, ClientResult
-from fedmef_core.algorithms.static import MaskedAlgorithm, growth_scores
+from fedmef_core.algorithms.records import RoundPayload, ServerState
+from fedmef_core.algorithms.static import MaskedAlgorithm, MaskedRound, MaskedSums, growth_scores
+from fedmef_core.config import ExperimentConfig
 from fedmef_core.models import prunable_weights
 from fedmef_core.models.nsconv import grow_at_channel_mean, record_effective_grads
 from fedmef_core.sparse import apply_masks, grow, mask_gradients, prune
+from fedmef_core.wire import Record
+
+
+@dataclass
+class SquaredGradients(Record):
+    """A client's upload on an adjustment round: every prunable weight's squared gradient, summed over its
+    local steps (dense, fp32)."""
+
+    grad2: dict[str, torch.Tensor]
+
+
+@dataclass
+class Importance:
+    """An adjustment round's sums: every weight's sample-weighted summed squared gradient (float64)."""
+
+    importance: dict[str, torch.Tensor]
+
+
+class PruneFLRound(MaskedRound):
+    """A client's round: on adjustment rounds every step also adds up the squared gradients."""
+
+    def __init__(self, config: ExperimentConfig, model: nn.Module, payload: RoundPayload):
+        super().__init__(config, model, payload)
+        self.grad2 = {k: torch.zeros_like(w) for k, w in self.weights.items()} if payload.adjust else None
+        record_effective_grads(model, self.grad2 is not None)  # every step of the round is a scoring step
+
+    def before_step(self) -> None:
+        if self.grad2 is not None:
+            for k, g in growth_scores(self.model, self.weights).items():
+                self.grad2[k] += g ** 2
+        mask_gradients(self.weights, self.masks)
+
+    def upload(self, batches: Batches) -> SquaredGradients | None:
+        if self.grad2 is None:
+            return None
+        record_effective_grads(self.model, False)
+        return SquaredGradients(grad2={k: v.detach().cpu().float() for k, v in self.grad2.items()})
 
 
 class PruneFL(MaskedAlgorithm):
     name = "prunefl"
+    client_round_type = PruneFLRound
     adjusts = True
 
-    def on_client_start(self, model: nn.Module, payload: dict[str, Any]) -> None:
-        super().on_client_start(model, payload)
-        self._grad2 = {k: torch.zeros_like(w) for k, w in self._weights.items()} if payload.get("adjust") else None
-        record_effective_grads(model, self._grad2 is not None)  # every step of the round is a scoring step
+    def adjust_sums(self, rnd: int, model: nn.Module, state: ServerState) -> Importance:
+        return Importance(importance={k: torch.zeros(m.shape, dtype=torch.float64) for k, m in state.masks.items()})
 
-    def on_before_step(self, model: nn.Module, payload: dict[str, Any]) -> None:
-        if self._grad2 is not None:
-            for k, g in growth_scores(model, self._weights).items():
-                self._grad2[k] += g ** 2
-        mask_gradients(self._weights, self._masks)
+    def fold_adjust(self, sums: MaskedSums, result: ClientResult) -> None:
+        upload: SquaredGradients = result.upload
+        for k, imp in sums.adjustment.importance.items():
+            imp += upload.grad2[k].double() * result.num_samples
 
-    def client_upload(self, model: nn.Module, payload: dict[str, Any], batches: Batches) -> dict[str, Any]:
-        if self._grad2 is None:
-            return {}
-        record_effective_grads(model, False)
-        return {"grad2": {k: v.detach().cpu().float() for k, v in self._grad2.items()}}
-
-    def adjust_sums(self, rnd: int, state: dict[str, Any]) -> dict[str, Any]:
-        return {"importance": {k: torch.zeros(m.shape, dtype=torch.float64) for k, m in state["masks"].items()}}
-
-    def fold_adjust(self, sums: dict[str, Any], result: ClientResult) -> None:
-        for k, imp in sums["importance"].items():
-            imp += result.upload["grad2"][k].double() * result.num_samples
-
-    def adjust_from_sums(self, rnd: int, model: nn.Module, sums: dict[str, Any],
-                         state: dict[str, Any]) -> dict[str, float]:
-        masks = state["masks"]
+    def adjust_from_sums(self, rnd: int, model: nn.Module, sums: MaskedSums, state: ServerState) -> dict[str, float]:
+        masks = state.masks
         counts = self.move_counts(rnd, masks)
-        imp = sums["importance"]
+        imp = sums.adjustment.importance
         if self.config.pruning.prunefl_reallocate:
             new_masks = self._global_swap(masks, imp, sum(counts.values()))
         else:
@@ -73,7 +96,7 @@ class PruneFL(MaskedAlgorithm):
                 new_masks[k], _ = grow(imp[k], pruned, counts[k], eligible=~m)
         apply_masks(prunable_weights(model), new_masks)
         grow_at_channel_mean(model, masks, new_masks)
-        state["masks"] = new_masks
+        state.masks = new_masks
         moved = sum(int((masks[k] & ~new_masks[k]).sum()) for k in masks)
         return {"pruned": float(moved), "grown": float(moved)}
 

@@ -1,22 +1,26 @@
 """FedAvg-static, and `MaskedAlgorithm`: the mask plumbing every sparse method shares.
 
-The server keeps ``state["masks"]`` (bool per prunable weight) and broadcasts it each round; clients
-zero masked weights on start, mask gradients before and re-zero weights after every optimizer step;
-aggregation re-applies the mask. Subclasses set ``adjusts = True`` and implement :meth:`adjust`
-(and, where they need it, the client hooks) to change the mask on adjustment rounds; what the server
-needs from the clients for that is folded into running sums as each result arrives
-(:meth:`adjust_sums`, :meth:`fold_adjust`), so no round holds all the client results at once.
+The server keeps ``state.masks`` (bool per prunable weight) and broadcasts it each round; a client's
+:class:`MaskedRound` zeroes masked weights on start, masks gradients before and re-zeroes weights after
+every optimizer step; aggregation re-applies the mask. Subclasses set ``adjusts = True`` and implement
+:meth:`~MaskedAlgorithm.adjust_from_sums` (and, where they need it, a client round of their own) to change
+the mask on adjustment rounds; what the server needs from the clients for that is folded into running sums
+as each result arrives (:meth:`~MaskedAlgorithm.adjust_sums`, :meth:`~MaskedAlgorithm.fold_adjust`, held in
+:class:`MaskedSums`), so no round holds all the client results at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from fedmef_core.algorithms.base import Batches, ClientResult, FederatedAlgorithm
+from fedmef_core.algorithms.base import Batches, ClientResult, ClientRound, FederatedAlgorithm
+from fedmef_core.algorithms.records import RoundPayload, ServerState
+from fedmef_core.config import ExperimentConfig
 from fedmef_core.models import prunable_weights
 from fedmef_core.models.nsconv import attach_masks, centre_active, effective_grads, recording_effective_grads
 from fedmef_core.sparse import (
@@ -32,10 +36,13 @@ from fedmef_core.sparse import (
     shapes_of,
     state_bytes,
 )
+from fedmef_core.wire import Record
 
 
 def tensor_bytes(obj: Any) -> int:
-    """Bytes of the tensors in a nested dict/list (bool tensors as bitmaps)."""
+    """Bytes of the tensors in a record or a nested dict/list (bool tensors as bitmaps)."""
+    if isinstance(obj, Record):
+        return tensor_bytes(obj.to_wire())
     if isinstance(obj, torch.Tensor):
         return -(-obj.numel() // 8) if obj.dtype == torch.bool else obj.numel() * obj.element_size()
     if isinstance(obj, dict):
@@ -74,10 +81,42 @@ def batch_gradients(model: nn.Module, batches: Batches) -> dict[str, torch.Tenso
     return grads
 
 
+
+@dataclass
+class MaskedSums:
+    """A sparse round's running sums (never leave the server)."""
+
+    masks: Masks  # the round's global mask: what the clients' weights are sparse on
+    download_each: int  # bytes each client received
+    adjusting: bool = False  # an adjustment round
+    adjustment: Any = None  # on adjustment rounds: the method's own sums (see MaskedAlgorithm.adjust_sums)
+    samples: int = 0  # the samples of the clients folded so far
+    upload_bytes: int = 0
+
+
+class MaskedRound(ClientRound):
+    """A client's round on the broadcast mask: masked weights stay zero, before and after every step."""
+
+    def __init__(self, config: ExperimentConfig, model: nn.Module, payload: RoundPayload):
+        super().__init__(config, model, payload)
+        self.weights = prunable_weights(model)
+        device = next(iter(self.weights.values())).device
+        self.masks: Masks = {k: m.to(device) for k, m in self.payload.masks.items()}  # a method may swap it midway
+        apply_masks(self.weights, self.masks)
+        attach_masks(model, self.masks)
+
+    def before_step(self) -> None:
+        mask_gradients(self.weights, self.masks)
+
+    def after_step(self) -> None:
+        apply_masks(self.weights, self.masks)
+
+
 class MaskedAlgorithm(FederatedAlgorithm):
     """FedAvg on a fixed random ERK/uniform mask (FedAvg-static); the base of the dynamic methods."""
 
     name = "fedavg_static"
+    client_round_type = MaskedRound
     adjusts = False  # subclasses that change the mask set True
 
     # ---- schedule ----------------------------------------------------------------------------
@@ -95,11 +134,11 @@ class MaskedAlgorithm(FederatedAlgorithm):
         return {k: move_count(a, int(m.sum()), m.numel()) for k, m in masks.items()}
 
     # ---- server ------------------------------------------------------------------------------
-    def init_server_state(self, model: nn.Module, generator: torch.Generator) -> dict[str, Any]:
+    def init_server_state(self, model: nn.Module, generator: torch.Generator) -> ServerState:
         masks = self.initial_masks(model, generator)
         apply_masks(prunable_weights(model), masks)
         centre_active(model, masks)
-        return {"masks": masks}
+        return self.state_type(masks=masks)
 
     def initial_masks(self, model: nn.Module, generator: torch.Generator) -> Masks:
         """A random mask with the configured per-layer densities (ERK or uniform)."""
@@ -107,54 +146,46 @@ class MaskedAlgorithm(FederatedAlgorithm):
         p = self.config.pruning
         return random_masks(shapes, active_counts(shapes, p.density, p.distribution), generator)
 
-    def bind_state(self, model: nn.Module, state: dict[str, Any]) -> None:
-        attach_masks(model, state["masks"])  # zeroed weights alone do not make an NSConv sparse
+    def bind_state(self, model: nn.Module, state: ServerState) -> None:
+        attach_masks(model, state.masks)  # zeroed weights alone do not make an NSConv sparse
 
-    def round_payload(self, rnd: int, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
-        payload: dict[str, Any] = {"masks": state["masks"]}
-        if self.adjusting(rnd):
-            payload["adjust"] = True
-            payload["k"] = self.move_counts(rnd, state["masks"])
-            payload.update(self.adjust_payload(rnd, model, state, payload["k"]))
-        return payload
-
-    def adjust_payload(self, rnd: int, model: nn.Module, state: dict[str, Any],
-                       counts: dict[str, int]) -> dict[str, Any]:
-        """Extra data broadcast on adjustment rounds."""
-        return {}
+    def round_payload(self, rnd: int, model: nn.Module, state: ServerState) -> RoundPayload:
+        if not self.adjusting(rnd):
+            return RoundPayload(masks=state.masks)
+        return RoundPayload(masks=state.masks, adjust=True, k=self.move_counts(rnd, state.masks))
 
     def adjust_download_bytes(self, counts: dict[str, int]) -> int:
-        """Bytes of :meth:`adjust_payload` per client (the mask itself travels as the sparse weights' index)."""
+        """Bytes an adjustment round's payload adds per client (the mask itself travels as the sparse weights'
+        index)."""
         return 0
 
-    def round_sums(self, rnd: int, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
-        masks = state["masks"]
+    def round_sums(self, rnd: int, model: nn.Module, state: ServerState) -> MaskedSums:
+        masks = state.masks
         adjust = self.adjusting(rnd)
         extra = self.adjust_download_bytes(self.move_counts(rnd, masks)) if adjust else 0
-        sums: dict[str, Any] = {"samples": 0, "adjust": adjust, "upload_bytes": 0, "masks": masks,
-                                "download_each": state_bytes(model.state_dict(), masks) + extra}
+        sums = MaskedSums(masks=masks, download_each=state_bytes(model.state_dict(), masks) + extra, adjusting=adjust)
         if adjust:
-            sums.update(self.adjust_sums(rnd, state))
+            sums.adjustment = self.adjust_sums(rnd, model, state)
         return sums
 
-    def fold(self, sums: dict[str, Any], result: ClientResult) -> None:
-        sums["samples"] += result.num_samples
-        sums["upload_bytes"] += state_bytes(result.state, sums["masks"]) + tensor_bytes(result.upload)
-        if sums["adjust"]:
+    def fold(self, sums: MaskedSums, result: ClientResult) -> None:
+        sums.samples += result.num_samples
+        sums.upload_bytes += state_bytes(result.state, sums.masks) + tensor_bytes(result.upload)
+        if sums.adjusting:
             self.fold_adjust(sums, result)
 
     def finish_aggregate(self, rnd: int, model: nn.Module, averaged: dict[str, torch.Tensor], clients: int,
-                         sums: dict[str, Any], state: dict[str, Any],
+                         sums: MaskedSums, state: ServerState,
                          before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        if sums["adjust"]:
+        if sums.adjusting:
             metrics.update(self.adjust_aggregate(rnd, model, averaged, sums, state, before_adjust))
             metrics.update(adjusted=1.0, alpha=self.alpha(rnd))
         else:
-            self.load_average(model, averaged, state["masks"])
-        metrics.update(density_metrics(state["masks"]))
-        metrics["comm/upload_bytes"] = float(sums["upload_bytes"])
-        metrics["comm/download_bytes"] = float(clients * sums["download_each"])
+            self.load_average(model, averaged, state.masks)
+        metrics.update(density_metrics(state.masks))
+        metrics.update({"comm/upload_bytes": float(sums.upload_bytes),
+                        "comm/download_bytes": float(clients * sums.download_each)})
         return metrics
 
     def load_average(self, model: nn.Module, averaged: dict[str, torch.Tensor], masks: Masks) -> None:
@@ -163,48 +194,24 @@ class MaskedAlgorithm(FederatedAlgorithm):
         apply_masks(prunable_weights(model), masks)
 
     # ---- adjustment rounds: what a method sums over the clients, and what it does with the sums ----
-    def adjust_sums(self, rnd: int, state: dict[str, Any]) -> dict[str, Any]:
-        """Running sums an adjustment round adds to :meth:`round_sums` (e.g. summed gradient scores)."""
-        return {}
+    def adjust_sums(self, rnd: int, model: nn.Module, state: ServerState) -> Any:
+        """The method's running sums of an adjustment round (``sums.adjustment``, e.g. summed gradient
+        scores), made before any result arrives from the global `model` the clients received."""
+        return None
 
-    def fold_adjust(self, sums: dict[str, Any], result: ClientResult) -> None:
-        """Add one client's adjustment-round upload to `sums`, weighted by ``result.num_samples`` (the
-        clients' total is ``sums["samples"]`` once all are folded)."""
+    def fold_adjust(self, sums: MaskedSums, result: ClientResult) -> None:
+        """Add one client's adjustment-round upload to ``sums.adjustment``, weighted by ``result.num_samples``
+        (the clients' total is ``sums.samples`` once all are folded)."""
 
-    def adjust_aggregate(self, rnd: int, model: nn.Module, averaged: dict[str, torch.Tensor], sums: dict[str, Any],
-                         state: dict[str, Any], before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
-        """Aggregate an adjustment round and replace ``state["masks"]``; return pruned/grown counts.
+    def adjust_aggregate(self, rnd: int, model: nn.Module, averaged: dict[str, torch.Tensor], sums: MaskedSums,
+                         state: ServerState, before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
+        """Aggregate an adjustment round and replace ``state.masks``; return pruned/grown counts.
         The default loads the average, calls ``before_adjust()`` and then :meth:`adjust_from_sums`."""
-        self.load_average(model, averaged, state["masks"])
+        self.load_average(model, averaged, state.masks)
         if before_adjust is not None:
             before_adjust()
         return self.adjust_from_sums(rnd, model, sums, state)
 
-    def adjust_from_sums(self, rnd: int, model: nn.Module, sums: dict[str, Any],
-                         state: dict[str, Any]) -> dict[str, float]:
+    def adjust_from_sums(self, rnd: int, model: nn.Module, sums: MaskedSums, state: ServerState) -> dict[str, float]:
         """Prune and grow the averaged `model`'s mask from the round's `sums`."""
         return {"pruned": 0.0, "grown": 0.0}
-
-    def adjust(self, rnd: int, model: nn.Module, results: list[ClientResult],
-               state: dict[str, Any]) -> dict[str, float]:
-        """:meth:`adjust_from_sums` for a list of results (folded in client-id order)."""
-        sums = {"samples": sum(r.num_samples for r in results), **self.adjust_sums(rnd, state)}
-        for r in sorted(results, key=lambda r: r.client_id):
-            self.fold_adjust(sums, r)
-        return self.adjust_from_sums(rnd, model, sums, state)
-
-    # ---- client ------------------------------------------------------------------------------
-    def on_client_start(self, model: nn.Module, payload: dict[str, Any]) -> None:
-        self._weights = prunable_weights(model)
-        self._masks = {k: m.to(next(iter(self._weights.values())).device) for k, m in payload["masks"].items()}
-        apply_masks(self._weights, self._masks)
-        attach_masks(model, self._masks)
-
-    def on_before_step(self, model: nn.Module, payload: dict[str, Any]) -> None:
-        mask_gradients(self._weights, self._masks)
-
-    def on_after_step(self, model: nn.Module, payload: dict[str, Any]) -> None:
-        apply_masks(self._weights, self._masks)
-
-    def client_upload(self, model: nn.Module, payload: dict[str, Any], batches: Batches) -> dict[str, Any]:
-        return {}

@@ -96,8 +96,8 @@ def test_a_sparse_nsconv_centres_its_channels_as_a_dense_one_does(density):
     model = build_model(ModelConfig(arch="cnn", norm="nsconv"), 1, 10, 28)
     dense_shift = _channel_mean_shift(model.conv2)
     state = build_algorithm(config).init_server_state(model, torch.Generator().manual_seed(0))
-    assert state["masks"]["conv2.weight"].float().mean() < density  # ERK: the big conv is the sparsest
-    attach_masks(model, state["masks"])
+    assert state.masks["conv2.weight"].float().mean() < density  # ERK: the big conv is the sparsest
+    attach_masks(model, state.masks)
     sparse_shift = _channel_mean_shift(model.conv2)
     assert dense_shift < 0.05
     assert sparse_shift < 0.1, (sparse_shift, dense_shift)

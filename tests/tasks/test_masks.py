@@ -32,18 +32,19 @@ def test_masks_saved_at_adjustments_and_plots_written(tmp_path):
     assert saved[0] is None and saved[1] == mask_path(config.runtime.checkpoints_dir, 2)
     stored = load_verified(saved[1])
     assert stored["round"] == 2
-    assert all(torch.equal(stored["masks"][k], m) for k, m in server.state["masks"].items())
+    assert all(torch.equal(stored["masks"][k], m) for k, m in server.state.masks.items())
     paths = write_mask_plots(server, config.runtime.plots_dir, tracker, title="fedtiny")
     assert all(p.stat().st_size > 1000 for p in paths)
     assert [w for _, w in tracker.artifacts] == ["masks", "plots", "plots"]
 
 
 def test_dense_fedavg_writes_no_masks_but_the_plots_dvc_expects(tmp_path):
+    from fedmef_core.algorithms.records import ServerState
     from fedmef_core.config import ModelConfig
     from fedmef_core.models import build_model
 
     class S:
-        state: dict = {}
+        state = ServerState()  # dense FedAvg's: no masks
         history: list = [{"round": 1, "accuracy": 0.5, "loss": 1.0, "train_loss": 1.0}]
         model = build_model(ModelConfig(), 1, 10, 28)
 
