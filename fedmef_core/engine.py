@@ -1,8 +1,12 @@
-"""The server side of federated training and the round loop every method shares.
+"""The server side of federated training and the one round loop every run uses.
 
-`run_rounds` is the whole story: sample clients, broadcast, let an executor run the client
-updates (in-process here; Prefect tasks or Ray workers in the pipeline), aggregate, evaluate,
-checkpoint. Methods vary it only through the hooks of `FederatedAlgorithm`.
+`run_rounds` is the whole story, for the pipeline's train flow, the bare loop of the tests and benchmarks
+alike: the method's setup exchange, then per round (:func:`run_round`) sample clients, broadcast, let an
+executor run the client updates (in-process here; Prefect tasks or Ray workers in the pipeline), aggregate,
+evaluate; after each round its :class:`~fedmef_core.rounds.RoundOutcome` goes to the observers (checkpoints on
+the one schedule of :class:`~fedmef_core.rounds.Checkpoints`; the pipeline's reports and outputs). Methods vary
+it only through the hooks of `FederatedAlgorithm`; callers vary it only through the executor, the observers and
+where a stop may land (`stops`).
 
 Aggregation streams: an executor may return :class:`RoundResults`, which hands over the round's
 client results one at a time, in client-id order, as they are read from disk or trained; the method's
@@ -21,8 +25,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,7 +35,6 @@ import torch
 from fedmef_core.algorithms import ClientResult
 from fedmef_core.algorithms.base import Aggregator
 from fedmef_core.budget import OverBudgetError
-from fedmef_core.checkpoint import FINAL_NAME, round_checkpoint_path, save_checkpoint
 from fedmef_core.client import Broadcast, run_client
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.cpu import use_threads
@@ -40,6 +44,7 @@ from fedmef_core.evaluation import EvalResult, evaluate
 from fedmef_core.initial import initial_model
 from fedmef_core.models import GLOBAL_RNG
 from fedmef_core.planner import profile_config
+from fedmef_core.rounds import Checkpoints, OnRound, RoundObserver, RoundOutcome
 
 
 class RoundResults:
@@ -106,7 +111,15 @@ class RoundResults:
             del result  # no reference kept here: one result alive at a time
 
 
-ClientExecutor = Callable[[Broadcast, list[int]], "RoundResults | list[ClientResult]"]
+class ClientExecutor(Protocol):
+    """Runs a round's clients: ``executor(broadcast, clients)`` gives their results (a :class:`RoundResults` to
+    stream them, or a list). One that retries failing clients and then drops them (the pipeline's) says so with
+    a true ``drops_clients`` attribute: its rounds' metrics then count them (``dropped_clients``). The in-process
+    executors here have none: a failing client fails the run, so there is nothing to count."""
+
+    def __call__(self, broadcast: Broadcast, clients: list[int]) -> RoundResults | list[ClientResult]: ...
+
+
 RoundCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -282,36 +295,74 @@ def local_executor(server: Server) -> ClientExecutor:
     return lambda broadcast, clients: list(stream(broadcast, clients))
 
 
+class Stops(Protocol):
+    """Where a stop (Ctrl-C, SIGTERM) may land: ``interruptible()`` wraps the part of a round that changes
+    nothing on disk (training and aggregation); the flow's is :func:`flows.lifecycle.safe_points`."""
+
+    def interruptible(self) -> AbstractContextManager[None]: ...
+
+
+class _Anywhere:
+    """The bare loop's stops: a signal lands wherever it lands (writes are atomic anyway)."""
+
+    def interruptible(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
+
+ANYWHERE = _Anywhere()
+
+
+@contextmanager
+def stops_anywhere() -> Iterator[Stops]:
+    yield ANYWHERE
+
+
+def run_round(server: Server, rnd: int, executor: ClientExecutor, stops: Stops = ANYWHERE) -> RoundOutcome:
+    """One round: plan it (who trains, how), broadcast, run the clients, aggregate and evaluate — all of it
+    interruptible (nothing is written) — and say what happened."""
+    started = time.perf_counter()
+    with stops.interruptible():
+        plan = server.plan_round(rnd)  # who trains, at which batch and SAP gamma, who cannot
+        results = executor(server.broadcast(rnd, plan), plan.trained) if plan.trained else []
+        if not isinstance(results, RoundResults):
+            results = RoundResults.of(results)
+        metrics = server.finish_round(rnd, results, time.perf_counter() - started, plan)
+    if getattr(executor, "drops_clients", False):  # see ClientExecutor; the last key of the round's row
+        metrics["dropped_clients"] = results.dropped
+    return RoundOutcome(rnd, metrics, plan.trained, list(results.arrived), results.dropped, list(results.over_budget))
+
+
 def run_rounds(
     server: Server,
     executor: ClientExecutor | None = None,
     *,
+    observers: Sequence[RoundObserver] = (),
+    stops: Callable[[], AbstractContextManager[Stops]] = stops_anywhere,
     checkpoint_dir: str | Path | None = None,
     on_round: RoundCallback | None = None,
-    checkpoint_extra: Callable[[], dict[str, Any]] | None = None,
 ) -> list[dict[str, float]]:
-    """Run the remaining rounds; write round checkpoints every `checkpoint_every` and `final.pt`.
+    """The round loop: the method's setup exchange (if any, through the same executor), then the remaining
+    rounds, each followed by the `observers` in order; then the end. Returns the history.
 
-    Before round 1, the method's setup exchange (if any) runs through the same executor and its
-    metrics go to ``on_round`` as round 0.
+    `stops()` is entered for the rounds (not the setup): a signal then lands only inside a round's
+    interruptible part, or waits for the observers' writes. The bare loop's conveniences: `checkpoint_dir`
+    adds :class:`~fedmef_core.rounds.Checkpoints` there (round checkpoints on the schedule, and ``final.pt``),
+    then `on_round(round, metrics)` after each round (``on_round(0, metrics)`` after a setup exchange).
     """
     executor = executor or streaming_executor(server)
-    cfg = server.config
-    extra = checkpoint_extra or dict
-    setup_metrics = server.setup(executor)
-    if setup_metrics and on_round is not None:
-        on_round(0, setup_metrics)
-    for rnd in server.pending_rounds():
-        start = time.perf_counter()
-        plan = server.plan_round(rnd)
-        results = executor(server.broadcast(rnd, plan), plan.trained) if plan.trained else []
-        metrics = server.finish_round(rnd, results, time.perf_counter() - start, plan)
-        if checkpoint_dir is not None and (
-            rnd % cfg.runtime.checkpoint_every == 0 or rnd == cfg.federation.rounds
-        ):
-            save_checkpoint(round_checkpoint_path(checkpoint_dir, rnd), server.checkpoint(extra()))
-        if on_round is not None:
-            on_round(rnd, metrics)
+    watching = list(observers)
     if checkpoint_dir is not None:
-        save_checkpoint(Path(checkpoint_dir) / FINAL_NAME, server.checkpoint(extra()))
+        watching.append(Checkpoints.of(server.config, checkpoint_dir))
+    if on_round is not None:
+        watching.append(OnRound(on_round))
+    if setup := server.setup(executor):
+        for observer in watching:
+            observer.setup_done(server, setup)
+    with stops() as stop:
+        for rnd in server.pending_rounds():
+            outcome = run_round(server, rnd, executor, stop)
+            for observer in watching:
+                observer.round_done(server, outcome)
+    for observer in watching:
+        observer.training_done(server)
     return server.history

@@ -1,26 +1,28 @@
 """Train flow: federated rounds in order, one Prefect task per wave of client updates, tracked in MLflow.
 
-The whole training, top to bottom: hold the run folder, resume or start, then per round broadcast,
-client updates, aggregate, checkpoint, report.
+The whole training, top to bottom: hold the run folder, resume or start (:mod:`fedmef_core.resume`'s policy),
+open the MLflow run, then the one round loop of the core (:func:`fedmef_core.engine.run_rounds`) with this
+flow's executor (Prefect tasks, :func:`tasks.clients.client_updates`), its stops (training and aggregation
+interruptible, writes not) and, after each round, :class:`RoundOutputs`: devices, report, checkpoint, masks.
 """
 
 from __future__ import annotations
 
-import time
-
 from prefect import flow
 
 from fedmef_core.config import ExperimentConfig
-from fedmef_core.data import split_digest
+from fedmef_core.engine import Server, run_rounds
 from fedmef_core.evaluation import mean_last_key
+from fedmef_core.resume import resume
+from fedmef_core.rounds import RoundObserver, RoundOutcome
 from fedmef_core.runs import run_facts, run_lock, run_name, run_paths
 from flows import cli
 from flows.cli import fails_cleanly
 from flows.lifecycle import safe_points
 from services.tracking.logged_models import log_final_model
-from services.tracking.tracker import tracked_run
+from services.tracking.tracker import Tracker, tracked_run
 from tasks import preflight
-from tasks.checkpoints import RoundSaver, finished_summary, resume, start_server, training_run_id
+from tasks.checkpoints import RoundSaver, start_server
 from tasks.clients import client_updates
 from tasks.devices import DeviceReporter
 from tasks.memory import client_step_report, log_memory_report
@@ -30,6 +32,27 @@ from tasks.reporting import publish_summary
 METRICS_EVERY_S = 2.0  # per-round metrics go to MLflow in one batch at most this often (and at checkpoints)
 
 
+class RoundOutputs(RoundObserver):
+    """What the pipeline does after the setup exchange, each round and the last one, in this order."""
+
+    def __init__(self, report: RoundReporter, devices: DeviceReporter, save: RoundSaver, tracker: Tracker):
+        self.report, self.devices, self.save, self.tracker = report, devices, save, tracker
+
+    def setup_done(self, server: Server, metrics: dict[str, float]) -> None:
+        self.report.setup(metrics)
+
+    def round_done(self, server: Server, outcome: RoundOutcome) -> None:
+        self.devices(server)
+        self.report(server, outcome.round, outcome.metrics)
+        if self.save.due(outcome.round):  # a resume will not run this checkpoint's rounds again: log them first
+            self.tracker.flush()
+        if masks := self.save.save(server, outcome):
+            self.tracker.log_artifact(masks, "masks")
+
+    def training_done(self, server: Server) -> None:
+        self.save.save_final(server)
+
+
 def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
     """One experiment in its run folder: the round loop. `tags` go on a new MLflow run (e.g. a sweep's
     parent run id). Called by the train flow and by every cell of a sweep."""
@@ -37,34 +60,19 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
     with run_lock(paths):
         server = start_server(config)
         memory = client_step_report(config, server.model, server.train, server.device)  # of the initial model
-        partition = split_digest(server.parts)  # part of what a checkpoint must match to be resumed
-        if server.fleet is not None:  # and the devices' budgets, with it
-            partition += f"+devices-{server.fleet.assignment.digest()}"
-        resumed = resume(server, config, paths, partition)
-        if resumed is not None and (done := finished_summary(config, paths, resumed)) is not None:
-            return {**done, "rounds_run": 0}  # nothing left to train: its outputs and MLflow run stay as they are
-        run_id = training_run_id(config, paths, resumed) if resumed is not None else ""
-        with tracked_run(config, run_name(config), run_id or None, tags, send_every_s=METRICS_EVERY_S) as tracker, \
-                client_updates(config, paths) as updates:
-            log_memory_report(config, memory, paths, tracker if resumed is None else None)
-            tracker.log_partition(config, partition, [len(part) for part in server.parts])  # the run's dataset
-            facts = run_facts(config, partition, tracker.run_id or "")  # run.json: what names this run
-            save = RoundSaver(config, paths, facts, fresh=resumed is None)
+        start = resume(server, paths)
+        if start.finished is not None:
+            return {**start.finished, "rounds_run": 0}  # nothing left to train: its outputs and MLflow run stay
+        with tracked_run(config, run_name(config), start.mlflow_run_id or None, tags,
+                         send_every_s=METRICS_EVERY_S) as tracker, client_updates(config, paths) as updates:
+            log_memory_report(config, memory, paths, tracker if start.fresh else None)
+            tracker.log_partition(config, start.partition, [len(part) for part in server.parts])  # its dataset
+            facts = run_facts(config, start.partition, tracker.run_id or "")  # run.json: what names this run
             report = RoundReporter(config, paths, tracker, first_round=server.round + 1)
             devices = DeviceReporter(config, paths, tracker, server)
-            report.setup(server.setup(updates))
-            with safe_points() as stop:  # Ctrl-C / SIGTERM: at once while clients train, else after the writes
-                for rnd in server.pending_rounds():
-                    started = time.perf_counter()
-                    with stop.interruptible():  # training and aggregation change nothing on disk
-                        plan = server.plan_round(rnd)  # who trains, at which batch and SAP gamma, who cannot
-                        results = updates(server.broadcast(rnd, plan), plan.trained) if plan.trained else None
-                        metrics = server.finish_round(rnd, results or [], time.perf_counter() - started, plan)
-                    metrics["dropped_clients"] = results.dropped if results is not None else 0
-                    devices(server)
-                    report(server, rnd, metrics)
-                    save(server, rnd, metrics, tracker)  # a checkpoint first sends the metrics held back
-            save.final(server)
+            outputs = RoundOutputs(report, devices, RoundSaver(config, paths, facts, fresh=start.fresh), tracker)
+            # Ctrl-C / SIGTERM: at once while clients train or the server aggregates, else after the round's writes
+            run_rounds(server, updates, observers=[outputs], stops=safe_points)
             model_uri = log_final_model(config, server, tracker)  # MLflow's logged model, a registry version
             summary = report.finish(server, facts, model_uri)
             if device_summary := devices.finish(server):

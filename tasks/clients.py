@@ -175,19 +175,20 @@ class ClientUpdates:
     """``updates(broadcast, clients)``: the round's client updates, as at most `runtime.workers` Prefect tasks
     (waves of clients), so the orchestration cost per round does not grow with the clients per round.
 
-    A failing client is retried `runtime.client_retries` times inside its wave, then dropped
-    (``dropped[round]`` counts them); a wave lost as a whole (its worker or node died) is submitted again as
-    often, then drops its clients. The round goes on with the clients that succeeded unless fewer than
-    `federation.min_clients` did. The updates reach the
-    aggregation one at a time (a :class:`RoundResults`): in memory from a wave trained in this thread
-    (`in_memory`), else from the exchange folder, each file deleted once read. With `in_memory` the clients
+    A failing client is retried `runtime.client_retries` times inside its wave, then dropped (the round's
+    :class:`RoundResults` count them, and so its metrics: ``dropped_clients``); a wave lost as a whole (its
+    worker or node died) is submitted again as often, then drops its clients. The round goes on with the
+    clients that succeeded unless fewer than `federation.min_clients` did. The updates reach the aggregation
+    one at a time (a :class:`RoundResults`): in memory from a wave trained in this thread (`in_memory`), else
+    from the exchange folder, each file deleted once read. With `in_memory` the clients
     train while the aggregation iterates, so drops are counted (and too few successes raised) when it has
     read the last one.
     """
 
+    drops_clients = True  # see fedmef_core.engine.ClientExecutor
+
     def __init__(self, config: ExperimentConfig, exchange_dir: Path, submit: Submit, in_memory: bool = False):
         self.config, self.exchange_dir, self.submit, self.in_memory = config, exchange_dir, submit, in_memory
-        self.dropped: dict[int, int] = {}
 
     def __call__(self, broadcast: Broadcast, clients: list[int]) -> RoundResults:
         if self.in_memory:
@@ -255,8 +256,7 @@ class ClientUpdates:
                 "last": wave[-1], "clients": wave, "out_dir": str(self.exchange_dir)}
 
     def _close_round(self, rnd: int, succeeded: int, asked: int, failures: dict[int, str]) -> None:
-        """Count and show the round's drops; too few successes fail the round."""
-        self.dropped[rnd] = len(failures)
+        """Show the round's drops; too few successes fail the round."""
         lines = [f"client {c}: {why}" for c, why in failures.items()]
         for line in lines:
             print(f"round {rnd}: dropped {line}", flush=True)

@@ -10,10 +10,11 @@ from fedmef_core.device import resolve_device
 from fedmef_core.evaluation import evaluate
 from fedmef_core.io import write_json
 from fedmef_core.plots import plot_confusion
+from fedmef_core.resume import training_run_id
 from fedmef_core.runs import run_paths
 from services.tracking.logged_models import find_model, load_model, trained_config
 from services.tracking.tracker import Tracker
-from tasks.checkpoints import load_final_model, training_run_id
+from tasks.checkpoints import load_final_model
 
 
 @task(name="evaluate-model")
@@ -27,7 +28,9 @@ def evaluate_model(config: ExperimentConfig, model_uri: str | None = None) -> di
         model, run_id, rnd = load_model(source), source.run_id, int(source.meta["rounds"])
     else:
         model, ckpt = load_final_model(config, run_paths(config))
-        run_id, rnd = training_run_id(config, run_paths(config), ckpt), int(ckpt["round"])
+        split = ckpt["extra"].get("partition", "")  # the split it was trained on
+        run_id = training_run_id(config, run_paths(config), split)
+        rnd = int(ckpt["round"])
     paths = run_paths(config)
     _, test = load_dataset(config.data)
     result = evaluate(model, test, resolve_device(config.runtime.device))

@@ -12,7 +12,7 @@ import torch
 import tasks.clients as clients
 from fedmef_core.data import load_dataset
 from fedmef_core.device import resolve_device
-from fedmef_core.engine import Server
+from fedmef_core.engine import Server, run_round
 from tests.conftest import prepare_run, save_partition_of
 
 
@@ -90,7 +90,7 @@ def test_one_task_per_wave_and_the_updates_equal_the_in_process_ones(round_setup
     picked = server.sample_clients(1)
     results = updates(server.broadcast(1), picked)
     assert submitted == clients.waves(picked, 2)  # 2 tasks for 5 clients
-    assert len(list(updates.exchange_dir.glob("update_*.pt"))) == len(picked) and not updates.dropped[1]
+    assert len(list(updates.exchange_dir.glob("update_*.pt"))) == len(picked) and not results.dropped
     expected = _expected(server, picked)
     arrived = []
     for r in results:  # read one at a time from disk, in client-id order, and the file is gone afterwards
@@ -114,7 +114,7 @@ def test_a_failing_client_in_a_wave_is_retried_then_dropped_while_its_wave_goes_
     results = updates(server.broadcast(1), picked)
     assert attempts[first_wave[0]] == 2  # failed once, retried, succeeded
     assert attempts[first_wave[1]] == 1 + server.config.runtime.client_retries  # then dropped
-    assert updates.dropped[1] == 1
+    assert results.dropped == 1
     arrived = list(results)
     assert [r.client_id for r in arrived] == [c for c in picked if c != first_wave[1]]  # the rest trained
     shown = capsys.readouterr().out  # one summary line per wave (what Prefect gets), each client on the console
@@ -131,7 +131,7 @@ def test_a_wave_lost_as_a_whole_drops_its_clients_only(round_setup):
     lost_waves.add(second[0])
     results = updates(server.broadcast(1), picked)
     assert submitted.count(second) == 1 + server.config.runtime.client_retries  # submitted again, then dropped
-    assert updates.dropped[1] == len(second)
+    assert results.dropped == len(second)
     assert [r.client_id for r in results] == [c for c in picked if c not in second]
 
 
@@ -148,9 +148,10 @@ def test_a_wave_lost_once_is_submitted_again_and_loses_no_client(round_setup, ca
         return future
 
     updates.submit = lose_once
-    results = list(updates(server.broadcast(1), picked))
+    answer = updates(server.broadcast(1), picked)
+    results = list(answer)
     assert submitted == clients.waves(picked, 2) + [second]
-    assert not updates.dropped[1] and [r.client_id for r in results] == picked
+    assert not answer.dropped and [r.client_id for r in results] == picked
     warning = f"round 1: clients {second[0]}-{second[-1]} lost (OSError: worker lost); retry 1 of 2"
     assert warning in capsys.readouterr().out
 
@@ -177,7 +178,7 @@ def test_in_memory_updates_are_trained_as_the_aggregation_reads_them_and_never_t
         assert all(torch.equal(v, expected[r.client_id].state[k]) for k, v in r.state.items())
         assert not list(updates.exchange_dir.iterdir())
         arrived.append(r.client_id)
-    assert arrived == picked and updates.dropped[1] == 0 and not submitted  # no task runner involved
+    assert arrived == picked and results.dropped == 0 and not submitted  # no task runner involved
 
 
 def test_in_memory_keeps_one_update_alive_at_a_time(in_memory_setup, monkeypatch):
@@ -207,10 +208,11 @@ def test_in_memory_a_failing_client_is_retried_then_dropped_and_the_rest_are_ave
     attempts.clear()
     fail_once.add(picked[0])
     fail_always.add(picked[1])
-    metrics = server.finish_round(1, updates(server.broadcast(1), picked), 0.0)
+    outcome = run_round(server, 1, updates)  # the round's results carry its drops, and so do its metrics
     assert attempts[picked[0]] == 2  # failed once, retried, succeeded
     assert attempts[picked[1]] == 1 + server.config.runtime.client_retries  # then dropped
-    assert updates.dropped[1] == 1 and metrics["clients"] == len(picked) - 1
+    assert outcome.dropped == outcome.metrics["dropped_clients"] == 1 and outcome.metrics["clients"] == len(picked) - 1
+    assert outcome.arrived == [c for c in picked if c != picked[1]] and server.history[-1] is outcome.metrics
     kept = [expected[c] for c in picked if c != picked[1]]
     average = weighted_average([r.state for r in kept], [r.num_samples for r in kept])
     assert all(torch.equal(v, average[k]) for k, v in server.model.state_dict().items())

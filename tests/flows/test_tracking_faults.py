@@ -273,15 +273,16 @@ def test_a_run_deleted_in_the_ui_is_continued_in_a_new_run_tagged_with_it(prefec
     from tasks.checkpoints import RoundSaver
 
     params, config = prepare_run(tmp_path, rounds=3)
-    save = RoundSaver.__call__
+    save = RoundSaver.save
 
-    def save_then_stop_after_round_1(self, server, rnd, metrics, tracker=None):
-        save(self, server, rnd, metrics, tracker)
-        if rnd == 1:
+    def save_then_stop_after_round_1(self, server, outcome):
+        saved = save(self, server, outcome)
+        if outcome.round == 1:
             raise Interrupted(signal.SIGINT)
+        return saved
 
     with monkeypatch.context() as patched:
-        patched.setattr(RoundSaver, "__call__", save_then_stop_after_round_1)
+        patched.setattr(RoundSaver, "save", save_then_stop_after_round_1)
         with pytest.raises(SystemExit):
             train_cli(params)
     client = MlflowClient(config.tracking.mlflow_uri)
