@@ -162,7 +162,7 @@ def run_aggregation(way: str, count: int) -> dict:
     from fedmef_core.algorithms.base import Aggregator, FederatedAlgorithm
     from fedmef_core.algorithms.records import ServerState
     from fedmef_core.config import ModelConfig, parse_config
-    from fedmef_core.engine import RoundResults
+    from fedmef_core.executors import RoundResults
     from fedmef_core.models import build_model
     from fedmef_core.tiny import tiny_raw
 

@@ -32,8 +32,8 @@ from fedmef_core.client import Broadcast, NonFiniteLossError, run_client
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import load_dataset, load_partition
 from fedmef_core.device import resolve_device
-from fedmef_core.engine import RoundResults
 from fedmef_core.errors import UserError
+from fedmef_core.executors import RoundResults
 from fedmef_core.runs import RunPaths
 from tasks.runners import Submit, mark_crashed, runs_in_this_thread, task_runner
 
@@ -185,7 +185,7 @@ class ClientUpdates:
     read the last one.
     """
 
-    drops_clients = True  # see fedmef_core.engine.ClientExecutor
+    drops_clients = True  # see fedmef_core.executors.ClientExecutor
 
     def __init__(self, config: ExperimentConfig, exchange_dir: Path, submit: Submit, in_memory: bool = False):
         self.config, self.exchange_dir, self.submit, self.in_memory = config, exchange_dir, submit, in_memory

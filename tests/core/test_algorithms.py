@@ -6,7 +6,8 @@ import torch
 from fedmef_core.algorithms import REGISTRY, MaskedAlgorithm, build_algorithm
 from fedmef_core.client import local_train
 from fedmef_core.config import parse_config
-from fedmef_core.engine import local_executor, run_rounds
+from fedmef_core.engine import run_rounds
+from fedmef_core.executors import local_executor
 from fedmef_core.models import prunable_weights
 from fedmef_core.sparse import smallest_active
 from tests.conftest import server_of, tiny_raw, tiny_with

@@ -165,7 +165,7 @@ def test_enforcement_catches_a_wrong_plan_as_a_device_out_of_memory():
 
 
 def run_rounds_executor(server):
-    from fedmef_core.engine import streaming_executor
+    from fedmef_core.executors import streaming_executor
 
     return streaming_executor(server)
 

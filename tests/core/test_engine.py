@@ -3,7 +3,8 @@ import torch
 from fedmef_core.checkpoint import load_checkpoint, round_checkpoint_path, round_checkpoints
 from fedmef_core.data import load_dataset
 from fedmef_core.device import resolve_device
-from fedmef_core.engine import Server, run_rounds, streaming_executor
+from fedmef_core.engine import Server, run_rounds
+from fedmef_core.executors import streaming_executor
 from fedmef_core.rounds import Checkpoints, RoundObserver
 from tests.conftest import server_of
 

@@ -14,7 +14,7 @@ from fedmef_core.algorithms.fedtiny import Candidates, CandidateScores
 from fedmef_core.algorithms.records import ClientResult, ServerState
 from fedmef_core.checkpoint import load_exchange, save_exchange
 from fedmef_core.client import Broadcast, run_client
-from fedmef_core.engine import local_executor
+from fedmef_core.executors import local_executor
 from fedmef_core.wire import Record
 from tests.conftest import server_of, tiny_with
 from tests.core.conftest import SMALL_DATA

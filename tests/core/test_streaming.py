@@ -12,7 +12,8 @@ import torch
 
 from fedmef_core.aggregation import weighted_average
 from fedmef_core.algorithms.base import Aggregator
-from fedmef_core.engine import RoundResults, local_executor, run_rounds
+from fedmef_core.engine import run_rounds
+from fedmef_core.executors import RoundResults, local_executor
 from tests.conftest import server_of, tiny_with
 from tests.core.conftest import SMALL_DATA
 
