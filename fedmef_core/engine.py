@@ -230,7 +230,7 @@ def run_round(server: Server, rnd: int, executor: ClientExecutor, stops: Stops =
         if not isinstance(results, RoundResults):
             results = RoundResults.of(results)
         metrics = server.finish_round(rnd, results, time.perf_counter() - started, plan)
-    if getattr(executor, "drops_clients", False):  # see ClientExecutor; the last key of the round's row
+    if executor.drops_clients:  # see ClientExecutor; the last key of the round's row
         metrics["dropped_clients"] = results.dropped
     return RoundOutcome(rnd, metrics, plan.trained, list(results.arrived), results.dropped, list(results.over_budget))
 

@@ -12,8 +12,9 @@ is needed up front: a client that never answers simply never arrives.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar
 
 from fedmef_core.algorithms import ClientResult
 from fedmef_core.budget import OverBudgetError
@@ -87,29 +88,43 @@ class RoundResults:
             del result  # no reference kept here: one result alive at a time
 
 
-class ClientExecutor(Protocol):
+class ClientExecutor(ABC):
     """Runs a round's clients: ``executor(broadcast, clients)`` gives their results (a :class:`RoundResults` to
-    stream them, or a list). One that retries failing clients and then drops them (the pipeline's) says so with
-    a true ``drops_clients`` attribute: its rounds' metrics then count them (``dropped_clients``). The in-process
-    executors here have none: a failing client fails the run, so there is nothing to count."""
+    stream them, or a list).
 
+    ``drops_clients`` says whether it may drop a client and go on: one that retries failing clients and then
+    drops them (the pipeline's, :class:`tasks.clients.ClientUpdates`) sets it, and its rounds' metrics then count
+    them (``dropped_clients``, 0 included). The in-process executor here leaves it false: a failing client fails
+    the run, so there is nothing to count."""
+
+    drops_clients: ClassVar[bool] = False
+
+    @abstractmethod
     def __call__(self, broadcast: Broadcast, clients: list[int]) -> RoundResults | list[ClientResult]: ...
 
 
-def streaming_executor(server: Server) -> ClientExecutor:
-    """Run the round's clients in this process, each when the aggregation reads its result (so only one
-    client update is alive at a time)."""
+class InProcess(ClientExecutor):
+    """Run the round's clients one after another in this process. `streamed`: each when the aggregation reads
+    its result (a :class:`RoundResults`: only one client update alive at a time); else all of them, as a list."""
 
-    def execute(broadcast: Broadcast, clients: list[int]) -> RoundResults:
+    def __init__(self, server: Server, streamed: bool = True):
+        self.server, self.streamed = server, streamed
+
+    def __call__(self, broadcast: Broadcast, clients: list[int]) -> RoundResults | list[ClientResult]:
+        server = self.server
+
         def train(c: int) -> ClientResult:
             return run_client(server.config, broadcast, c, server.train, server.parts[c], server.device)
 
-        return RoundResults.fetched(clients, train)
+        results = RoundResults.fetched(clients, train)
+        return results if self.streamed else list(results)
 
-    return execute
+
+def streaming_executor(server: Server) -> InProcess:
+    """Run the round's clients in this process, each when the aggregation reads its result."""
+    return InProcess(server)
 
 
-def local_executor(server: Server) -> ClientExecutor:
+def local_executor(server: Server) -> InProcess:
     """Run the round's clients one after another in this process and return all their results (a list)."""
-    stream = streaming_executor(server)
-    return lambda broadcast, clients: list(stream(broadcast, clients))
+    return InProcess(server, streamed=False)

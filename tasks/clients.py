@@ -33,7 +33,7 @@ from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import load_dataset, load_partition
 from fedmef_core.device import resolve_device
 from fedmef_core.errors import UserError
-from fedmef_core.executors import RoundResults
+from fedmef_core.executors import ClientExecutor, RoundResults
 from fedmef_core.runs import RunPaths
 from tasks.runners import Submit, mark_crashed, runs_in_this_thread, task_runner
 
@@ -171,7 +171,7 @@ def waves(clients: list[int], count: int) -> list[list[int]]:
     return [clients[i : i + size] for i in range(0, len(clients), size)]
 
 
-class ClientUpdates:
+class ClientUpdates(ClientExecutor):
     """``updates(broadcast, clients)``: the round's client updates, as at most `runtime.workers` Prefect tasks
     (waves of clients), so the orchestration cost per round does not grow with the clients per round.
 
@@ -185,7 +185,7 @@ class ClientUpdates:
     read the last one.
     """
 
-    drops_clients = True  # see fedmef_core.executors.ClientExecutor
+    drops_clients = True  # retried, then dropped: the round's metrics count them
 
     def __init__(self, config: ExperimentConfig, exchange_dir: Path, submit: Submit, in_memory: bool = False):
         self.config, self.exchange_dir, self.submit, self.in_memory = config, exchange_dir, submit, in_memory

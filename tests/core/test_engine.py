@@ -4,7 +4,7 @@ from fedmef_core.checkpoint import load_checkpoint, round_checkpoint_path, round
 from fedmef_core.data import load_dataset
 from fedmef_core.device import resolve_device
 from fedmef_core.engine import Server, run_rounds
-from fedmef_core.executors import streaming_executor
+from fedmef_core.executors import ClientExecutor, streaming_executor
 from fedmef_core.rounds import Checkpoints, RoundObserver
 from tests.conftest import server_of
 
@@ -77,7 +77,7 @@ def test_a_round_carries_its_drops_where_the_executor_drops_clients(tiny_config)
     server = server_of(tiny_config)
     stream = streaming_executor(server)
 
-    class LosesItsFirstClient:
+    class LosesItsFirstClient(ClientExecutor):
         drops_clients = True
 
         def __call__(self, broadcast, clients):
