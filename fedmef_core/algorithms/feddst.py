@@ -15,7 +15,6 @@ lower index).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +81,7 @@ class FedDST(MaskedAlgorithm):
     name = "feddst"
     client_round_type = FedDSTRound
     adjusts = True
+    prunes_average = False  # the union of the client masks, pruned back, replaces the mask (see the module doc)
 
     def adjust_sums(self, rnd: int, model: nn.Module, state: ServerState) -> UnionSums:
         zeros = {k: torch.zeros(m.shape, dtype=torch.float64) for k, m in state.masks.items()}
@@ -95,12 +95,11 @@ class FedDST(MaskedAlgorithm):
             num += result.state[name].double() * m * result.num_samples
             union.votes[name] += m.double() * result.num_samples
 
-    def adjust_aggregate(self, rnd: int, model: nn.Module, averaged: dict[str, torch.Tensor], sums: MaskedSums,
-                         state: ServerState, before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
-        """Union, coordinate-wise average and prune-back in one pass (no separate averaged model, so
-        ``before_adjust`` is not called)."""
+    def adjust_from_sums(self, rnd: int, model: nn.Module, sums: MaskedSums, state: ServerState) -> dict[str, float]:
+        """Union, coordinate-wise average and prune-back: the masked layers' new weights replace the average."""
         union: UnionSums = sums.adjustment
         old = state.masks
+        weights = prunable_weights(model)
         new_masks, pruned, grown = {}, 0, 0
         for name, mask in old.items():
             num, votes = union.num[name], union.votes[name]
@@ -116,11 +115,11 @@ class FedDST(MaskedAlgorithm):
             new = torch.zeros(mask.numel(), dtype=torch.bool)
             new[keep] = True
             new = new.view(mask.shape)
-            averaged[name] = (value * new).to(averaged[name].dtype)
+            with torch.no_grad():
+                weights[name].copy_((value * new).to(weights[name].dtype))
             new_masks[name] = new
             pruned += int((mask & ~new).sum())
             grown += int((new & ~mask).sum())
-        model.load_state_dict(averaged)
         state.masks = new_masks
-        apply_masks(prunable_weights(model), new_masks)
+        apply_masks(weights, new_masks)
         return {"pruned": float(pruned), "grown": float(grown)}

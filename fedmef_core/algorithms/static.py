@@ -4,9 +4,10 @@ The server keeps ``state.masks`` (bool per prunable weight) and broadcasts it ea
 :class:`MaskedRound` zeroes masked weights on start, masks gradients before and re-zeroes weights after
 every optimizer step; aggregation re-applies the mask. Subclasses set ``adjusts = True`` and implement
 :meth:`~MaskedAlgorithm.adjust_from_sums` (and, where they need it, a client round of their own) to change
-the mask on adjustment rounds; what the server needs from the clients for that is folded into running sums
-as each result arrives (:meth:`~MaskedAlgorithm.adjust_sums`, :meth:`~MaskedAlgorithm.fold_adjust`, held in
-:class:`MaskedSums`), so no round holds all the client results at once.
+the averaged model's mask on adjustment rounds; what the server needs from the clients for that is folded
+into running sums as each result arrives (:meth:`~MaskedAlgorithm.adjust_sums`,
+:meth:`~MaskedAlgorithm.fold_adjust`, held in :class:`MaskedSums`), so no round holds all the client results
+at once.
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ class MaskedAlgorithm(FederatedAlgorithm):
     name = "fedavg_static"
     client_round_type = MaskedRound
     adjusts = False  # subclasses that change the mask set True
+    # the mask adjustment prunes the averaged model (FedTiny, FedMef, PruneFL: the engine measures the prune drop
+    # right before it); False: the new mask and weights come from the clients' own (FedDST)
+    prunes_average = True
 
     # ---- schedule ----------------------------------------------------------------------------
     def adjusting(self, rnd: int) -> bool:
@@ -178,11 +182,12 @@ class MaskedAlgorithm(FederatedAlgorithm):
                          sums: MaskedSums, state: ServerState,
                          before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
         metrics: dict[str, float] = {}
+        self.load_average(model, averaged, state.masks)
         if sums.adjusting:
-            metrics.update(self.adjust_aggregate(rnd, model, averaged, sums, state, before_adjust))
+            if self.prunes_average and before_adjust is not None:
+                before_adjust()  # the averaged model, right before its prune-and-grow
+            metrics.update(self.adjust_from_sums(rnd, model, sums, state))
             metrics.update(adjusted=1.0, alpha=self.alpha(rnd))
-        else:
-            self.load_average(model, averaged, state.masks)
         metrics.update(density_metrics(state.masks))
         metrics.update({"comm/upload_bytes": float(sums.upload_bytes),
                         "comm/download_bytes": float(clients * sums.download_each)})
@@ -203,15 +208,7 @@ class MaskedAlgorithm(FederatedAlgorithm):
         """Add one client's adjustment-round upload to ``sums.adjustment``, weighted by ``result.num_samples``
         (the clients' total is ``sums.samples`` once all are folded)."""
 
-    def adjust_aggregate(self, rnd: int, model: nn.Module, averaged: dict[str, torch.Tensor], sums: MaskedSums,
-                         state: ServerState, before_adjust: Callable[[], None] | None = None) -> dict[str, float]:
-        """Aggregate an adjustment round and replace ``state.masks``; return pruned/grown counts.
-        The default loads the average, calls ``before_adjust()`` and then :meth:`adjust_from_sums`."""
-        self.load_average(model, averaged, state.masks)
-        if before_adjust is not None:
-            before_adjust()
-        return self.adjust_from_sums(rnd, model, sums, state)
-
     def adjust_from_sums(self, rnd: int, model: nn.Module, sums: MaskedSums, state: ServerState) -> dict[str, float]:
-        """Prune and grow the averaged `model`'s mask from the round's `sums`."""
+        """Replace ``state.masks`` from the round's `sums` (the global `model` holds the average on the old mask
+        and is changed to match); return pruned/grown counts."""
         return {"pruned": 0.0, "grown": 0.0}
