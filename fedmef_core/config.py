@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from fedmef_core.errors import UserError
-from fedmef_core.registry import DATASETS, METHODS, OneOf, method_traits
+from fedmef_core.registry import ARCHITECTURES, DATASETS, METHODS, OneOf, method_traits
 
 
 class _Section(BaseModel):
@@ -79,7 +79,7 @@ class PartitionConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal["cnn", "resnet8", "resnet18", "mobilenetv2"] = Field(
+    arch: Annotated[str, OneOf(ARCHITECTURES)] = Field(  # a name in fedmef_core.registry.ARCHITECTURES
         "cnn", description="Network architecture (resnet8: the ResNet family at CPU size, 78k parameters)."
     )
     norm: Literal["auto", "batch", "nsconv"] = Field(

@@ -1,7 +1,8 @@
-"""What a config can choose: the federated methods and the datasets, one entry each.
+"""What a config can choose: the federated methods, the model architectures and the datasets, one entry each.
 
-A new method is its module in `fedmef_core/algorithms/` plus one entry in `METHODS`; a new dataset is its
-loader plus one entry in `DATASETS`. The config's choices (`pruning.method`, `data.name`), their validation
+A new method is its module in `fedmef_core/algorithms/` plus one entry in `METHODS`; a new architecture is its
+builder plus one entry in `ARCHITECTURES`; a new dataset is its loader plus one entry in `DATASETS`. The config's
+choices (`pruning.method`, `model.arch`, `data.name`), their validation
 and the drop-downs of the Prefect form all read these registries when they run, so an entry added later —
 `register_method` from another package or a test — is a valid choice at once, and nothing else changes.
 
@@ -152,6 +153,35 @@ register_method("feddst", f"{_ALGORITHMS}.feddst:FedDST", MethodTraits(sparse=Tr
 register_method("fedtiny", f"{_ALGORITHMS}.fedtiny:FedTiny", MethodTraits(sparse=True, selects_initial_mask=True))
 register_method("fedmef", f"{_ALGORITHMS}.fedmef:FedMef",  # the paper's method: NSConv and SAP
                 MethodTraits(sparse=True, norm="nsconv", sap=True, selects_initial_mask=True))
+
+
+# --- architectures ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A registry entry: the model builder, ``builder(in_channels, num_classes, image_size, norm_factory) ->
+    nn.Module`` (`fedmef_core.models`), or its `"module:function"` path, imported when built."""
+
+    builder: str | Callable[..., Any]
+
+    def load(self) -> Callable[..., Any]:
+        return load_object(self.builder)
+
+
+ARCHITECTURES: Registry[Architecture] = Registry("architecture")
+
+
+def register_architecture(name: str, builder: str | Callable[..., Any]) -> Architecture:
+    """Register `builder` as `model.arch: name`."""
+    return ARCHITECTURES.add(name, Architecture(builder))
+
+
+_MODELS = "fedmef_core.models"
+register_architecture("cnn", f"{_MODELS}.cnn:cnn")
+register_architecture("resnet8", f"{_MODELS}.resnet:resnet8")  # the ResNet family at CPU size
+register_architecture("resnet18", f"{_MODELS}.resnet:resnet18")
+register_architecture("mobilenetv2", f"{_MODELS}.mobilenet:mobilenetv2")
 
 
 # --- datasets --------------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from fedmef_core.algorithms import REGISTRY
 from fedmef_core.config import ExperimentConfig, load_config, parse_override
 from fedmef_core.data import DatasetUnavailable, load_dataset
 from fedmef_core.errors import UserError
-from fedmef_core.models import ARCHITECTURES
 from fedmef_core.planner import BOUNDS, MIB, POLICIES, ClientStep, Fit, fit, profile_config
+from fedmef_core.registry import ARCHITECTURES
 
 PARTS = ("weights", "activations", "gradients", "optimizer")
 

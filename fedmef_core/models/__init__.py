@@ -1,4 +1,5 @@
-"""Model builders (CNN, CIFAR ResNet8/ResNet18, CIFAR MobileNetV2) and the prunable-weight view of a model."""
+"""Model builders (CNN, CIFAR ResNet8/ResNet18, CIFAR MobileNetV2: entries of `fedmef_core.registry.ARCHITECTURES`)
+and the prunable-weight view of a model."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ from collections.abc import Callable
 from torch import nn
 
 from fedmef_core.config import ModelConfig
-from fedmef_core.models.cnn import SmallCNN, cnn
+from fedmef_core.models.cnn import SmallCNN
 from fedmef_core.models.layers import NormFactory, finish_norm, is_prunable, norm_layer
-from fedmef_core.models.mobilenet import mobilenetv2
-from fedmef_core.models.resnet import resnet8, resnet18
+from fedmef_core.registry import ARCHITECTURES
 
 __all__ = [
     "ARCHITECTURES",
@@ -24,14 +24,7 @@ __all__ = [
     "prunable_weights",
 ]
 
-Builder = Callable[[int, int, int, NormFactory], nn.Module]
-
-ARCHITECTURES: dict[str, Builder] = {
-    "cnn": cnn,
-    "resnet8": resnet8,
-    "resnet18": resnet18,
-    "mobilenetv2": mobilenetv2,
-}
+Builder = Callable[[int, int, int, NormFactory], nn.Module]  # what an entry of registry.ARCHITECTURES names
 
 
 # Initial weights come from torch's one process-wide RNG: builds in parallel threads (a sweep's cells) take
@@ -41,10 +34,7 @@ GLOBAL_RNG = threading.RLock()
 
 def build_model(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """A freshly initialised model. Weights come from the global torch RNG only (the caller seeds it)."""
-    try:
-        builder = ARCHITECTURES[cfg.arch]
-    except KeyError:
-        raise ValueError(f"unknown arch {cfg.arch!r}; choose one of {sorted(ARCHITECTURES)}") from None
+    builder: Builder = ARCHITECTURES[cfg.arch].load()  # an unknown name: one ValueError naming them all
     with GLOBAL_RNG:
         model = builder(in_channels, num_classes, image_size, norm_layer(cfg))
         return finish_norm(model, cfg, (in_channels, image_size, image_size))

@@ -129,7 +129,7 @@ def test_builders_use_the_norm_factory_only(arch):
         def __init__(self, num_channels: int) -> None:
             super().__init__(1, num_channels)
 
-    model = ARCHITECTURES[arch](3, 10, 32, Marker)
+    model = ARCHITECTURES[arch].load()(3, 10, 32, Marker)
     assert any(isinstance(m, Marker) for m in model.modules())
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert norm_layer(ModelConfig(norm="batch")) is nn.BatchNorm2d

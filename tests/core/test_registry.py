@@ -99,3 +99,25 @@ def test_a_dataset_registered_here_is_validated_listed_loaded_and_trained_on():
         DATASETS.remove("stripes")
     with pytest.raises(ConfigError, match="data.name: Input should be a registered dataset: 'fashion_mnist'"):
         parse_config({"data": {"name": "stripes"}})
+
+
+def toy_net(in_channels: int, num_classes: int, image_size: int, norm) -> torch.nn.Module:
+    """A builder as `registry.ARCHITECTURES` names them: a linear classifier over the flattened image."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * image_size ** 2, num_classes))
+
+
+def test_an_architecture_registered_here_is_validated_listed_and_built():
+    from fedmef_core.models import build_model
+    from fedmef_core.registry import ARCHITECTURES, register_architecture
+
+    assert _enum("ModelConfig", "arch") == ["cnn", "resnet8", "resnet18", "mobilenetv2"]  # the form's order
+    register_architecture("toy_net", toy_net)
+    try:
+        config = parse_config({"model": {"arch": "toy_net", "norm": "batch"}})
+        assert _enum("ModelConfig", "arch")[-1] == "toy_net"
+        model = build_model(config.model, 1, 10, 28)
+        assert isinstance(model[1], torch.nn.Linear) and model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    finally:
+        ARCHITECTURES.remove("toy_net")
+    with pytest.raises(ConfigError, match="model.arch: Input should be a registered architecture: 'cnn'"):
+        parse_config({"model": {"arch": "toy_net"}})
