@@ -2,10 +2,10 @@
 
 A :class:`Record` is a dataclass whose fields a reader finds by name. Checkpoints and exchange files are
 read with ``torch.load(weights_only=True)``, and Prefect and Ray hand over plain values, so
-:meth:`Record.to_wire` turns one into a dict of tensors, lists, numbers and strings (fields that are
-``None`` left out) and :meth:`Record.from_wire` turns it back. A field that holds another record (a client's
-upload, a round's payload: their class varies by method), also inside a list or a dict, is written with its
-class's name beside its fields and read back as that class, so any record class defined at module level
+:meth:`Record.to_wire` turns one into a dict of tensors, lists, numbers and strings (a field left out when it
+holds ``None``, its default) and :meth:`Record.from_wire` turns it back. A field that holds another record (a
+client's upload, a round's payload: their class varies by method), also inside a list or a dict, is written
+with its class's name beside its fields and read back as that class, so any record class defined at module level
 travels, the ones of a method added in its own module included (the reader must have imported that module).
 """
 
@@ -27,10 +27,11 @@ class Record:
         Record._classes[_name(cls)] = cls
 
     def to_wire(self) -> dict[str, Any]:
-        """The fields as a plain dict; ``None`` left out, nested records (in lists and dicts too) tagged with their
-        class."""
+        """The fields as a plain dict (a ``None`` that is the field's default left out), nested records (in lists
+        and dicts too) tagged with their class."""
         fields = dataclasses.fields(self)  # type: ignore[arg-type]  # subclasses are dataclasses
-        return {f.name: _write(value) for f in fields if (value := getattr(self, f.name)) is not None}
+        return {f.name: _write(value) for f in fields
+                if (value := getattr(self, f.name)) is not None or f.default is not None}  # None: its default
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Self:
