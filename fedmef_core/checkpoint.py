@@ -93,8 +93,11 @@ def _content_problem(ckpt: Any) -> str | None:
 def check_layout(path: str | Path, ckpt: dict[str, Any], reference: dict[str, Any]) -> None:
     """`ckpt`'s weights (and the server state's tensors they share a name with) have the names, shapes and
     dtypes of `reference`'s — a checkpoint of the model it is to be loaded into; else :class:`CheckpointError`."""
+    state = reference.get("server_state", {})
     problem = _layout_problem(reference.get("model", {}), ckpt["model"], "model weight", every_key=True) or \
-        _layout_problem(reference.get("server_state", {}), ckpt["server_state"], "server state", every_key=False)
+        _layout_problem(state, ckpt["server_state"], "server state", every_key=False)
+    if not problem and "masks" in state:  # a mask for every prunable layer, none for another
+        problem = _layout_problem(state["masks"], ckpt["server_state"].get("masks"), "mask", every_key=True)
     if problem:
         raise CheckpointError(f"{path}: passes its checksum but holds weights of another shape ({problem}); "
                               "not loaded")

@@ -6,7 +6,8 @@ A training continues from the newest round checkpoint in its folder that
 2. was written by the same experiment — ``config.identity()``, what decides the results — on the same split:
    the partition's :func:`~fedmef_core.data.split_digest` (and, with device budgets, the assignment's digest),
    which every checkpoint records in ``extra["partition"]``,
-3. holds weights of the model's names, shapes and dtypes (one that passes its checksum but lies is skipped),
+3. holds weights of the model's names, shapes and dtypes, a mask for each prunable layer and a server state the
+   method keeps (one that passes its checksum but lies is skipped),
 
 unless ``runtime.resume`` is false. If that checkpoint is the last round's and the training's end was written
 (``final.pt``, ``train.json`` and ``run.json`` of this experiment and split), the training is finished: nothing
@@ -22,12 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmef_core.checkpoint import FINAL_NAME, check_layout, latest_good_checkpoint, load_checkpoint
+from fedmef_core.checkpoint import FINAL_NAME, CheckpointError, check_layout, latest_good_checkpoint, load_checkpoint
 from fedmef_core.config import ExperimentConfig, identity_of
 from fedmef_core.data import split_digest
 from fedmef_core.engine import Server
 from fedmef_core.errors import UserError
 from fedmef_core.io import InvalidFile
+from fedmef_core.registry import METHODS
 from fedmef_core.runs import RunPaths, read_run_facts, read_train_metrics
 
 
@@ -77,12 +79,17 @@ def resume_point(config: ExperimentConfig, paths: RunPaths, partition: str, refe
     is reported and skipped."""
     if not config.runtime.resume:
         return None
-    identity = config.identity()
+    identity, state_type = config.identity(), METHODS[config.pruning.method].load().state_type
 
     def accept(ckpt: dict, path: Path) -> bool:
         if identity_of(ckpt["config"]) != identity or ckpt["extra"].get("partition") != partition:
             return False
         check_layout(path, ckpt, reference)
+        try:
+            state_type.from_wire(ckpt["server_state"])
+        except (TypeError, ValueError) as exc:  # a field the method does not keep, a record it cannot read
+            raise CheckpointError(f"{path}: passes its checksum but its server state is not one "
+                                  f"{config.pruning.method} keeps ({exc}); not resumed") from None
         return True
 
     return latest_good_checkpoint(

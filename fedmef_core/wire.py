@@ -2,11 +2,11 @@
 
 A :class:`Record` is a dataclass whose fields a reader finds by name. Checkpoints and exchange files are
 read with ``torch.load(weights_only=True)``, and Prefect and Ray hand over plain values, so
-:meth:`Record.to_wire` turns one into a dict of tensors, lists, numbers and strings (fields that are
-``None`` left out) and :meth:`Record.from_wire` turns it back. A field that holds another record (a
-client's upload, a round's payload: their class varies by method) is written with its class's name beside
-its fields and read back as that class, so any record class defined at module level travels, the ones of a
-method added in its own module included (the reader must have imported that module).
+:meth:`Record.to_wire` turns one into a dict of tensors, lists, numbers and strings (a field left out when it
+holds ``None``, its default) and :meth:`Record.from_wire` turns it back. A field that holds another record (a
+client's upload, a round's payload: their class varies by method), also inside a list or a dict, is written
+with its class's name beside its fields and read back as that class, so any record class defined at module level
+travels, the ones of a method added in its own module included (the reader must have imported that module).
 """
 
 from __future__ import annotations
@@ -27,13 +27,11 @@ class Record:
         Record._classes[_name(cls)] = cls
 
     def to_wire(self) -> dict[str, Any]:
-        """The fields as a plain dict; ``None`` left out, nested records tagged with their class."""
-        out = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # subclasses are dataclasses
-            value = getattr(self, f.name)
-            if value is not None:
-                out[f.name] = {TAG: _name(type(value)), **value.to_wire()} if isinstance(value, Record) else value
-        return out
+        """The fields as a plain dict (a ``None`` that is the field's default left out), nested records (in lists
+        and dicts too) tagged with their class."""
+        fields = dataclasses.fields(self)  # type: ignore[arg-type]  # subclasses are dataclasses
+        return {f.name: _write(value) for f in fields
+                if (value := getattr(self, f.name)) is not None or f.default is not None}  # None: its default
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Self:
@@ -45,9 +43,24 @@ def _name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _write(value: Any) -> Any:
+    """`value` as plain data: a record as its tagged fields, also inside lists, tuples and dicts."""
+    if isinstance(value, Record):
+        return {TAG: _name(type(value)), **value.to_wire()}
+    if isinstance(value, dict):
+        return {k: _write(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_write(v) for v in value)
+    return value
+
+
 def _read(value: Any) -> Any:
-    if not (isinstance(value, dict) and TAG in value):
+    if isinstance(value, list | tuple):
+        return type(value)(_read(v) for v in value)
+    if not isinstance(value, dict):
         return value
+    if TAG not in value:
+        return {k: _read(v) for k, v in value.items()}
     fields = dict(value)
     name = fields.pop(TAG)
     try:

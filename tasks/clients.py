@@ -34,6 +34,7 @@ from fedmef_core.data import load_dataset, load_partition
 from fedmef_core.device import resolve_device
 from fedmef_core.errors import UserError
 from fedmef_core.executors import ClientExecutor, RoundResults
+from fedmef_core.registry import METHODS
 from fedmef_core.runs import RunPaths
 from tasks.runners import Submit, mark_crashed, runs_in_this_thread, task_runner
 
@@ -112,6 +113,7 @@ def client_wave(config: ExperimentConfig, broadcast_path: str, rnd: int, first: 
     Returns ``{"updates": {client: {"path", "num_samples", "loss"}}, "failures": {client: "Error: message"},
     "over_budget": [client, ...]}``.
     """
+    METHODS[config.pruning.method].load()  # a fresh worker (Ray) knows the method's records only once it imported it
     broadcast = Broadcast.from_dict(load_exchange(broadcast_path))
     updates, failures, over_budget = {}, {}, []
     for trained in train_clients(config, broadcast, clients):

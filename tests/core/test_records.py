@@ -110,3 +110,37 @@ def test_a_record_of_a_class_the_reader_does_not_know_is_one_clear_error():
     wire["setup"]["__record__"] = "somewhere.Else"
     with pytest.raises(ValueError, match="unknown record class 'somewhere.Else': import the module"):
         Broadcast.from_dict(wire)
+
+
+@dataclass
+class Part(Record):
+    x: torch.Tensor
+
+
+@dataclass
+class Parts(Record):
+    """A method's upload whose records sit in a list and a dict (e.g. one per candidate, per layer)."""
+
+    each: list[Part]
+    by_layer: dict[str, Part]
+
+
+def test_records_inside_a_list_or_a_dict_travel_through_exchange_files(tmp_path):
+    upload = Parts(each=[Part(torch.ones(2)), Part(torch.zeros(1))], by_layer={"conv.weight": Part(torch.ones(3))})
+    result = ClientResult(client_id=0, num_samples=1, state={}, train_loss=0.0, steps=1, upload=upload)
+    _assert_same(result, ClientResult.from_dict(_roundtrip(result, tmp_path)))
+
+
+@dataclass
+class Optional_(Record):
+    """A method's record whose None means something: a required field, and one whose default is not None."""
+
+    note: dict | None
+    scale: float | None = 1.0
+    extra: int | None = None
+
+
+def test_a_none_comes_back_as_none_whatever_the_fields_default(tmp_path):
+    for record in (Optional_(note=None, scale=None), Optional_(note={"a": 1}, scale=None, extra=2)):
+        _assert_same(record, Optional_.from_wire(_roundtrip(record, tmp_path)))
+    assert Optional_(note={}).to_wire() == {"note": {}, "scale": 1.0}  # None where None is the default: left out

@@ -1,11 +1,15 @@
 """The resume policy (fedmef_core/resume.py): what a checkpoint must match, which one, the MLflow run to continue."""
 
-from fedmef_core.checkpoint import round_checkpoints
+import pytest
+import torch
+
+from fedmef_core.checkpoint import load_checkpoint, round_checkpoints, save_checkpoint
+from fedmef_core.config import parse_config
 from fedmef_core.engine import TIMING_KEYS, run_rounds
 from fedmef_core.resume import resume, split_of
 from fedmef_core.rounds import Checkpoints
 from fedmef_core.runs import run_facts, run_paths, write_run_facts
-from tests.conftest import data_of, server_of
+from tests.conftest import data_of, server_of, tiny_raw
 
 
 def _trained(config, split: str):
@@ -37,3 +41,28 @@ def test_a_checkpoint_of_another_split_or_with_resume_off_starts_afresh(tiny_con
     off = tiny_config.model_copy(update={"runtime": tiny_config.runtime.model_copy(update={"resume": False})})
     _trained(off, split_of(server))
     assert resume(server_of(off), run_paths(off)).fresh
+
+
+LYING_STATES = {  # a server state that passes its checksum but is not this method's, and what the skip says
+    "a field the method does not keep": (lambda s: s.update(surprise=torch.zeros(1)), "surprise"),
+    "the mask of a layer the model lacks": (
+        lambda s: s["masks"].update({"nope.weight": torch.ones(3, dtype=torch.bool)}), "'nope.weight'"),
+    "no mask for a layer": (lambda s: s["masks"].pop(sorted(s["masks"])[0]), "missing"),
+}
+
+
+@pytest.mark.parametrize("edit, says", LYING_STATES.values(), ids=LYING_STATES.keys())
+def test_a_checkpoint_whose_server_state_lies_is_skipped_and_the_previous_one_resumes(tmp_path, capsys, edit, says):
+    config = parse_config({**tiny_raw(tmp_path), "pruning": {"method": "fedavg_static", "density": 0.3}})
+    data = data_of(config)
+    paths, _ = _trained(config, split_of(server_of(config, data)))
+    newest = round_checkpoints(paths.checkpoints)[-1][1]
+    ckpt = load_checkpoint(newest)
+    edit(ckpt["server_state"])
+    save_checkpoint(newest, ckpt)  # a valid checksum
+    server = server_of(config, data)
+    start = resume(server, paths)
+    assert server.round == int(start.checkpoint["round"]) == config.federation.rounds - 1
+    skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoint skipped")]
+    assert len(skipped) == 1 and newest.name in skipped[0] and says in skipped[0]
+    assert run_rounds(server)[-1]["round"] == config.federation.rounds

@@ -230,3 +230,46 @@ def test_in_memory_too_few_clients_fail_the_round_and_leave_the_model_as_it_was(
         server.finish_round(1, updates(server.broadcast(1), picked), 0.0)
     assert all(torch.equal(v, before[k]) for k, v in server.model.state_dict().items())
     assert server.round == 0 and not server.history
+
+
+@pytest.mark.parametrize("method, round_", [("fedmef", 1), ("fedtiny", 0)])
+def test_a_fresh_worker_process_reads_a_methods_own_records_from_the_broadcast(tmp_path, method, round_):
+    """A Ray worker is a fresh process: it reads the broadcast before it builds the method, so the method's own
+    records (FedMef's payload on an adjustment round, FedTiny's setup candidates) must resolve there too."""
+    import subprocess
+    import sys
+
+    from fedmef_core.algorithms.records import ClientResult
+    from fedmef_core.checkpoint import save_exchange
+    from fedmef_core.config import parse_config
+    from tests.conftest import save_partition_of, server_of, standalone_env, tiny_raw
+
+    raw = tiny_raw(tmp_path)
+    raw["federation"]["clients_per_round"] = 1
+    raw.update(pruning={"method": method, "density": 0.3, "adjust_interval": 1, "bn_select": round_ == 0,
+                        "bn_candidates": 2}, model={"norm": "batch"}, sap={"enabled": False})
+    config = parse_config(raw)
+    (tmp_path / "params.yaml").write_text(config.to_yaml())
+    save_partition_of(config)
+    server = server_of(config)
+    if round_ == 0:
+        broadcast = clients.Broadcast(round=0, lr=0.0, state=server._weights_copy(),
+                                      setup=server.algorithm.setup_payload(server.model, server.state))
+    else:
+        broadcast = server.broadcast(1)
+    assert type(broadcast.payload if round_ else broadcast.setup).__module__.endswith(method)  # a record of its own
+    path = save_exchange(tmp_path / "broadcast.pt", broadcast.to_dict())
+    client = server.sample_clients(round_)[0]
+    worker = (
+        "import json, yaml; import tasks.clients as c; from fedmef_core.config import parse_config\n"
+        f"config = parse_config(yaml.safe_load(open({str(tmp_path / 'params.yaml')!r})))\n"
+        f"answer = c.client_wave.fn(config, {str(path)!r}, {round_}, {client}, {client}, "
+        f"[{client}], {str(tmp_path)!r})\n"
+        "print(json.dumps(answer['failures']))"
+    )
+    run = subprocess.run([sys.executable, "-c", worker], env=standalone_env(tmp_path / "home"), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "{}"  # no client dropped
+    update = ClientResult.from_dict(clients.load_exchange(clients.update_path(tmp_path, round_, client)))
+    assert type(update.upload).__module__.endswith(method)
