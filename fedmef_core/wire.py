@@ -29,7 +29,9 @@ class Record:
     def to_wire(self) -> dict[str, Any]:
         """The fields as a plain dict (a ``None`` that is the field's default left out), nested records (in lists
         and dicts too) tagged with their class."""
-        fields = dataclasses.fields(self)  # type: ignore[arg-type]  # subclasses are dataclasses
+        if "__dataclass_fields__" not in type(self).__dict__:  # an undecorated subclass would lose its fields
+            raise TypeError(f"{_name(type(self))} is a Record but not a @dataclass of its own: decorate it")
+        fields = dataclasses.fields(self)  # type: ignore[arg-type]
         return {f.name: _write(value) for f in fields
                 if (value := getattr(self, f.name)) is not None or f.default is not None}  # None: its default
 

@@ -144,3 +144,18 @@ def test_a_none_comes_back_as_none_whatever_the_fields_default(tmp_path):
     for record in (Optional_(note=None, scale=None), Optional_(note={"a": 1}, scale=None, extra=2)):
         _assert_same(record, Optional_.from_wire(_roundtrip(record, tmp_path)))
     assert Optional_(note={}).to_wire() == {"note": {}, "scale": 1.0}  # None where None is the default: left out
+
+
+@dataclass
+class _Counts(Record):
+    seen: int
+
+
+class _Undecorated(_Counts):  # a new field without @dataclass: the wire would silently drop it
+    extra: int = 5
+
+
+def test_a_record_subclass_without_its_own_dataclass_is_refused_not_silently_truncated():
+    assert _Counts(3).to_wire() == {"seen": 3}
+    with pytest.raises(TypeError, match="_Undecorated is a Record but not a @dataclass"):
+        _Undecorated(3).to_wire()
