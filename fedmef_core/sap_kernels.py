@@ -1,13 +1,17 @@
-"""SAP's bool work on CPU, compiled: selection, bit packing and compaction in one pass over a tensor.
+"""SAP's bool work on CPU, compiled: selection and bit packing in one pass over a tensor, compaction in another.
 
 Before, keeping the entries ``|x| >= t`` of an activation took six NumPy/torch passes (magnitude, comparison,
 positions as int64, gather, cast, bit packing) and its backward three (unpack, positions, scatter). Here a
 tensor is cut into one chunk per torch CPU thread (chunk bounds on byte boundaries of the bitmap) and each
 chunk is one compiled loop (Numba, ``nogil``, run on a small thread pool of this module):
 
-- :func:`compact`: the packed bitmap of ``|x| >= t`` (``|x| > 0`` when ``t <= 0``), the kept values and (for
-  ``index`` positions) their int32 flat positions, in flat order, reading ``x`` once (each chunk compacts into
-  its own stretch of a scratch buffer; :class:`Compacted` joins the stretches, casting to the saved dtype);
+- :func:`keep_bits`: the packed bitmap of ``|x| >= t`` (``|x| > 0`` when ``t <= 0``) and the kept count of
+  every chunk, reading ``x`` once (a loop with no stores but the bitmap's: vectorised); the count decides
+  whether the threshold is kept (:func:`fedmef_core.sap.select`) before anything is compacted;
+- :meth:`Kept.gathered`: the kept values and (for ``index`` positions) their int32 flat positions, in flat
+  order, reading ``x`` and the bitmap once; each chunk writes its own stretch of the exact-sized output (a
+  one-pass compaction into a scratch buffer of ``x``'s size, joined after, measured ~25% slower: the scratch's
+  fresh pages and the join cost more than reading ``x`` twice);
 - :func:`scatter`: the inverse: a dense tensor from the bitmap and the values, writing every entry once;
 - :func:`relu_bits` / :func:`mask_grad`: the 1-bit ReLU mask and its backward, one pass each.
 
@@ -47,39 +51,61 @@ def handles(device: torch.device, dtype: torch.dtype) -> bool:
 # comparisons, bit assembly and masking (with a chunk offset in the indices it did not: 6-9x slower), and
 # the compaction stores every entry and advances by its bit (no unpredictable branch).
 @njit(nogil=True, cache=True)
-def _compact(x, t, bitmap, values, positions, first):  # pragma: no cover - compiled
-    """Bits of ``|x| >= t`` (``|x| > 0`` when -inf < t <= 0; all when t is -inf) into bitmap, the kept values
-    into values and (when positions is not empty) their flat positions, counted from `first`; returns how
-    many were kept."""
+def _bits(x, t, bitmap):  # pragma: no cover - compiled
+    """Bits of ``|x| >= t`` (``|x| > 0`` when -inf < t <= 0; all when t is -inf) into bitmap; returns how many
+    are set. Reads x only (no stores but the bitmap's), so LLVM vectorises it."""
     strict = -np.inf < t <= 0.0
-    with_positions = positions.size > 0
     n = x.size
     k = 0
     for b in range(n // 8):
         byte = 0
         for j in range(8):
-            v = x[b * 8 + j]
-            a = abs(v)
+            a = abs(x[b * 8 + j])
             bit = (a > 0.0) if strict else (a >= t)
-            values[k] = v
-            if with_positions:
-                positions[k] = first + b * 8 + j
-            k += bit
             byte |= bit << (7 - j)
+            k += bit
         bitmap[b] = byte
     if n % 8:  # the last, partial byte (zero-padded)
         byte = 0
         for i in range(n // 8 * 8, n):
-            v = x[i]
-            a = abs(v)
+            a = abs(x[i])
             bit = (a > 0.0) if strict else (a >= t)
-            values[k] = v
-            if with_positions:
-                positions[k] = first + i
-            k += bit
             byte |= bit << (7 - i % 8)
+            k += bit
         bitmap[n // 8] = byte
     return k
+
+
+@njit(nogil=True, cache=True)
+def _gather(x, bitmap, values, positions, first):  # pragma: no cover - compiled
+    """The entries of x whose bit is set into values (exactly as many as are set) and, when positions is not
+    empty, their flat positions counted from `first`. Branch-free while 8 more stores fit: every entry is
+    stored and the next store advances by its bit (a store past the last kept value would not fit)."""
+    with_positions = positions.size > 0
+    n = x.size
+    room = values.size
+    k = 0
+    for b in range(n // 8):
+        byte = bitmap[b]
+        if k + 8 <= room:
+            for j in range(8):
+                values[k] = x[b * 8 + j]
+                if with_positions:
+                    positions[k] = first + b * 8 + j
+                k += (byte >> (7 - j)) & 1
+        else:
+            for j in range(8):
+                if (byte >> (7 - j)) & 1:
+                    values[k] = x[b * 8 + j]
+                    if with_positions:
+                        positions[k] = first + b * 8 + j
+                    k += 1
+    for i in range(n // 8 * 8, n):
+        if (bitmap[i // 8] >> (7 - i % 8)) & 1:
+            values[k] = x[i]
+            if with_positions:
+                positions[k] = first + i
+            k += 1
 
 
 @njit(nogil=True, cache=True)
@@ -184,47 +210,49 @@ def _flat(t: torch.Tensor) -> np.ndarray:
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
 
-def compact(x: torch.Tensor, threshold: float, with_positions: bool) -> Compacted:
-    """The entries of ``x`` with ``|x| >= threshold`` (``|x| > 0`` when threshold <= 0; all of them when it is
-    -inf): their packed bitmap, and their values (x's dtype) and int32 flat positions in flat order."""
+def keep_bits(x: torch.Tensor, threshold: float) -> Kept:
+    """The packed bitmap of the entries of ``x`` with ``|x| >= threshold`` (``|x| > 0`` when threshold <= 0; all
+    of them when it is -inf) and how many there are; :meth:`Kept.gathered` then compacts them."""
     a = _flat(x)
     bounds = _bounds(a.size)
     bitmap = np.empty((a.size + 7) // 8, dtype=np.uint8)
-    scratch = np.empty(a.size, dtype=a.dtype)  # chunk [lo, hi) compacts into scratch[lo:hi]
-    spots = np.empty(a.size if with_positions else 0, dtype=np.int32)
-    counts = _each(bounds, lambda lo, hi: _compact(a[lo:hi], float(threshold), bitmap[lo // 8:(hi + 7) // 8],
-                                                   scratch[lo:hi], spots[lo:hi], lo))
-    return Compacted(bitmap, scratch, spots if with_positions else None, bounds, counts)
+    counts = _each(bounds, lambda lo, hi: _bits(a[lo:hi], float(threshold), bitmap[lo // 8:(hi + 7) // 8]))
+    return Kept(a, x.dtype, bitmap, bounds, counts)
 
 
-class Compacted:
-    """What :func:`compact` kept, still in per-chunk pieces; :meth:`values` joins them."""
+class Kept:
+    """What :func:`keep_bits` selected: the bitmap and the kept count of every chunk."""
 
-    def __init__(self, bitmap, scratch, spots, bounds, counts):
-        self.bitmap, self._scratch, self._spots, self._bounds, self.counts = bitmap, scratch, spots, bounds, counts
+    def __init__(self, flat: np.ndarray, dtype: torch.dtype, bitmap: np.ndarray, bounds: list[tuple[int, int]],
+                 counts: list[int]):
+        self._flat, self._dtype, self.bitmap, self._bounds, self._counts = flat, dtype, bitmap, bounds, counts
         self.total = int(sum(counts))
 
     def packed(self) -> torch.Tensor:
         return torch.from_numpy(self.bitmap)
 
-    def values(self, dtype: torch.dtype) -> torch.Tensor:
-        return self._joined(self._scratch, dtype)
+    def gathered(self, dtype: torch.dtype, with_positions: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The kept values (as ``dtype``) and, if asked, their int32 flat positions, in flat order; each chunk
+        writes its own stretch of the output."""
+        a = self._flat
+        values = torch.empty(self.total, dtype=self._dtype)
+        positions = torch.empty(self.total if with_positions else 0, dtype=torch.int32)
+        v, p = values.numpy(), positions.numpy()
+        starts = np.cumsum([0, *self._counts[:-1]]).tolist()
+        spans = {lo: (at, at + count) for (lo, _), at, count in zip(self._bounds, starts, self._counts)}
 
-    def positions(self) -> torch.Tensor:
-        return self._joined(self._spots, torch.int32)
+        def work(lo: int, hi: int) -> None:
+            at, to = spans[lo]
+            _gather(a[lo:hi], self.bitmap[lo // 8:(hi + 7) // 8], v[at:to],
+                    p[at:to] if with_positions else p, lo)
 
-    def _joined(self, pieces: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        out = torch.empty(self.total, dtype=dtype)
-        at = 0
-        for (lo, _), count in zip(self._bounds, self.counts):
-            out[at:at + count] = torch.from_numpy(pieces[lo:lo + count])
-            at += count
-        return out
+        _each(self._bounds, work)
+        return values.to(dtype), positions if with_positions else None
 
 
 def scatter(packed: torch.Tensor, values: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`compact`: a flat ``dtype`` tensor of ``numel`` entries, zero where the bitmap is 0 and
-    the next value where it is 1."""
+    """Inverse of :func:`keep_bits` and :meth:`Kept.gathered`: a flat ``dtype`` tensor of ``numel`` entries, zero
+    where the bitmap is 0 and the next value where it is 1."""
     bitmap = packed.numpy()
     v = values.to(dtype).contiguous().numpy()
     bounds = _bounds(numel)
