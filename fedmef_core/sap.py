@@ -356,12 +356,12 @@ class _MaskedClamp(Function):
 
     @staticmethod
     def forward(ctx: Any, x, max_val):
-        out = x.clamp(0, max_val)
         if sap_kernels.usable(x):
-            ctx.save_for_backward(sap_kernels.relu_bits(x, max_val))
+            out, packed = sap_kernels.relu(x, max_val)
         else:
-            live = greater(x, 0.0) if max_val is None else between(x, 0.0, max_val)
-            ctx.save_for_backward(pack_bits(live))
+            out = x.clamp(0, max_val)
+            packed = pack_bits(greater(x, 0.0) if max_val is None else between(x, 0.0, max_val))
+        ctx.save_for_backward(packed)
         ctx.meta = x.shape
         return out
 

@@ -13,7 +13,7 @@ chunk is one compiled loop (Numba, ``nogil``, run on a small thread pool of this
   one-pass compaction into a scratch buffer of ``x``'s size, joined after, measured ~25% slower: the scratch's
   fresh pages and the join cost more than reading ``x`` twice);
 - :func:`scatter`: the inverse: a dense tensor from the bitmap and the values, writing every entry once;
-- :func:`relu_bits` / :func:`mask_grad`: the 1-bit ReLU mask and its backward, one pass each.
+- :func:`relu` / :func:`mask_grad`: the ReLU's output with its 1-bit mask, and its backward, one pass each.
 
 The bitmap is :func:`numpy.packbits`'s layout (first entry in the highest bit, zero-padded at the end), so
 what is saved is byte for byte what the NumPy path saves; the tests compare the two. Float32 and float64
@@ -140,19 +140,25 @@ def _scatter(bitmap, values, out):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def _relu(x, high, bitmap):  # pragma: no cover - compiled
-    """Bits of ``0 < x < high`` into bitmap."""
+def _relu(x, high, out, bitmap):  # pragma: no cover - compiled
+    """Bits of ``0 < x < high`` into bitmap and (when out is not empty) x clamped to [0, high] into out, as
+    torch's clamp does it (-0.0 and NaN pass through)."""
+    with_out = out.size > 0
     n = x.size
     for b in range(n // 8):
         byte = 0
         for j in range(8):
             v = x[b * 8 + j]
+            if with_out:
+                out[b * 8 + j] = 0.0 if v < 0.0 else (high if v > high else v)
             byte |= ((v > 0.0) & (v < high)) << (7 - j)
         bitmap[b] = byte
     if n % 8:
         byte = 0
         for i in range(n // 8 * 8, n):
             v = x[i]
+            if with_out:
+                out[i] = 0.0 if v < 0.0 else (high if v > high else v)
             byte |= ((v > 0.0) & (v < high)) << (7 - i % 8)
         bitmap[n // 8] = byte
 
@@ -263,13 +269,18 @@ def scatter(packed: torch.Tensor, values: torch.Tensor, numel: int, dtype: torch
     return torch.from_numpy(out)
 
 
-def relu_bits(x: torch.Tensor, max_val: float | None) -> torch.Tensor:
-    """The packed bits of ``x > 0`` (``0 < x < max_val``)."""
+def relu(x: torch.Tensor, max_val: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.clamp(0, max_val)`` (bit for bit, in x's memory format) and the packed bits of ``x > 0``
+    (``0 < x < max_val``) in flat order. For a contiguous ``x`` one pass writes both (torch's clamp and a
+    pass for the bits took ~1.3x the time); otherwise (channels_last) torch clamps, keeping the layout."""
     a = _flat(x)
+    fused = x.is_contiguous()
+    out = torch.empty_like(x) if fused else x.clamp(0, max_val)
+    o = out.view(-1).numpy() if fused else a[:0]
     bitmap = np.empty((a.size + 7) // 8, dtype=np.uint8)
     high = np.inf if max_val is None else float(max_val)
-    _each(_bounds(a.size), lambda lo, hi: _relu(a[lo:hi], high, bitmap[lo // 8:(hi + 7) // 8]))
-    return torch.from_numpy(bitmap)
+    _each(_bounds(a.size), lambda lo, hi: _relu(a[lo:hi], high, o[lo:hi], bitmap[lo // 8:(hi + 7) // 8]))
+    return out, torch.from_numpy(bitmap)
 
 
 def mask_grad(grad: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
