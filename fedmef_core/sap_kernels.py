@@ -12,7 +12,8 @@ chunk is one compiled loop (Numba, ``nogil``, run on a small thread pool of this
   order, reading ``x`` and the bitmap once; each chunk writes its own stretch of the exact-sized output (a
   one-pass compaction into a scratch buffer of ``x``'s size, joined after, measured ~25% slower: the scratch's
   fresh pages and the join cost more than reading ``x`` twice);
-- :func:`scatter`: the inverse: a dense tensor from the bitmap and the values, writing every entry once;
+- :func:`scatter`: the inverse: a dense tensor from the bitmap and the values, writing every entry once
+  (float16 values are decoded on the way through a 64K-entry table: no float32 copy of them first);
 - :func:`relu` / :func:`mask_grad`: the ReLU's output with its 1-bit mask, and its backward, one pass each.
 
 The bitmap is :func:`numpy.packbits`'s layout (first entry in the highest bit, zero-padded at the end), so
@@ -23,13 +24,15 @@ Compiled code is cached beside this file (``__pycache__``) after the first use i
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 MIN_CHUNK = 1 << 16  # entries: below this one chunk (a thread hand-off costs more than the work)
 _FLOATS = {torch.float32, torch.float64}
@@ -116,9 +119,20 @@ def _count(bitmap, table):  # pragma: no cover - compiled
     return count
 
 
+def _value(values, table, k):  # pragma: no cover - compiled (the overload below)
+    """values[k], decoded through table when values are float16 bit patterns (uint16)."""
+
+
+@overload(_value)
+def _value_impl(values, table, k):
+    if isinstance(values.dtype, types.Integer):
+        return lambda values, table, k: table[values[k]]
+    return lambda values, table, k: values[k]
+
+
 @njit(nogil=True, cache=True)
-def _scatter(bitmap, values, out):  # pragma: no cover - compiled
-    """out: the next of values where the bit is 1, else 0."""
+def _scatter(bitmap, values, table, out):  # pragma: no cover - compiled
+    """out: the next of values (decoded by :func:`_value`) where the bit is 1, else 0."""
     if values.size == 0:
         out[:] = 0.0
         return
@@ -129,12 +143,12 @@ def _scatter(bitmap, values, out):  # pragma: no cover - compiled
         byte = bitmap[b]
         for j in range(8):
             bit = (byte >> (7 - j)) & 1
-            v = values[min(k, last)]
+            v = _value(values, table, min(k, last))
             out[b * 8 + j] = v if bit else 0.0
             k += bit
     for i in range(n // 8 * 8, n):
         bit = (bitmap[i // 8] >> (7 - i % 8)) & 1
-        v = values[min(k, last)]
+        v = _value(values, table, min(k, last))
         out[i] = v if bit else 0.0
         k += bit
 
@@ -260,13 +274,29 @@ def scatter(packed: torch.Tensor, values: torch.Tensor, numel: int, dtype: torch
     """Inverse of :func:`keep_bits` and :meth:`Kept.gathered`: a flat ``dtype`` tensor of ``numel`` entries, zero
     where the bitmap is 0 and the next value where it is 1."""
     bitmap = packed.numpy()
-    v = values.to(dtype).contiguous().numpy()
+    out = torch.empty(numel, dtype=dtype)
+    if values.dtype == torch.float16:  # decoded while scattering: no float32 copy of the values first
+        v, table = values.contiguous().view(torch.int16).numpy().view(np.uint16), _half_table(dtype)
+    else:
+        v, table = values.to(dtype).contiguous().numpy(), _NO_TABLE
+    o = out.numpy()
     bounds = _bounds(numel)
-    counts = _each(bounds, lambda lo, hi: _count(bitmap[lo // 8:(hi + 7) // 8], _POPCOUNT))
-    starts = dict(zip(bounds, np.cumsum([0, *counts[:-1]]).tolist()))
-    out = np.empty(numel, dtype=v.dtype)
-    _each(bounds, lambda lo, hi: _scatter(bitmap[lo // 8:(hi + 7) // 8], v[starts[lo, hi]:], out[lo:hi]))
-    return torch.from_numpy(out)
+    if len(bounds) == 1:
+        starts = {bounds[0]: 0}
+    else:
+        counts = _each(bounds, lambda lo, hi: _count(bitmap[lo // 8:(hi + 7) // 8], _POPCOUNT))
+        starts = dict(zip(bounds, np.cumsum([0, *counts[:-1]]).tolist()))
+    _each(bounds, lambda lo, hi: _scatter(bitmap[lo // 8:(hi + 7) // 8], v[starts[lo, hi]:], table, o[lo:hi]))
+    return out
+
+
+_NO_TABLE = np.empty(0, dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _half_table(dtype: torch.dtype) -> np.ndarray:
+    """Every float16 bit pattern as ``dtype`` (torch's conversion, exact: float16 -> float32/64 loses nothing)."""
+    return torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16).to(dtype).numpy()
 
 
 def relu(x: torch.Tensor, max_val: float | None) -> tuple[torch.Tensor, torch.Tensor]:
