@@ -13,8 +13,8 @@ millions of entries cost more than the layer's convolution), so the kept fractio
 (measure zero for real activations) or many zeros, more than k entries may be kept. What is kept is what
 is saved, so the memory accounting (:mod:`fedmef_core.memory`) counts the real kept entries.
 
-On CPU, float32/float64 activations go through compiled passes (:mod:`fedmef_core.sap_kernels`: selection,
-bit packing and compaction in one pass, their inverse in one); other CPU dtypes through NumPy views of the
+On CPU, float32/float64 activations go through compiled passes (:mod:`fedmef_core.sap_kernels`: selection
+and bit packing in one pass, compaction in one, their inverse in one); other CPU dtypes through NumPy views of the
 same memory (3-20x faster than torch's CPU kernels for it); on other devices torch does it. All three save
 the same bytes.
 
@@ -245,8 +245,9 @@ def _pack(x: torch.Tensor, sap: SapConfig | None) -> tuple[torch.Tensor, torch.T
     x = x.detach()
     if sap_kernels.usable(x):  # one compiled pass to select and pack, one to compact
         index = sap.positions != "bitmap"
-        kept = select(x, sap.gamma, lambda t: (c := sap_kernels.compact(x, t, index), c.total))
-        return kept.values(DTYPES[sap.value_dtype]), kept.positions() if index else kept.packed()
+        kept = select(x, sap.gamma, lambda t: (c := sap_kernels.keep_bits(x, t), c.total))
+        values, positions = kept.gathered(DTYPES[sap.value_dtype], index)
+        return values, positions if index else kept.packed()
     keep = keep_mask(x, sap.gamma)
     idx = true_positions(keep)  # ascending: the values are in flat order
     values = x.reshape(-1).index_select(0, idx).to(DTYPES[sap.value_dtype])
@@ -355,12 +356,12 @@ class _MaskedClamp(Function):
 
     @staticmethod
     def forward(ctx: Any, x, max_val):
-        out = x.clamp(0, max_val)
         if sap_kernels.usable(x):
-            ctx.save_for_backward(sap_kernels.relu_bits(x, max_val))
+            out, packed = sap_kernels.relu(x, max_val)
         else:
-            live = greater(x, 0.0) if max_val is None else between(x, 0.0, max_val)
-            ctx.save_for_backward(pack_bits(live))
+            out = x.clamp(0, max_val)
+            packed = pack_bits(greater(x, 0.0) if max_val is None else between(x, 0.0, max_val))
+        ctx.save_for_backward(packed)
         ctx.meta = x.shape
         return out
 

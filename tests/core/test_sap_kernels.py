@@ -45,13 +45,23 @@ def test_compiled_pack_and_unpack_equal_the_numpy_path(threads, numel, kind, mon
 
 @pytest.mark.parametrize("max_val", [None, 6.0])
 @pytest.mark.parametrize("numel", [3, 64, 1001, 200_003])
-def test_compiled_relu_mask_equals_numpy_bits_and_masks_the_gradient(max_val, numel, monkeypatch):
+def test_compiled_relu_equals_clamp_and_numpy_bits_and_masks_the_gradient(max_val, numel, monkeypatch):
     monkeypatch.setattr(sap_kernels, "MIN_CHUNK", 64)
     g = torch.Generator().manual_seed(numel)
     x, grad = torch.randn(numel, generator=g) * 4, torch.randn(numel, generator=g)
+    x[::7] = -0.0  # torch's clamp keeps the sign of a zero and lets NaN through: so must the compiled one
+    x[1::11] = float("nan")
     live = sap.greater(x, 0.0) if max_val is None else sap.between(x, 0.0, max_val)
-    packed = sap_kernels.relu_bits(x, max_val)
+    out, packed = sap_kernels.relu(x, max_val)
+    expected = x.clamp(0, max_val)
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))  # bit for bit
     assert torch.equal(packed, sap.pack_bits(live))
+    if numel % 8 == 0:  # channels_last: the same layout as torch's clamp, the bits in flat (logical) order
+        x4 = x.view(numel // 8, 2, 2, 2).contiguous(memory_format=torch.channels_last)
+        out4, packed4 = sap_kernels.relu(x4, max_val)
+        assert out4.stride() == x4.clamp(0, max_val).stride()
+        assert torch.equal(out4.view(torch.int32), x4.clamp(0, max_val).view(torch.int32))
+        assert torch.equal(packed4, packed)
     assert torch.equal(sap_kernels.mask_grad(grad, packed), grad * live)
 
 
@@ -71,10 +81,10 @@ def test_a_forked_child_compacts_with_a_pool_of_its_own(monkeypatch):
     torch.set_num_threads(2)
     try:
         x = torch.randn(10_000)
-        expected = sap_kernels.relu_bits(x, None)  # the parent's pool now has threads
+        expected = sap_kernels.relu(x, None)[1]  # the parent's pool now has threads
         pid = os.fork()
         if pid == 0:  # the child: exit 0 only if the same bits come back
-            os._exit(0 if torch.equal(sap_kernels.relu_bits(x, None), expected) else 1)
+            os._exit(0 if torch.equal(sap_kernels.relu(x, None)[1], expected) else 1)
         deadline = time.monotonic() + 20
         while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
