@@ -87,10 +87,10 @@ class TrainingClock:
         self.calls: list[tuple[float, float]] = []  # (end, seconds), wall clock
 
     def install(self) -> TrainingClock:
-        import fedmef_core.engine as engine
+        import fedmef_core.executors as executors
         import tasks.clients as clients
 
-        for module in (engine, clients):
+        for module in (executors, clients):
             module.run_client = self._timed(module.run_client)
         return self
 
