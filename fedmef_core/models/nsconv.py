@@ -64,17 +64,25 @@ def standardize_reference(weight: torch.Tensor, gain: torch.Tensor, mask: torch.
         return ((flat - mean) * scale).view_as(weight)
     keep = mask.flatten(1).to(flat.dtype)
     dev = (flat - active_mean(flat, keep)) * keep
-    scale = gain.view(-1, 1) * torch.rsqrt(torch.clamp((dev * dev).sum(1, keepdim=True), min=eps))
-    return (dev * scale).view_as(weight)
+    return (dev * _scale_of((dev * dev).sum(1, keepdim=True), gain, eps)).view_as(weight)
 
 
 def active_mean(flat: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Per row of ``flat`` (out_channels x fan_in), the mean of the entries ``keep`` (0/1) holds; 0 for a row
     with fewer than ``MIN_CENTRED`` of them. Guard: centring one active weight would zero it (and two would
     leave only their signs), so such a channel is scaled by its root sum of squares without centring."""
-    count = keep.sum(1, keepdim=True)
-    mean = (flat * keep).sum(1, keepdim=True) / count.clamp(min=1)
+    return _mean_of((flat * keep).sum(1, keepdim=True), keep.sum(1, keepdim=True))
+
+
+def _mean_of(s: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """:func:`active_mean` from the row sums ``s`` and counts."""
+    mean = s / count.clamp(min=1)
     return torch.where(count >= MIN_CENTRED, mean, torch.zeros_like(mean))
+
+
+def _scale_of(ss: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """The per-channel factor of the sparse standardisation, from the rows' sums of squared deviations."""
+    return gain.view(-1, 1) * torch.rsqrt(torch.clamp(ss, min=eps))
 
 
 # ---- the sparse standardisation in fewer passes -------------------------------------------------------
@@ -114,16 +122,6 @@ def _flat_grad(grad_diff, grad_s, keep, out):  # pragma: no cover - compiled
         gs = grad_s[i, 0]
         for j in range(grad_diff.shape[1]):
             out[i, j] = grad_diff[i, j] + gs * keep[i, j]
-
-
-def _mean_of(s: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """:func:`active_mean` from the row sums ``s`` and counts."""
-    mean = s / count.clamp(min=1)
-    return torch.where(count >= MIN_CENTRED, mean, torch.zeros_like(mean))
-
-
-def _scale_of(ss: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
-    return gain.view(-1, 1) * torch.rsqrt(torch.clamp(ss, min=eps))
 
 
 def _np(t: torch.Tensor):
