@@ -18,12 +18,11 @@ import json
 import sys
 from typing import Any
 
-from fedmef_core.algorithms import REGISTRY
 from fedmef_core.config import ExperimentConfig, load_config, parse_override
 from fedmef_core.data import DatasetUnavailable, load_dataset
 from fedmef_core.errors import UserError
 from fedmef_core.planner import BOUNDS, MIB, POLICIES, ClientStep, Fit, fit, profile_config
-from fedmef_core.registry import ARCHITECTURES
+from fedmef_core.registry import ARCHITECTURES, METHODS
 
 PARTS = ("weights", "activations", "gradients", "optimizer")
 
@@ -41,8 +40,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     parser = _Parser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--arch", required=True, choices=sorted(ARCHITECTURES), help="model.arch")
     parser.add_argument("--budget", required=True, type=float, metavar="MIB", help="memory budget of a client, MiB")
-    parser.add_argument("--method", nargs="+", choices=list(REGISTRY), default=list(REGISTRY), metavar="METHOD",
-                        help=f"methods to plan (default: all of {', '.join(REGISTRY)})")
+    parser.add_argument("--method", nargs="+", choices=METHODS.names(), default=list(METHODS.names()), metavar="METHOD",
+                        help=f"methods to plan (default: all of {', '.join(METHODS.names())})")
     parser.add_argument("--batch-size", type=int, default=None, help="federation.batch_size (default: the config's)")
     parser.add_argument("--policy", choices=POLICIES, default="fit_gamma",
                         help="exclude | fit_batch | fit_gamma (default)")

@@ -3,30 +3,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-
 from fedmef_core.algorithms.base import ClientResult, FederatedAlgorithm, MethodTraits
 from fedmef_core.algorithms.static import MaskedAlgorithm
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.registry import METHODS, register_method
-
-
-class _Classes(Mapping[str, type[FederatedAlgorithm]]):
-    """Method name -> algorithm class, read live from `METHODS` (a class is imported when first asked for)."""
-
-    def __getitem__(self, name: str) -> type[FederatedAlgorithm]:
-        if name not in METHODS:
-            raise KeyError(name)
-        return METHODS[name].load()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(METHODS)
-
-    def __len__(self) -> int:
-        return len(METHODS)
-
-
-REGISTRY: Mapping[str, type[FederatedAlgorithm]] = _Classes()
 
 
 def build_algorithm(config: ExperimentConfig) -> FederatedAlgorithm:
@@ -34,7 +14,6 @@ def build_algorithm(config: ExperimentConfig) -> FederatedAlgorithm:
 
 
 __all__ = [
-    "REGISTRY",
     "ClientResult",
     "FederatedAlgorithm",
     "MaskedAlgorithm",

@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from fedmef_core.algorithms import REGISTRY, MaskedAlgorithm, build_algorithm
+from fedmef_core.algorithms import MaskedAlgorithm, build_algorithm
 from fedmef_core.client import local_train
 from fedmef_core.config import parse_config
 from fedmef_core.engine import run_rounds
 from fedmef_core.executors import local_executor
 from fedmef_core.models import prunable_weights
+from fedmef_core.registry import METHODS
 from fedmef_core.sparse import smallest_active
 from tests.conftest import server_of, tiny_raw, tiny_with
 from tests.core.conftest import SMALL_DATA
@@ -55,8 +56,8 @@ def runs(data):
 
 
 def test_registry_lists_every_method():
-    assert set(REGISTRY) == {"fedavg", *SPARSE}
-    assert all(issubclass(REGISTRY[m], MaskedAlgorithm) for m in SPARSE)
+    assert set(METHODS) == {"fedavg", *SPARSE}
+    assert all(issubclass(METHODS[m].load(), MaskedAlgorithm) for m in SPARSE)
 
 
 @pytest.mark.parametrize("method", SPARSE)

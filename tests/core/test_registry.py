@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedmef_core.algorithms import REGISTRY, FederatedAlgorithm, build_algorithm
+from fedmef_core.algorithms import FederatedAlgorithm, build_algorithm
 from fedmef_core.config import ConfigError, ExperimentConfig, parse_config
 from fedmef_core.data import ImageData, image_shape, load_dataset
 from fedmef_core.engine import run_rounds
@@ -42,7 +42,7 @@ def test_a_method_registered_here_is_validated_resolved_listed_and_run(toy_metho
     raw["pruning"] = {"method": toy_method, "density": 0.3}
     config = parse_config(raw)
     assert config.model.norm == "nsconv" and config.pruning.density == 1.0  # its traits: NSConv, dense
-    assert _enum("PruningConfig", "method")[-1] == toy_method and REGISTRY[toy_method] is ToyAverage
+    assert _enum("PruningConfig", "method")[-1] == toy_method and METHODS[toy_method].load() is ToyAverage
     before = ToyAverage.built
     history = run_rounds(server_of(config, data))
     assert len(history) == config.federation.rounds and ToyAverage.built > before
@@ -66,7 +66,7 @@ def test_a_method_no_longer_registered_is_refused_by_name():
 def test_a_name_is_registered_once():
     with pytest.raises(ValueError, match="method 'fedmef' is registered already"):
         register_method("fedmef", ToyAverage)
-    assert REGISTRY["fedmef"].__name__ == "FedMef"  # the built-in entry stays
+    assert METHODS["fedmef"].load().__name__ == "FedMef"  # the built-in entry stays
 
 
 def _stripes(entry: Dataset, root: str) -> tuple[ImageData, ImageData]:
