@@ -29,11 +29,6 @@ class ServerState(Record):
     masks: Masks | None = None  # the global mask of a sparse method (bool per prunable weight); None: dense
     candidates: list[Masks] | None = None  # FedTiny's initial-mask candidates, until the setup exchange chose one
 
-    def get(self, key: str, default: Any = None) -> Any:
-        """A field as the checkpoint holds it (`default` if unset): for code that reads a checkpoint's
-        ``server_state`` dict and a live server alike."""
-        return self.to_wire().get(key, default)
-
 
 @dataclass
 class RoundPayload(Record):

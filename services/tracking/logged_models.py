@@ -90,7 +90,7 @@ class TrainedModel:
 def trained_model(server: Any) -> TrainedModel:
     """The server's final model as it is logged (a copy: the server's own model is left as it is)."""
     model = copy.deepcopy(server.model).cpu().eval()
-    masks = server.state.get("masks")  # only the sparse methods keep masks
+    masks = server.state.masks  # only the sparse methods keep masks
     if masks is not None:
         masks = {name: mask.detach().to("cpu", torch.bool) for name, mask in masks.items()}
         with torch.no_grad():

@@ -74,7 +74,7 @@ def _summary(server, setup: dict[str, float]) -> dict[str, Any]:
         "setup": setup,
         "metrics": [{k: v for k, v in h.items() if k not in TIMING} for h in server.history],
         "weights": _tensors(server.model.state_dict()),
-        "masks": _tensors(server.state.get("masks", {})),
+        "masks": _tensors(server.state.masks or {}),
     }
 
 
