@@ -19,7 +19,6 @@ class EvalResult:
     confusion: list[list[int]]  # rows: true class, columns: predicted class
 
 
-@torch.no_grad()
 def mean_last_key(rounds: int) -> str:
     """The name of the mean over the last ``rounds`` evaluated rounds in a run's train.json."""
     return f"accuracy_mean_last{rounds}"
@@ -31,6 +30,7 @@ def mean_of_last(history: list[dict], rounds: int) -> float | None:
     return sum(accuracies) / len(accuracies) if accuracies else None
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, data: ImageData, device: torch.device, batch_size: int = 1000) -> EvalResult:
     model.to(device).eval()
     k = data.num_classes
