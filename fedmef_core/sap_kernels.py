@@ -14,7 +14,8 @@ chunk is one compiled loop (Numba, ``nogil``, run on a small thread pool of this
   fresh pages and the join cost more than reading ``x`` twice);
 - :func:`scatter`: the inverse: a dense tensor from the bitmap and the values, writing every entry once
   (float16 values are decoded on the way through a 64K-entry table: no float32 copy of them first);
-- :func:`relu` / :func:`mask_grad`: the ReLU's output with its 1-bit mask, and its backward, one pass each.
+- :func:`relu` / :func:`mask_grad`: the ReLU's output with its 1-bit mask, and its backward, one pass each
+  (a channels-last tensor sample by sample, through a scratch of one sample's size: no NCHW copy of it).
 
 The bitmap is :func:`numpy.packbits`'s layout (first entry in the highest bit, zero-padded at the end), so
 what is saved is byte for byte what the NumPy path saves; the tests compare the two. Float32 and float64
@@ -188,12 +189,74 @@ def _mask(grad, bitmap, out):  # pragma: no cover - compiled
         out[i] = grad[i] if (bitmap[i // 8] >> (7 - i % 8)) & 1 else 0.0
 
 
+# Channels-last tensors (the small CNN keeps its activations so): memory is (sample, H*W, C), the bitmap is in
+# flat (logical: C, H, W) order. Each sample is turned plane by plane into a scratch of its own size (in
+# cache) and the loops above run on it: a tensor-wide NCHW copy first cost more than the kernels themselves.
+@njit(nogil=True, cache=True)
+def _planar(xs, scratch):  # pragma: no cover - compiled
+    """One sample's (H*W, C) memory into ``scratch`` in (C, H*W) order."""
+    hw, ch = xs.shape
+    for p in range(hw):
+        for c in range(ch):
+            scratch[c * hw + p] = xs[p, c]
+
+
+@njit(nogil=True, cache=True)
+def _clamp(x, high, out):  # pragma: no cover - compiled
+    for i in range(x.size):
+        v = x[i]
+        out[i] = 0.0 if v < 0.0 else (high if v > high else v)
+
+
+@njit(nogil=True, cache=True)
+def _relu_planes(x, high, out, bitmap):  # pragma: no cover - compiled
+    """:func:`_relu` for samples in channels-last memory (``x``, ``out``: (n, H*W, C)): out in the same
+    layout, the bits in flat order (``bitmap``: n * H*W*C / 8 bytes)."""
+    n, hw, ch = x.shape
+    per = hw * ch
+    _clamp(x.reshape(n * per), high, out.reshape(n * per))
+    scratch = np.empty(per, dtype=x.dtype)
+    for s in range(n):
+        _planar(x[s], scratch)
+        _relu(scratch, high, scratch[:0], bitmap[s * per // 8:(s + 1) * per // 8])
+
+
+@njit(nogil=True, cache=True)
+def _mask_planes(grad, bitmap, out):  # pragma: no cover - compiled
+    """:func:`_mask` for a gradient in channels-last memory (n, H*W, C); ``out`` flat, in flat order."""
+    n, hw, ch = grad.shape
+    per = hw * ch
+    scratch = np.empty(per, dtype=grad.dtype)
+    for s in range(n):
+        _planar(grad[s], scratch)
+        _mask(scratch, bitmap[s * per // 8:(s + 1) * per // 8], out[s * per:(s + 1) * per])
+
+
 # ---- chunking and threads ---------------------------------------------------------------------------
 def _bounds(n: int) -> list[tuple[int, int]]:
     """One [lo, hi) per torch CPU thread (fewer for small tensors), lo on a multiple of 8."""
     parts = max(1, min(torch.get_num_threads(), n // MIN_CHUNK))
     step = max(8, (-(-n // parts) + 7) // 8 * 8)
     return [(lo, min(lo + step, n)) for lo in range(0, n, step)] or [(0, 0)]
+
+
+def _sample_bounds(planes: np.ndarray) -> list[tuple[int, int]]:
+    """:func:`_bounds` for channels-last memory (n, H*W, C): whole samples per chunk."""
+    n = planes.shape[0]
+    parts = max(1, min(torch.get_num_threads(), planes.size // MIN_CHUNK, n))
+    step = -(-n // parts)
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)] or [(0, 0)]
+
+
+def _planes(t: torch.Tensor) -> np.ndarray | None:
+    """A channels-last 4-D tensor's memory as (N, H*W, C) when every sample's C*H*W entries fill whole bitmap
+    bytes; else None (a tensor contiguous in flat order, or one the kernels read through an NCHW copy)."""
+    if t.dim() != 4 or t.is_contiguous() or not t.is_contiguous(memory_format=torch.channels_last):
+        return None
+    n, c, h, w = t.shape
+    if (c * h * w) % 8:
+        return None
+    return t.detach().permute(0, 2, 3, 1).numpy().reshape(n, h * w, c)
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -301,22 +364,38 @@ def _half_table(dtype: torch.dtype) -> np.ndarray:
 
 def relu(x: torch.Tensor, max_val: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x.clamp(0, max_val)`` (bit for bit, in x's memory format) and the packed bits of ``x > 0``
-    (``0 < x < max_val``) in flat order. For a contiguous ``x`` one pass writes both (torch's clamp and a
-    pass for the bits took ~1.3x the time); otherwise (channels_last) torch clamps, keeping the layout."""
+    (``0 < x < max_val``) in flat order. One pass writes both for a contiguous ``x`` (torch's clamp and a pass
+    for the bits took ~1.3x the time); a channels-last ``x`` is read sample by sample (:func:`_relu_planes`);
+    any other layout clamps with torch and takes the bits from an NCHW copy."""
+    high = np.inf if max_val is None else float(max_val)
+    planes = _planes(x)
+    if planes is not None:
+        out = torch.empty_like(x)  # channels-last too
+        o, per = _planes(out), planes.shape[1] * planes.shape[2] // 8
+        bitmap = np.empty(x.numel() // 8, dtype=np.uint8)
+        _each(_sample_bounds(planes),
+              lambda lo, hi: _relu_planes(planes[lo:hi], high, o[lo:hi], bitmap[lo * per:hi * per]))
+        return out, torch.from_numpy(bitmap)
     a = _flat(x)
     fused = x.is_contiguous()
     out = torch.empty_like(x) if fused else x.clamp(0, max_val)
     o = out.view(-1).numpy() if fused else a[:0]
     bitmap = np.empty((a.size + 7) // 8, dtype=np.uint8)
-    high = np.inf if max_val is None else float(max_val)
     _each(_bounds(a.size), lambda lo, hi: _relu(a[lo:hi], high, o[lo:hi], bitmap[lo // 8:(hi + 7) // 8]))
     return out, torch.from_numpy(bitmap)
 
 
 def mask_grad(grad: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``grad`` where the packed bit is 1, else 0 (grad's shape)."""
-    g = _flat(grad)
+    """``grad`` where the packed bit is 1, else 0 (grad's shape, contiguous)."""
     bitmap = packed.numpy()
+    planes = _planes(grad)
+    if planes is not None:
+        out = np.empty(grad.numel(), dtype=planes.dtype)
+        per = planes.shape[1] * planes.shape[2]
+        _each(_sample_bounds(planes), lambda lo, hi: _mask_planes(planes[lo:hi], bitmap[lo * per // 8:hi * per // 8],
+                                                                   out[lo * per:hi * per]))
+        return torch.from_numpy(out).view(grad.shape)
+    g = _flat(grad)
     out = np.empty_like(g)
     _each(_bounds(g.size), lambda lo, hi: _mask(g[lo:hi], bitmap[lo // 8:(hi + 7) // 8], out[lo:hi]))
     return torch.from_numpy(out).view(grad.shape)

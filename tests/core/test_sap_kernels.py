@@ -65,6 +65,36 @@ def test_compiled_relu_equals_clamp_and_numpy_bits_and_masks_the_gradient(max_va
     assert torch.equal(sap_kernels.mask_grad(grad, packed), grad * live)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(5, 8, 3, 3), (33, 16, 7, 7), (4, 3, 5, 5), (2, 1, 4, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channels_last_relu_and_mask_equal_the_contiguous_ones_bit_for_bit(threads, shape, dtype, monkeypatch):
+    """A channels-last activation (read sample by sample; (4, 3, 5, 5) fills no whole bitmap byte per sample
+    and goes through an NCHW copy) gives torch's clamp in its own layout, the bits in flat order, and the
+    gradient of the contiguous path."""
+    monkeypatch.setattr(sap_kernels, "MIN_CHUNK", 64)  # several chunks of whole samples
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(sum(shape))
+        x, grad = torch.randn(shape, generator=g, dtype=dtype) * 4, torch.randn(shape, generator=g, dtype=dtype)
+        x.view(-1)[::7] = -0.0
+        x.view(-1)[1::11] = float("nan")
+        x_cl, grad_cl = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
+        as_bits = torch.int32 if dtype == torch.float32 else torch.int64
+        for max_val in (None, 6.0):
+            out, packed = sap_kernels.relu(x, max_val)
+            out_cl, packed_cl = sap_kernels.relu(x_cl, max_val)
+            assert out_cl.stride() == x_cl.clamp(0, max_val).stride()
+            assert torch.equal(out_cl.contiguous().view(as_bits), out.view(as_bits))
+            assert torch.equal(packed_cl, packed)
+            masked = sap_kernels.mask_grad(grad, packed)
+            masked_cl = sap_kernels.mask_grad(grad_cl, packed)
+            assert masked_cl.is_contiguous() and torch.equal(masked_cl.view(as_bits), masked.view(as_bits))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_other_dtypes_and_devices_keep_the_numpy_path():
     assert not sap_kernels.usable(torch.zeros(4, dtype=torch.bfloat16))
     assert not sap_kernels.usable(torch.zeros(4, dtype=torch.float16))
