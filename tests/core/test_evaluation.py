@@ -22,3 +22,18 @@ def test_evaluation_builds_no_graph_and_changes_nothing(data):
     with torch.enable_grad():
         again = evaluate(model, test, torch.device("cpu"), batch_size=64)
     assert again == result and 0.0 <= result.accuracy <= 1.0
+
+
+def test_evaluating_in_cpu_chunks_gives_the_numbers_of_whole_batches(data, monkeypatch):
+    """The CPU forward pass takes CPU_CHUNK images at a time; each image's logits, so every number, stay the
+    bits of a whole batch's pass (a chunk of 7 makes uneven chunks; 10**9 is one chunk per batch)."""
+    from fedmef_core import evaluation
+
+    _, test, _ = data
+    for method in ("fedmef", "fedavg"):  # NSConv and batch norm
+        model, _, _ = initial_model(tiny_with(data=SMALL_DATA, pruning={"method": method}), test.shape)
+        results = []
+        for chunk in (7, evaluation.CPU_CHUNK, 10**9):
+            monkeypatch.setattr(evaluation, "CPU_CHUNK", chunk)
+            results.append(evaluate(model, test, torch.device("cpu"), batch_size=300))
+        assert results[0] == results[1] == results[2]
