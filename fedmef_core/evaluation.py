@@ -38,8 +38,9 @@ def evaluate(model: nn.Module, data: ImageData, device: torch.device, batch_size
     """Accuracy, loss (summed per `batch_size` images), per-class accuracy and confusion matrix of `model` on
     `data`. On CPU the model sees at most :data:`CPU_CHUNK` images at a time: a thousand images' activations
     (100 MB for the small CNN's first layer) leave the caches and are fresh pages at every allocation, and
-    that made evaluating 3x slower (184 vs 60 ms for 1,000 images); each image's logits are the same bits
-    either way (tested), so the numbers are too."""
+    that made evaluating 3x slower (184 vs 60 ms for 1,000 images). Each image's logits agree up to float
+    rounding (with this AVX-512 CPU's own kernels bit for bit; oneDNN's AVX2 convolutions order some sums by
+    the batch, ~1e-7), and the chunk is fixed, so a run's numbers still repeat exactly."""
     model.to(device).eval()
     k = data.num_classes
     confusion = torch.zeros(k, k, dtype=torch.int64)

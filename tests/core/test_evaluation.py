@@ -25,15 +25,20 @@ def test_evaluation_builds_no_graph_and_changes_nothing(data):
 
 
 def test_evaluating_in_cpu_chunks_gives_the_numbers_of_whole_batches(data, monkeypatch):
-    """The CPU forward pass takes CPU_CHUNK images at a time; each image's logits, so every number, stay the
-    bits of a whole batch's pass (a chunk of 7 makes uneven chunks; 10**9 is one chunk per batch)."""
+    """The CPU forward pass takes CPU_CHUNK images at a time: the same predictions and, up to float rounding
+    (oneDNN's AVX2 kernels order some sums by the batch), the same loss as whole batches; and a chunk size
+    repeats its numbers exactly (a chunk of 7 makes uneven chunks; 10**9 is one chunk per batch)."""
     from fedmef_core import evaluation
 
     _, test, _ = data
     for method in ("fedmef", "fedavg"):  # NSConv and batch norm
         model, _, _ = initial_model(tiny_with(data=SMALL_DATA, pruning={"method": method}), test.shape)
-        results = []
+        results = {}
         for chunk in (7, evaluation.CPU_CHUNK, 10**9):
             monkeypatch.setattr(evaluation, "CPU_CHUNK", chunk)
-            results.append(evaluate(model, test, torch.device("cpu"), batch_size=300))
-        assert results[0] == results[1] == results[2]
+            results[chunk] = evaluate(model, test, torch.device("cpu"), batch_size=300)
+            assert evaluate(model, test, torch.device("cpu"), batch_size=300) == results[chunk]
+        whole = results[10**9]
+        for got in results.values():
+            assert got.confusion == whole.confusion and got.accuracy == whole.accuracy
+            assert abs(got.loss - whole.loss) <= 1e-6 * abs(whole.loss)
