@@ -14,8 +14,11 @@ policy's wait setting in its environment before torch loads (a number: ``GOMP_SP
 before sleeping: 300000 is libgomp's default, what torch did before `fedmef_core.cpu`, 10000 the default now;
 ``PASSIVE``/``ACTIVE``: ``OMP_WAIT_POLICY``, never or always spin), ``runtime.threads`` threads and, when a
 third field is given, ``FEDMEF_NUMERICS`` (``portable``: the AVX2 kernels the DVC pipeline runs; the cost of
-portable numerics). The loads and policies alternate within each repeat; the median is reported,
-with the slow-down against the same policy idle. Prints a table and writes bench/results/shared_machine.json
+portable numerics). The loads and policies alternate within each repeat (the policies' order rotating
+from one repeat to the next); the median is reported, with
+the slow-down against the same policy idle, and both that and the cost against the first policy given
+(the reference) as paired ratios with 95% intervals: this VM's timings move 10-20% from one process to the
+next, so a few percent shows only paired, over several repeats. Prints a table and writes bench/results/shared_machine.json
 (rows measured before and not now are kept, so a run may measure a part of the table).
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -34,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from services.comparison import t_interval  # noqa: E402
+
 REDUCED = {
     "data": {"train_limit": 4000, "test_limit": 2000},
     "federation": {"num_clients": 20, "clients_per_round": 4},
@@ -85,6 +91,21 @@ def measure(way: str, policy: str, busy: int, rounds: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["s_per_round"]
 
 
+def paired_ratio(these: list[float], against: list[float]) -> dict | None:
+    """The ratio of two measurements taken in the same repeats: geometric mean of the per-repeat ratios and
+    its 95% Student-t interval (on the log scale); a VM's timings drift between processes by 10-20%, so a
+    difference of a few percent shows only paired and over several repeats."""
+    logs = [math.log(a / b) for a, b in zip(these, against)]
+    if len(logs) < 2:
+        return None
+    iv = t_interval(logs)
+    return {"ratio": math.exp(iv.mean), "low": math.exp(iv.low), "high": math.exp(iv.high), "n": iv.n}
+
+
+def _interval(p: dict | None) -> str:
+    return f"{p['ratio']:.3f} [{p['low']:.3f}, {p['high']:.3f}]" if p else "-"
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -110,8 +131,9 @@ def main() -> None:
         return
     samples: dict[str, list[float]] = {}
     for rep in range(args.repeats):
+        turn = rep % len(args.policies)  # each policy takes each place in a repeat in turn (a drift is shared)
         for way in args.ways:
-            for policy in args.policies:
+            for policy in args.policies[turn:] + args.policies[:turn]:
                 for busy in args.loads:
                     key = f"{way}|{policy}|{busy}"
                     samples.setdefault(key, []).append(measure(way, policy, busy, args.rounds))
@@ -119,24 +141,35 @@ def main() -> None:
                           f"{samples[key][-1]:.2f} s/round", flush=True)
     out = ROOT / "bench" / "results" / "shared_machine.json"
     last = json.loads(out.read_text()) if out.is_file() else {}
+    reference = args.policies[0]
     rows = []
     for way in args.ways:
         for policy in args.policies:
-            idle = statistics.median(samples[f"{way}|{policy}|0"]) if 0 in args.loads else None
+            idle = samples.get(f"{way}|{policy}|0")
             for busy in args.loads:
-                sec = statistics.median(samples[f"{way}|{policy}|{busy}"])
-                rows.append({"way": way, "policy": policy, "busy": busy, "s_per_round": sec,
-                             "vs_idle": sec / idle if idle else None, "rounds": args.rounds,
-                             "repeats": args.repeats, "command": " ".join(["python", "bench/shared_machine.py",
-                                                                           *sys.argv[1:]])})
+                these = samples[f"{way}|{policy}|{busy}"]
+                row = {"way": way, "policy": policy, "busy": busy, "s_per_round": statistics.median(these),
+                       "vs_idle": None, "rounds": args.rounds, "repeats": args.repeats,
+                       "command": " ".join(["python", "bench/shared_machine.py", *sys.argv[1:]])}
+                if idle:
+                    row["vs_idle"] = row["s_per_round"] / statistics.median(idle)
+                    row["vs_idle_paired"] = paired_ratio(these, idle)
+                if policy != reference:
+                    row["reference"] = reference
+                    row["vs_reference"] = paired_ratio(these, samples[f"{way}|{reference}|{busy}"])
+                rows.append(row)
     measured = {(r["way"], r["policy"], r["busy"]) for r in rows}
     rows = [r for r in last.get("rows", []) if (r["way"], r["policy"], r["busy"]) not in measured] + rows
     rows.sort(key=lambda r: (r["way"] != "bare", r["policy"], r["busy"]))
-    lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores; medians (see each row's repeats in the JSON)",
-             f"{'way':6s} {'threads:wait':13s} {'busy cores':>10s} {'s/round':>8s} {'x idle':>7s}"]
+    lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores; medians, and paired ratios (geometric mean of the "
+             f"repeats' ratios [95% interval]): x idle against the same policy idle, x ref against {reference} "
+             "at the same load (see each row's repeats in the JSON)",
+             f"{'way':6s} {'threads:wait':17s} {'busy cores':>10s} {'s/round':>8s} {'x idle':>7s} "
+             f"{'x idle, paired':>22s} {'x ref, paired':>22s}"]
     for r in rows:
         ratio = f"{r['vs_idle']:.2f}" if r["vs_idle"] else "-"
-        lines.append(f"{r['way']:6s} {r['policy']:13s} {r['busy']:>10d} {r['s_per_round']:>8.2f} {ratio:>7s}")
+        lines.append(f"{r['way']:6s} {r['policy']:17s} {r['busy']:>10d} {r['s_per_round']:>8.2f} {ratio:>7s} "
+                     f"{_interval(r.get('vs_idle_paired')):>22s} {_interval(r.get('vs_reference')):>22s}")
     print("\n".join(lines))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count(), "rows": rows,
