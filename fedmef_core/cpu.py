@@ -5,13 +5,13 @@ Both are environment settings that OpenMP, oneDNN, MKL and ATen read once, when 
 :func:`prepare_environment` runs from ``fedmef_core/__init__`` — before any module of this package imports
 torch — and a value the user exported wins:
 
-- ``GOMP_SPINCOUNT=10000``: torch's OpenMP threads spin about 0.1 ms at a barrier before they sleep
-  (libgomp's default is 300,000 spins, a few ms). A parallel region whose other thread a neighbour's process
+- ``GOMP_SPINCOUNT=10000``: torch's OpenMP threads spin 100-200 us at a barrier before they sleep
+  (libgomp's default is 300,000 spins, several ms). A parallel region whose other thread a neighbour's process
   has descheduled then stops burning the core that thread needs, and SAP's and the small CNN's thousands of
   short regions a round no longer multiply it: beside one busy core a round of the reduced default experiment
-  took 8.4x its idle time with the default, 2.0x with this (fair: 2x), beside two 3.2x -> 2.3x, idle within
-  5% (``bench/shared_machine.py``; ``OMP_WAIT_POLICY=PASSIVE``, no spinning, was best loaded but 22% slower
-  idle).
+  took 8x its idle time with the default, 2.1x with this (fair: 2x), beside two 3.7x -> 2.3x; idle it costs
+  3% [-1%, +7%], paired over 8 repeats (``bench/shared_machine.py``; ``OMP_WAIT_POLICY=PASSIVE``, no
+  spinning, was best loaded but 20% slower idle).
 - Portable numerics (``FEDMEF_NUMERICS=portable``; the DVC pipeline's stages run with it): ATen's vector
   kernels, oneDNN's convolutions and MKL's matrix products all use their AVX2 code
   (``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``, ``MKL_CBWR=AVX2``), so an AVX-512 machine
