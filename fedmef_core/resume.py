@@ -11,7 +11,10 @@ A training continues from the newest round checkpoint in its folder that
 
 unless ``runtime.resume`` is false. If that checkpoint is the last round's and the training's end was written
 (``final.pt``, ``train.json`` and ``run.json`` of this experiment and split), the training is finished: nothing
-runs, nothing is rewritten. Its MLflow run is the one ``run.json`` — the run facts written before every
+runs, nothing is rewritten. If it ended (``final.pt``) but its results (``train.json``, ``rounds.csv``) are
+gone, it trains again from round 1: that is what ``dvc repro`` leaves when a change re-runs the stage (it
+removes the outputs, the checkpoints persist), and the change may be to the code, which the identity does not
+cover. Its MLflow run is the one ``run.json`` — the run facts written before every
 checkpoint — names for this experiment and split; none named (tracking was off, outputs from ``dvc pull``)
 means a new run. Without a checkpoint to resume the training starts at round 1, and whatever checkpoints the
 folder holds (another configuration's) are stale: they are removed once the new run has saved its first one,
@@ -66,6 +69,11 @@ def resume(server: Server, paths: RunPaths) -> Resume:
     ckpt = resume_point(config, paths, partition, reference=server.checkpoint())
     if ckpt is None:
         return Resume(partition)
+    if int(ckpt["round"]) >= config.federation.rounds and (gone := outputs_gone(paths)):
+        print(f"the training in {paths.checkpoints} reached its last round, but its {' and '.join(gone)} "
+              "are gone (`dvc repro` removes a stage's outputs when a change, perhaps to the code, re-runs it): "
+              "training again from round 1", flush=True)
+        return Resume(partition)
     server.restore(ckpt)
     print(f"resuming from round {server.round} (checkpoint in {paths.checkpoints})", flush=True)
     if (done := finished_summary(config, paths, partition, int(ckpt["round"]))) is not None:
@@ -95,6 +103,14 @@ def resume_point(config: ExperimentConfig, paths: RunPaths, partition: str, refe
     return latest_good_checkpoint(
         paths.checkpoints, accept=accept, on_skip=lambda msg: print(f"checkpoint skipped: {msg}", flush=True),
     )
+
+
+def outputs_gone(paths: RunPaths) -> list[str]:
+    """What is missing of a training that ended (its final checkpoint is there) from the outputs only the
+    training writes: a training killed before its end has no ``final.pt`` and resumes as usual."""
+    if not (paths.checkpoints / FINAL_NAME).is_file():
+        return []
+    return [name for name in ("train.json", "rounds.csv") if not (paths.metrics / name).is_file()]
 
 
 def finished_summary(config: ExperimentConfig, paths: RunPaths, partition: str, rnd: int) -> dict | None:

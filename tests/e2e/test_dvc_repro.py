@@ -120,6 +120,23 @@ def test_a_sap_change_reruns_training(repo):
     assert lock["stages"]["train"]["params"]["params.yaml"]["sap"]["gamma"] == 0.7
 
 
+def test_a_code_change_trains_again_from_round_1(repo):
+    """A change to a dependency re-runs the train stage; DVC removes its outputs but keeps the persisted
+    checkpoints, whose training had ended: it used to report "already trained" and write nothing, and
+    `dvc repro` failed on the missing rounds.csv. Now it trains again, in a new MLflow run."""
+    path, env, _ = repo
+    before = json.loads((path / "metrics" / "run.json").read_text())["mlflow_run_id"]
+    with open(path / "fedmef_core" / "evaluation.py", "a") as f:
+        f.write("# a change to the code\n")
+    rerun = _sh(["dvc", "repro"], path, env)
+    assert "Running stage 'train'" in rerun and "training again from round 1" in rerun, rerun
+    rounds = (path / "metrics" / "rounds.csv").read_text().splitlines()
+    trained = json.loads((path / "metrics" / "train.json").read_text())["rounds"]
+    assert [line.split(",")[0] for line in rounds[1:]] == [str(r) for r in range(1, trained + 1)]
+    assert json.loads((path / "metrics" / "run.json").read_text())["mlflow_run_id"] != before
+    assert "Data and pipelines are up to date" in _sh(["dvc", "status"], path, env)
+
+
 def test_a_queued_experiment_is_tracked_in_the_repositorys_store(repo):
     path, env, _ = repo
     _sh(["git", "add", "-A"], path, env)
