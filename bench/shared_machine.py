@@ -18,8 +18,9 @@ portable numerics). The loads and policies alternate within each repeat (the pol
 from one repeat to the next); the median is reported, with
 the slow-down against the same policy idle, and both that and the cost against the first policy given
 (the reference) as paired ratios with 95% intervals: this VM's timings move 10-20% from one process to the
-next, so a few percent shows only paired, over several repeats. Prints a table and writes bench/results/shared_machine.json
-(rows measured before and not now are kept, so a run may measure a part of the table).
+next, so a few percent shows only paired, over several repeats. Prints a table and writes
+bench/results/shared_machine.json (rows measured before and not now are kept, so a run may measure a part of
+the table).
 """
 
 from __future__ import annotations

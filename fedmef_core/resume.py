@@ -14,7 +14,7 @@ unless ``runtime.resume`` is false. If that checkpoint is the last round's and t
 runs, nothing is rewritten. If it ended (``final.pt``) but its results (``train.json``, ``rounds.csv``) are
 gone, it trains again from round 1: that is what ``dvc repro`` leaves when a change re-runs the stage (it
 removes the outputs, the checkpoints persist), and the change may be to the code, which the identity does not
-cover. Its MLflow run is the one ``run.json`` — the run facts written before every
+cover. A resumed training's MLflow run is the one ``run.json`` — the run facts written before every
 checkpoint — names for this experiment and split; none named (tracking was off, outputs from ``dvc pull``)
 means a new run. Without a checkpoint to resume the training starts at round 1, and whatever checkpoints the
 folder holds (another configuration's) are stale: they are removed once the new run has saved its first one,
