@@ -154,6 +154,12 @@ def _scatter(bitmap, values, table, out):  # pragma: no cover - compiled
         k += bit
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _clamped(v, high):  # pragma: no cover - compiled
+    """``v`` clamped to [0, high] as torch's clamp does it (-0.0 and NaN pass through)."""
+    return 0.0 if v < 0.0 else (high if v > high else v)
+
+
 @njit(nogil=True, cache=True)
 def _relu(x, high, out, bitmap):  # pragma: no cover - compiled
     """Bits of ``0 < x < high`` into bitmap and (when out is not empty) x clamped to [0, high] into out, as
@@ -165,7 +171,7 @@ def _relu(x, high, out, bitmap):  # pragma: no cover - compiled
         for j in range(8):
             v = x[b * 8 + j]
             if with_out:
-                out[b * 8 + j] = 0.0 if v < 0.0 else (high if v > high else v)
+                out[b * 8 + j] = _clamped(v, high)
             byte |= ((v > 0.0) & (v < high)) << (7 - j)
         bitmap[b] = byte
     if n % 8:
@@ -173,7 +179,7 @@ def _relu(x, high, out, bitmap):  # pragma: no cover - compiled
         for i in range(n // 8 * 8, n):
             v = x[i]
             if with_out:
-                out[i] = 0.0 if v < 0.0 else (high if v > high else v)
+                out[i] = _clamped(v, high)
             byte |= ((v > 0.0) & (v < high)) << (7 - i % 8)
         bitmap[n // 8] = byte
 
@@ -204,8 +210,7 @@ def _planar(xs, scratch):  # pragma: no cover - compiled
 @njit(nogil=True, cache=True)
 def _clamp(x, high, out):  # pragma: no cover - compiled
     for i in range(x.size):
-        v = x[i]
-        out[i] = 0.0 if v < 0.0 else (high if v > high else v)
+        out[i] = _clamped(x[i], high)
 
 
 @njit(nogil=True, cache=True)
@@ -233,19 +238,23 @@ def _mask_planes(grad, bitmap, out):  # pragma: no cover - compiled
 
 
 # ---- chunking and threads ---------------------------------------------------------------------------
-def _bounds(n: int) -> list[tuple[int, int]]:
-    """One [lo, hi) per torch CPU thread (fewer for small tensors), lo on a multiple of 8."""
-    parts = max(1, min(torch.get_num_threads(), n // MIN_CHUNK))
-    step = max(8, (-(-n // parts) + 7) // 8 * 8)
+def _chunks(n: int, entries: int, align: int) -> list[tuple[int, int]]:
+    """[0, n) in one [lo, hi) per torch CPU thread, each lo a multiple of `align`; fewer chunks when the
+    `entries` they cover would give one less than MIN_CHUNK (a thread hand-off would cost more)."""
+    parts = max(1, min(torch.get_num_threads(), entries // MIN_CHUNK, n))
+    share = -(-n // parts)
+    step = max(align, -(-share // align) * align)
     return [(lo, min(lo + step, n)) for lo in range(0, n, step)] or [(0, 0)]
+
+
+def _bounds(n: int) -> list[tuple[int, int]]:
+    """Chunks of a flat tensor of `n` entries, lo on a multiple of 8 (a whole bitmap byte)."""
+    return _chunks(n, n, 8)
 
 
 def _sample_bounds(planes: np.ndarray) -> list[tuple[int, int]]:
-    """:func:`_bounds` for channels-last memory (n, H*W, C): whole samples per chunk."""
-    n = planes.shape[0]
-    parts = max(1, min(torch.get_num_threads(), planes.size // MIN_CHUNK, n))
-    step = -(-n // parts)
-    return [(lo, min(lo + step, n)) for lo in range(0, n, step)] or [(0, 0)]
+    """Chunks of channels-last memory (n, H*W, C): whole samples."""
+    return _chunks(planes.shape[0], planes.size, 1)
 
 
 def _planes(t: torch.Tensor) -> np.ndarray | None:
@@ -371,10 +380,10 @@ def relu(x: torch.Tensor, max_val: float | None) -> tuple[torch.Tensor, torch.Te
     planes = _planes(x)
     if planes is not None:
         out = torch.empty_like(x)  # channels-last too
-        o, per = _planes(out), planes.shape[1] * planes.shape[2] // 8
+        o, per = _planes(out), planes.shape[1] * planes.shape[2]
         bitmap = np.empty(x.numel() // 8, dtype=np.uint8)
         _each(_sample_bounds(planes),
-              lambda lo, hi: _relu_planes(planes[lo:hi], high, o[lo:hi], bitmap[lo * per:hi * per]))
+              lambda lo, hi: _relu_planes(planes[lo:hi], high, o[lo:hi], bitmap[lo * per // 8:hi * per // 8]))
         return out, torch.from_numpy(bitmap)
     a = _flat(x)
     fused = x.is_contiguous()
