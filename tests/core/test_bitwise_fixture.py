@@ -7,8 +7,17 @@ one. The fixture holds each run's per-round metrics (all but ``round_seconds``) 
 final weights and masks, the sha256 of its bytes beside its sum (a readable diff says *which* tensor moved).
 
 The trainings run in a fresh process with ``FEDMEF_NUMERICS=portable`` and ``runtime.threads: 1``
-(:mod:`fedmef_core.cpu`), so any x86-64 machine with AVX2 computes the same bits; elsewhere the test skips.
-A change that should alter results (or a new torch) needs the fixture re-recorded, on purpose:
+(:mod:`fedmef_core.cpu`): the recorded bits are those of the Intel Xeon they were recorded on. Other CPUs may
+compute others: on an AMD CPU oneMKL ignores ``MKL_CBWR=AVX2`` (its branches other than AUTO and COMPATIBLE are for
+Intel processors only) and takes its AUTO branch, so the linear layers' SGEMMs sum in another order from round 1 on;
+and oneDNN's convolutions (``brg_conv_fwd``/``brg_conv_bwd`` and ``jit:avx2``) size their blocks by the caches they
+find. So where this code does not give the recorded bits, the test runs the code the fixture was recorded with (the
+commit that last changed it, taken from git into a temporary folder) on this machine, and compares this code with
+that: a change still fails the test when it moves any result by one bit on the machine it runs on.
+On machines without AVX2 the test skips.
+
+A change that should alter results (or a new torch) needs the fixture re-recorded, on purpose, and committed
+together with the code that produced it (the commit is what other CPUs rebuild the reference from):
 
     python -m tests.core.test_bitwise_fixture --record
 
@@ -130,18 +139,81 @@ def _torch_build() -> dict[str, str]:
 # ---- in the test process -------------------------------------------------------------------------------------
 
 
-def run_in_fresh_process() -> dict[str, Any]:
-    """`run_all()` in a new process with portable numerics (they are fixed when torch loads)."""
+def run_in_fresh_process(tree: Path = ROOT, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """`run_all()` of the code in `tree`, in a new process with portable numerics (they are fixed when torch loads)
+    and `env` on top (a library setting, say)."""
     from fedmef_core import cpu
 
     base = {k: v for k, v in os.environ.items() if k not in (*cpu.PORTABLE_NUMERICS, cpu.NUMERICS_SWITCH)}
-    env = {**base, "PYTHONPATH": str(ROOT), cpu.NUMERICS_SWITCH: "portable"}
+    child_env = {**base, "PYTHONPATH": str(tree), cpu.NUMERICS_SWITCH: "portable", **(env or {})}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "runs.json"
         proc = subprocess.run([sys.executable, "-m", "tests.core.test_bitwise_fixture", "--run", str(out)],
-                              cwd=ROOT, env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+                              cwd=tree, env=child_env, capture_output=True, text=True)
+        assert proc.returncode == 0, f"the trainings of {tree} failed:\n{proc.stderr[-4000:]}"
         return json.loads(out.read_text())
+
+
+def differences(got: dict[str, Any], reference: dict[str, Any]) -> list[str]:
+    """`<run>: <part>` for each part of each of the reference's runs that `got` does not reproduce bit for bit."""
+    return [f"{method}: {part}" for method, ref in reference["runs"].items() if not method.endswith("+resumed")
+            for part in ("setup", "metrics", "masks", "weights") if got["runs"][method][part] != ref[part]]
+
+
+def _git(*args: str) -> str:
+    proc = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise AssertionError(f"this machine does not compute the recorded bits, and the code they were recorded "
+                             f"with cannot be taken from git (git {' '.join(args)}: {proc.stderr.strip()}); run the "
+                             "tests in a git clone with its history")
+    return proc.stdout
+
+
+def fixture_commit() -> str:
+    """The commit that last changed the fixture: the code that recorded it."""
+    rel = str(FIXTURE.relative_to(ROOT))
+    if _git("status", "--porcelain", "--", rel).strip():
+        raise AssertionError(f"{rel} has changes that are not committed, and this machine does not compute its "
+                             "bits: commit the fixture with the code that recorded it, on the machine that did")
+    return _git("log", "-1", "--format=%H", "--", rel).strip()
+
+
+def regenerated_reference(commit: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The fixture's trainings as the code of `commit` computes them on this machine."""
+    with tempfile.TemporaryDirectory() as tree:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+        return run_in_fresh_process(Path(tree), env)
+
+
+def check_this_machine(env: dict[str, str] | None = None) -> str:
+    """This code's bits against the reference for this machine; returns which reference that was.
+
+    The reference is the recorded fixture where this code reproduces it. Where it does not, either this code moved
+    the results or this CPU computes otherwise: the fixture's own code, run here, tells which."""
+    want = json.loads(FIXTURE.read_text())
+    got = run_in_fresh_process(ROOT, env)
+    assert got["capability"] == want["capability"] == "AVX2"  # the portable numerics, whatever this CPU has
+    assert got["torch"] == want["torch"], (
+        f"recorded with torch {want['torch']}, this is {got['torch']}: re-record the fixture "
+        "(python -m tests.core.test_bitwise_fixture --record) if the new torch is intended")
+    assert set(got["runs"]) == {*want["runs"], f"{RESUMED}+resumed"}
+    resumed = got["runs"][f"{RESUMED}+resumed"]
+    for part in ("metrics", "masks", "weights"):
+        assert resumed[part] == got["runs"][RESUMED][part], f"{RESUMED} resumed after round {STOP_AFTER}: {part}"
+    moved = differences(got, want)
+    if not moved:
+        return "recorded"
+    commit = fixture_commit()
+    reference = regenerated_reference(commit, env)
+    assert differences(reference, want), (
+        f"this machine computes the recorded bits with the code that recorded them ({commit[:10]}), and this code "
+        f"moves them: {', '.join(moved)}")
+    moved = differences(got, reference)
+    assert not moved, (f"on this CPU, the code that recorded the fixture ({commit[:10]}) and this code compute "
+                       f"different bits: {', '.join(moved)}")
+    return f"regenerated at {commit[:10]}"
 
 
 def _portable() -> bool:
@@ -153,21 +225,21 @@ def _portable() -> bool:
 def test_every_method_gives_the_recorded_bits():
     if not _portable():
         pytest.skip("portable numerics need an x86-64 CPU with AVX2; elsewhere the bits differ")
-    want = json.loads(FIXTURE.read_text())
-    got = run_in_fresh_process()
-    assert got["capability"] == want["capability"] == "AVX2"  # the portable numerics, whatever this CPU has
-    assert got["torch"] == want["torch"], (
-        f"recorded with torch {want['torch']}, this is {got['torch']}: re-record the fixture "
-        "(python -m tests.core.test_bitwise_fixture --record) if the new torch is intended")
-    assert set(got["runs"]) == {*want["runs"], f"{RESUMED}+resumed"}
-    for method, recorded in want["runs"].items():
-        for part in ("setup", "metrics", "masks", "weights"):  # the most readable difference first
-            assert got["runs"][method][part] == recorded[part], f"{method}: {part}"
-    resumed = got["runs"][f"{RESUMED}+resumed"]
-    for part in ("metrics", "masks", "weights"):
-        assert resumed[part] == want["runs"][RESUMED][part], f"{RESUMED} resumed after round {STOP_AFTER}: {part}"
-    assert any(h.get("adjusted") for h in want["runs"]["fedmef"]["metrics"])  # the adjust paths ran
-    assert want["runs"]["fedtiny"]["setup"]  # and the setup exchange
+    check_this_machine()
+    want = json.loads(FIXTURE.read_text())["runs"]
+    assert any(h.get("adjusted") for h in want["fedmef"]["metrics"])  # the adjust paths ran
+    assert want["fedtiny"]["setup"]  # and the setup exchange
+
+
+# oneMKL's SSE2 branch without approximations: every x86-64 CPU runs it, and its SGEMMs sum otherwise than the
+# AVX2 branch the fixture was recorded with, so on any machine it stands for a CPU that computes other bits.
+ANOTHER_CPU = {"MKL_CBWR": "COMPATIBLE"}
+
+
+def test_a_cpu_that_computes_other_bits_is_compared_with_the_fixtures_own_code():
+    if not _portable():
+        pytest.skip("portable numerics need an x86-64 CPU with AVX2; elsewhere the bits differ")
+    assert check_this_machine(ANOTHER_CPU).startswith("regenerated at ")
 
 
 def record() -> None:
