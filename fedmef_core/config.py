@@ -7,12 +7,16 @@ library receives these frozen, typed objects — never raw dicts.
 from __future__ import annotations
 
 import os
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,9 +31,49 @@ from fedmef_core.errors import UserError
 from fedmef_core.registry import ARCHITECTURES, DATASETS, METHODS, OneOf, method_traits
 
 
+def _is_number(annotation: Any) -> bool:
+    """Whether a field of this annotation holds a number (int or float, possibly optional or in a list)."""
+    if annotation in (int, float):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list, tuple, typing.Annotated):
+        return bool not in typing.get_args(annotation) and any(_is_number(a) for a in typing.get_args(annotation))
+    return False
+
+
+def no_booleans_for_numbers(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """Refuse `true`/`false` where a number is meant: pydantic would read them as 1 and 0
+    (`federation.rounds: true` would train one round)."""
+    items = value if isinstance(value, list | tuple) else (value,)
+    if any(isinstance(v, bool) for v in items) and _is_number(model.model_fields[info.field_name].annotation):
+        raise ValueError(f"expected a number, got {str(value).lower()!s} (a boolean)")
+    return value
+
+
 class _Section(BaseModel):
     # no inf or nan in any float: no setting can use one (a learning rate of inf trains nothing but NaNs)
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return no_booleans_for_numbers(cls, value, info)
+
+
+_UNSET_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def expand_path(path: str) -> str:
+    """`~` and environment variables expanded as a shell does (`~/runs`, `$SCRATCH/runs`); a variable that is not
+    set is an error, not a folder named after it."""
+    expanded = os.path.expandvars(os.path.expanduser(path))
+    if unset := _UNSET_VARIABLE.search(expanded):
+        raise ValueError(f"{path!r} names the environment variable {unset.group(1).strip('{}')}, which is not set; "
+                         "set it or write the path out")
+    return expanded
+
+
+UserPath = Annotated[str, AfterValidator(expand_path)]  # every path a user writes in a config
 
 
 SEED_LIMIT = 2**64  # torch.manual_seed takes 0 .. 2**64 - 1; numpy's generators take no negative seed
@@ -52,7 +96,7 @@ DatasetName = Annotated[str, OneOf(DATASETS)]  # a name in fedmef_core.registry.
 
 class DataConfig(_Section):
     name: DatasetName = Field("fashion_mnist", description="Dataset to train on.")
-    root: str = Field(
+    root: UserPath = Field(
         "data/raw",
         description="Folder for torchvision downloads and user-supplied datasets (cinic10, tinyimagenet).",
     )
@@ -217,7 +261,7 @@ class DevicesConfig(_Section):
         "partition seed in the shares of `tiers`; trace: one budget per client from the CSV `trace`.",
     )
     tiers: tuple[DeviceTier, ...] = Field(DEFAULT_TIERS, min_length=1, description="Tiers (profile: tiers).")
-    trace: str | None = Field(
+    trace: UserPath | None = Field(
         None, description="CSV with header client_id,memory_mib, one row per client (profile: trace)."
     )
     correlate: Literal["none", "labels"] = Field(
@@ -303,8 +347,10 @@ class TrackingConfig(_Section):
             os.environ.setdefault("MLFLOW_TRACKING_USERNAME", parts.username or "")
             os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", parts.password or "")
             return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-        if parts.scheme == "sqlite" and parts.path.strip("/"):
-            return uri.strip()
+        if parts.scheme == "sqlite" and parts.path.strip("/"):  # sqlite:///relative or sqlite:////absolute
+            path = parts.path[1:]
+            expanded = expand_path(path)
+            return uri.strip() if expanded == path else f"sqlite:///{expanded}"
         shown = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         raise ValueError(f"{shown!r} is not a tracking URI MLflow 3 accepts; use {TRACKING_URI_FORMS}, "
                          "e.g. sqlite:///mlflow.db")
@@ -338,13 +384,13 @@ class RuntimeConfig(_Section):
         "so the default is fixed rather than 'all cores'; a sweep's cells share the cores; a Ray client uses the "
         "ray.num_cpus it reserves).",
     )
-    run_dir: str | None = Field(
+    run_dir: UserPath | None = Field(
         None,
         description="Folder of this run's checkpoints, metrics and plots (the *_dir paths below are relative to "
         "it). null: runs/<method>-<arch>-d<density>-s<seed>-<config digest>, one folder per experiment; the DVC "
         "stages use '.'.",
     )
-    exchange_dir: str | None = Field(
+    exchange_dir: UserPath | None = Field(
         None,
         description="Folder for per-round weight files passed to workers (null: `.exchange` in the run folder; "
         "not used by one local worker); on a multi-node Ray cluster, a path every node shares.",
@@ -362,12 +408,12 @@ class RuntimeConfig(_Section):
         description="Report, beside the last round's test accuracy, its mean over the last N evaluated rounds "
         "(one round's accuracy swings by several points; a sweep compares methods on this mean).",
     )
-    partitions_dir: str = Field(
+    partitions_dir: UserPath = Field(
         "data/partitions", description="Where the partition (client indices, statistics, heat map) is written."
     )
-    checkpoints_dir: str = Field("checkpoints", description="Where checkpoints are written (inside run_dir).")
-    metrics_dir: str = Field("metrics", description="Where metrics JSON/CSV are written (inside run_dir).")
-    plots_dir: str = Field("plots", description="Where PNG plots are written (inside run_dir).")
+    checkpoints_dir: UserPath = Field("checkpoints", description="Where checkpoints are written (inside run_dir).")
+    metrics_dir: UserPath = Field("metrics", description="Where metrics JSON/CSV are written (inside run_dir).")
+    plots_dir: UserPath = Field("plots", description="Where PNG plots are written (inside run_dir).")
 
 
 SEEDED_SECTIONS = ("partition", "federation")  # their `seed: null` means the experiment's top-level `seed`

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -31,6 +32,17 @@ class PlanError(UserError, ValueError):
     """A mistake on the command line."""
 
 
+def finite_number(text: str) -> float:
+    """A command-line number that is finite: `nan` and `inf` would plan nothing meaningful."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line instead of usage + message
         raise PlanError(f"{message} (see python -m flows.plan --help)")
@@ -39,7 +51,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
     parser = _Parser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--arch", required=True, choices=sorted(ARCHITECTURES), help="model.arch")
-    parser.add_argument("--budget", required=True, type=float, metavar="MIB", help="memory budget of a client, MiB")
+    parser.add_argument("--budget", required=True, type=finite_number, metavar="MIB",
+                        help="memory budget of a client, MiB")
     parser.add_argument("--method", nargs="+", choices=METHODS.names(), default=list(METHODS.names()), metavar="METHOD",
                         help=f"methods to plan (default: all of {', '.join(METHODS.names())})")
     parser.add_argument("--batch-size", type=int, default=None, help="federation.batch_size (default: the config's)")
@@ -49,7 +62,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                         help="what the budget bounds: footprint (weights + saved activations, default) or total "
                              "(+ gradients and optimizer state)")
     parser.add_argument("--min-batch", type=int, default=1, help="smallest batch a client may train with (default 1)")
-    parser.add_argument("--max-gamma", type=float, default=0.95, help="largest SAP γ fit_gamma may use (default 0.95)")
+    parser.add_argument("--max-gamma", type=finite_number, default=0.95,
+                        help="largest SAP γ fit_gamma may use (default 0.95)")
     parser.add_argument("--no-data", action="store_true",
                         help="profile on standard normal images, not the config's training data (no dataset needed; "
                              "SAP's kept counts then miss the data's zeros and ties)")

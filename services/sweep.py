@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fedmef_core.checkpoint import FINAL_NAME, CheckpointError, load_checkpoint
 from fedmef_core.config import (
@@ -36,9 +36,11 @@ from fedmef_core.config import (
     ExperimentConfig,
     PruningMethod,
     TrackingConfig,
+    UserPath,
     identity_of,
     load_config,
     method_traits,
+    no_booleans_for_numbers,
 )
 from fedmef_core.evaluation import mean_of_last
 from fedmef_core.io import read_record
@@ -52,7 +54,7 @@ Density = Annotated[float, Field(gt=0, le=1)]
 class SweepSpec(BaseModel):
     """What to sweep: every combination of `methods`, `densities` and `seeds`, on top of `params`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     methods: list[PruningMethod] = Field(
         ["fedavg", "fedtiny", "fedmef"], min_length=1, description="Federated (pruning) methods to compare."
@@ -71,10 +73,15 @@ class SweepSpec(BaseModel):
         {}, description="method -> {section.key: value} for that method's cells only, e.g. "
         "{\"fedmef\": {\"pruning.bae_lambda\": 1.0}}."
     )
-    params: str = Field("params.yaml", description="The experiment config every cell starts from.")
+    params: UserPath = Field("params.yaml", description="The experiment config every cell starts from.")
     name: str | None = Field(None, description="Name of the MLflow parent run (default: sweep-<grid digest>).")
     jobs: int = Field(1, ge=1, description="Cells trained at the same time (threads of this process).")
-    root: str = Field("runs", description="Folder of the cells' run folders and of the shared partitions.")
+    root: UserPath = Field("runs", description="Folder of the cells' run folders and of the shared partitions.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return no_booleans_for_numbers(cls, value, info)
 
     @model_validator(mode="after")
     def _reference_is_swept(self) -> SweepSpec:

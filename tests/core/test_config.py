@@ -207,3 +207,47 @@ def test_the_widest_seeds_the_libraries_take_are_accepted_and_work():
         torch.manual_seed(config.federation.seed)
         np.random.default_rng([config.federation.seed, 1])
         np.random.default_rng(config.partition.seed)
+
+
+@pytest.mark.parametrize("key", ["federation.rounds", "federation.lr", "runtime.threads", "seed", "devices.min_batch"])
+@pytest.mark.parametrize("value", [True, False])
+def test_a_boolean_where_a_number_is_meant_is_refused(tmp_path, key, value):
+    """pydantic reads true as 1: `federation.rounds=true` trained one round."""
+    p = tmp_path / "p.yaml"
+    p.write_text("{}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{key}: expected a number, got {str(value).lower()} (a boolean)")):
+        load_config(p, {key: value})
+    assert load_config(p, {"data.cifar_shape": value}).data.cifar_shape is value  # a boolean setting still is one
+
+
+def test_a_sweeps_numbers_are_numbers():
+    from services.sweep import parse_spec
+
+    for raw, key in (({"seeds": [0, True]}, "seeds"), ({"jobs": True}, "jobs"),
+                     ({"densities": [float("nan")]}, "densities")):
+        with pytest.raises(ConfigError, match=key):
+            parse_spec({"methods": ["fedavg"], **raw})
+
+
+PATH_SETTINGS = ["runtime.run_dir", "runtime.partitions_dir", "runtime.exchange_dir", "data.root", "devices.trace"]
+
+
+@pytest.mark.parametrize("key", PATH_SETTINGS)
+def test_paths_expand_home_and_variables_as_a_shell_does(tmp_path, monkeypatch, key):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FEDMEF_TEST_SCRATCH", str(tmp_path / "scratch"))
+    section, name = key.split(".")
+    for written, expected in (("~/x", tmp_path / "home" / "x"), ("$FEDMEF_TEST_SCRATCH/x", tmp_path / "scratch" / "x"),
+                              ("${FEDMEF_TEST_SCRATCH}/x", tmp_path / "scratch" / "x"), ("rel/x", Path("rel/x"))):
+        config = parse_config({section: {name: written}})
+        assert getattr(getattr(config, section), name) == str(expected)
+
+
+def test_the_sqlite_store_path_expands_and_an_unset_variable_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("FEDMEF_TEST_UNSET", raising=False)
+    assert parse_config({"tracking": {"mlflow_uri": "sqlite:///~/m.db"}}).tracking.mlflow_uri == f"sqlite:///{tmp_path}/m.db"
+    assert parse_config({"tracking": {"mlflow_uri": "sqlite:///mlflow.db"}}).tracking.mlflow_uri == "sqlite:///mlflow.db"
+    for raw in ({"runtime": {"run_dir": "$FEDMEF_TEST_UNSET/x"}}, {"tracking": {"mlflow_uri": "sqlite:///$FEDMEF_TEST_UNSET/m.db"}}):
+        with pytest.raises(ConfigError, match="environment variable FEDMEF_TEST_UNSET, which is not set"):
+            parse_config(raw)

@@ -71,3 +71,17 @@ def test_params_yaml_bytes_that_cannot_be_read_as_written_are_one_line(tmp_path,
     proc = _run(["flows.train"], tmp_path)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_a_run_dir_under_home_is_written_under_home_not_in_a_folder_named_tilde(prefect_harness, tmp_path,
+                                                                              monkeypatch):
+    """`--set runtime.run_dir=~/exp` (quoted, so no shell expands it) made a folder literally named `~`."""
+    from tests.conftest import prepare_run, train_cli
+
+    params, _ = prepare_run(tmp_path, rounds=1)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    train_cli(params, "runtime.run_dir=~/exp", "tracking.enabled=false",
+              *(f"runtime.{d}_dir={d}" for d in ("checkpoints", "metrics", "plots")))
+    assert (tmp_path / "home" / "exp" / "metrics" / "train.json").is_file()
+    assert not (tmp_path / "~").exists()

@@ -47,10 +47,13 @@ def test_a_bad_arch_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.parametrize(("args", "says"), [
     (["--budget", "-1"], "--budget must be a positive number of MiB, got -1"),
+    (["--budget", "nan"], "argument --budget: 'nan' is not a finite number"),
+    (["--budget", "inf"], "argument --budget: 'inf' is not a finite number"),
+    (["--budget", "64", "--max-gamma=-inf"], "argument --max-gamma: '-inf' is not a finite number"),
     (["--budget", "64", "--method", "magic"], "argument --method: invalid choice: 'magic'"),
     (["--budget", "64", "--min-batch", "40"], "--min-batch 40 is above the batch size 32"),
     (["--budget", "64", "--set", "federation.batch_size=0"], "federation.batch_size"),
-], ids=["budget", "method", "min-batch", "config"])
+], ids=["budget", "budget-nan", "budget-inf", "gamma-inf", "method", "min-batch", "config"])
 def test_user_mistakes_exit_2_with_one_message(tmp_path, capsys, args, says):
     (tmp_path / "params.yaml").write_text("{}\n")
     with pytest.raises(SystemExit) as exit_:
