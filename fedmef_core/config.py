@@ -6,6 +6,7 @@ library receives these frozen, typed objects — never raw dicts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import types
@@ -264,6 +265,11 @@ class DevicesConfig(_Section):
     trace: UserPath | None = Field(
         None, description="CSV with header client_id,memory_mib, one row per client (profile: trace)."
     )
+    trace_sha256: str | None = Field(
+        None,
+        description="The trace's sha256, read from the file when the config is validated (not set by hand): a run's "
+        "identity holds it instead of the path, so an edited trace is another experiment in another run folder.",
+    )
     correlate: Literal["none", "labels"] = Field(
         "none",
         description="labels: the smallest devices hold the clients whose data lean most on the first half of the "
@@ -292,6 +298,20 @@ class DevicesConfig(_Section):
         description="Measure what each client holds while it trains (saved tensors; CUDA: also its peak); a step "
         "above its budget fails that client as a device out-of-memory would (dropped, counted as over budget).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trace_by_content(cls, raw: Any) -> Any:
+        """Read the trace's digest now: what a run computes from, whatever its path. A trace that cannot be read
+        keeps the digest it was given (a config read back from a checkpoint); reading it fails the run later with
+        its own message."""
+        if not isinstance(raw, dict) or raw.get("profile") != "trace" or not isinstance(raw.get("trace"), str):
+            return raw
+        try:
+            digest = file_sha256(Path(expand_path(raw["trace"])))
+        except (OSError, ValueError):
+            return raw
+        return {**raw, "trace_sha256": digest}
 
     @property
     def enabled(self) -> bool:
@@ -542,12 +562,23 @@ def _replaced(section: Any, **values: Any) -> Any:
 def identity_of(dumped: dict[str, Any]) -> dict[str, Any]:
     """The sections of a dumped config that determine results (also for configs stored in checkpoints). The
     top-level `seed` is left out: the resolved `partition.seed` and `federation.seed` hold what it decides (so
-    a config written before it existed has the same identity)."""
+    a config written before it existed has the same identity). A file the config points to counts by its
+    contents, not its path: the device trace by `devices.trace_sha256`."""
     identity = {k: v for k, v in dumped.items() if k not in NOT_IDENTITY}
     devices = identity.get("devices")
     if isinstance(devices, dict) and devices.get("profile", "none") == "none":
         identity.pop("devices", None)  # unlimited devices: the identity of a config written before they existed
+    elif isinstance(devices, dict) and devices.get("profile") == "trace":
+        identity["devices"] = {k: v for k, v in devices.items() if k != "trace"}
+        identity["devices"]["trace_sha256"] = devices.get("trace_sha256")  # None: contents never read
+    elif isinstance(devices, dict):
+        identity["devices"] = {k: v for k, v in devices.items() if k != "trace_sha256"}  # tiers: as before it
     return identity
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class ConfigError(UserError, ValueError):

@@ -28,11 +28,18 @@ class DeviceReporter:
         self.config, self.paths, self.tracker, self.fleet = config, paths, tracker, server.fleet
         self.csv = paths.metrics / "devices.csv"
         self.rows: list[dict] = []
-        if self.fleet is None:
+        if self.fleet is None:  # an earlier experiment's devices files in this folder are not this run's
+            for path in self.outputs:
+                path.unlink(missing_ok=True)
             return
         self.rows = [r for r in _read_rows(self.csv) if int(r["round"]) <= server.round]  # a resume's own rounds
         write_text(self.csv, _rows_csv(self.rows))
         print(describe_fleet(self.fleet), flush=True)
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """The files only a run with device budgets writes."""
+        return self.csv, self.paths.metrics / "devices.json", self.paths.plots / "participation.png"
 
     def __call__(self, server: Server) -> None:
         """After a round: append its per-client rows."""
@@ -62,8 +69,8 @@ class DeviceReporter:
                    "bound": self.config.devices.bound,
                    "participation": sum(t["trained"] for t in tiers) / sampled if sampled else 0.0,
                    "over_budget": sum(t["over_budget"] for t in tiers), "tiers": tiers}
-        write_json(self.paths.metrics / "devices.json", {**summary, **fleet.assignment.to_dict()})
-        plot = self.paths.plots / "participation.png"
+        _, summary_json, plot = self.outputs
+        write_json(summary_json, {**summary, **fleet.assignment.to_dict()})
         plot_participation(self.rows, fleet.assignment.tiers, plot,
                            title=f"{self.config.pruning.method}: who trained ({self.config.devices.policy})")
         metrics = {"devices/participation": summary["participation"]}
@@ -72,8 +79,7 @@ class DeviceReporter:
             if t["accuracy_on_its_data"] is not None:
                 metrics[f"devices/{t['tier']}/accuracy"] = t["accuracy_on_its_data"]
         self.tracker.log_metrics(metrics, step=rounds)
-        for path, where in [(self.csv, "devices"), (self.paths.metrics / "devices.json", "devices"),
-                            (plot, "plots")]:
+        for path, where in [(self.csv, "devices"), (summary_json, "devices"), (plot, "plots")]:
             self.tracker.log_artifact(path, where)
         _table_artifact(tiers)
         return summary

@@ -5,12 +5,14 @@ Each returns nothing and raises a `UserError` naming the problem and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from pathlib import Path
 
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import load_dataset, load_partition, partition_indices, partition_origin
 from fedmef_core.device import resolve_device
+from fedmef_core.devices import read_trace
 from fedmef_core.errors import UserError
 from fedmef_core.runs import run_paths
 from services.tracking.logged_models import find_model, trained_config
@@ -61,10 +63,11 @@ def output_folders(config: ExperimentConfig, *settings: str) -> dict[str, Path]:
 
 
 def check_writable(config: ExperimentConfig, *settings: str) -> None:
-    """Each folder can be created and written (a probe file, removed again): before any work, instead of
-    a failure after training has started."""
+    """Each folder can be created and written (a probe file, removed again, and the folders the probe made with
+    it): before any work, instead of a failure after training has started; a run refused later leaves no folder."""
     for setting, folder in output_folders(config, *settings).items():
         probe = folder / f".fedmef-probe-{uuid.uuid4().hex}"
+        made = [f for f in (folder, *folder.parents) if not f.exists()]  # deepest first
         try:
             folder.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"")
@@ -74,6 +77,16 @@ def check_writable(config: ExperimentConfig, *settings: str) -> None:
                 f"runtime.{setting}: cannot write to {folder} ({exc.strerror or type(exc).__name__}); "
                 f"set runtime.{setting} to a folder you can write"
             ) from None
+        finally:
+            for f in made:
+                with contextlib.suppress(OSError):
+                    f.rmdir()
+
+
+def check_devices(config: ExperimentConfig) -> None:
+    """The device trace, when the config names one, gives every client a budget."""
+    if config.devices.profile == "trace":
+        read_trace(Path(config.devices.trace), config.federation.num_clients)
 
 
 TRAIN_OUTPUTS = ("run_dir", "checkpoints_dir", "metrics_dir", "plots_dir", "exchange_dir")
@@ -90,6 +103,7 @@ def for_train(config: ExperimentConfig) -> None:
     check_device(config)
     check_dataset(config)
     check_partition(config)
+    check_devices(config)
     check_writable(config, *TRAIN_OUTPUTS)
     Tracker(config.tracking).check_reachable()
 
@@ -109,5 +123,6 @@ def for_evaluate(config: ExperimentConfig, model_uri: str | None = None) -> None
 def for_pipeline(config: ExperimentConfig) -> None:
     check_device(config)
     check_dataset(config)
+    check_devices(config)
     check_writable(config, "partitions_dir", *TRAIN_OUTPUTS)
     Tracker(config.tracking).check_reachable()

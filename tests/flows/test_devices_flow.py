@@ -101,3 +101,54 @@ def test_a_bad_budget_trace_stops_the_cli_with_one_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "client 1 has budget -3" in err and "client 99 does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def _trace(path, budget_mib: float, clients: int) -> str:
+    path.write_text("client_id,memory_mib\n" + "".join(f"{c},{budget_mib}\n" for c in range(clients)))
+    return str(path)
+
+
+RUN_FOLDER_PER_EXPERIMENT = ("runtime.run_dir=null", "runtime.checkpoints_dir=checkpoints",
+                             "runtime.metrics_dir=metrics", "runtime.plots_dir=plots")
+
+
+def test_an_edited_trace_is_another_experiment_in_another_run_folder(prefect_harness, tmp_path, monkeypatch):
+    """The trace entered the identity by its path: editing it and training again overwrote the finished run."""
+    params, config = prepare_run(tmp_path, rounds=1)
+    monkeypatch.chdir(tmp_path)
+    trace = _trace(tmp_path / "budgets.csv", 512, config.federation.num_clients)
+    train_cli(params, *RUN_FOLDER_PER_EXPERIMENT, "devices.profile=trace", f"devices.trace={trace}")
+    (first,) = (tmp_path / "runs").iterdir()
+    kept = {p: p.read_bytes() for p in first.rglob("*") if p.is_file() and p.name != ".lock"}
+    _trace(tmp_path / "budgets.csv", 256, config.federation.num_clients)  # the same path, other budgets
+    train_cli(params, *RUN_FOLDER_PER_EXPERIMENT, "devices.profile=trace", f"devices.trace={trace}")
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+    assert {p: p.read_bytes() for p in kept} == kept  # the first experiment's files, untouched
+    # the same contents at another path are the same experiment: it finds its finished run
+    moved = tmp_path / "moved.csv"
+    moved.write_bytes((tmp_path / "budgets.csv").read_bytes())
+    again = train_cli(params, *RUN_FOLDER_PER_EXPERIMENT, "devices.profile=trace", f"devices.trace={moved}")
+    assert len(list((tmp_path / "runs").iterdir())) == 2 and again["rounds_run"] == 0
+
+
+def test_a_refused_trace_leaves_no_run_folder(tmp_path, capsys, monkeypatch):
+    params, config = prepare_run(tmp_path, rounds=1)
+    monkeypatch.chdir(tmp_path)
+    trace = tmp_path / "budgets.csv"
+    trace.write_text("client_id,memory_mib\n0,64\n")
+    with pytest.raises(SystemExit):
+        train_cli(params, *RUN_FOLDER_PER_EXPERIMENT, "devices.profile=trace", f"devices.trace={trace}")
+    assert "clients have no budget" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_run_without_devices_does_not_inherit_the_devices_files_of_the_folder(prefect_harness, tmp_path):
+    params, config = prepare_run(tmp_path, rounds=1)
+    trace = _trace(tmp_path / "budgets.csv", 512, config.federation.num_clients)
+    train_cli(params, "devices.profile=trace", f"devices.trace={trace}")
+    devices_files = [tmp_path / "metrics" / "devices.csv", tmp_path / "metrics" / "devices.json",
+                     tmp_path / "plots" / "participation.png"]
+    assert all(p.is_file() for p in devices_files)
+    train_cli(params)  # another experiment in the same run folder, without devices
+    assert (tmp_path / "metrics" / "train.json").is_file()
+    assert not any(p.exists() for p in devices_files)
