@@ -9,14 +9,24 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: setup dataset run test lint serve deploy bench bench-accuracy bench-memory clean
+.PHONY: setup dataset lock run test lint serve deploy bench bench-accuracy bench-memory clean
 
 setup: $(VENV)/.installed dataset
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,distributed]"
+	touch $@
+
+# Re-resolve every dependency to the newest release pyproject.toml allows, into a new .venv, and write
+# constraints.txt from it; then `make test` and commit constraints.txt if it passes.
+lock:
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,distributed]"
-	touch $@
+	{ sed -n '1,2p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	touch $(VENV)/.installed
 
 # Fashion-MNIST, the embedded default: Debian's package where apt-get is available, otherwise
 # torchvision downloads it into data/raw on first use.
