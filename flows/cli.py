@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -80,19 +81,45 @@ def main(
         sys.exit(exit_code(exc))
 
 
+class OneLineUserErrors(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback: a task's failure, and (Prefect 3.8's engine,
+    for every run a deployment starts) "Engine execution exited with unexpected exception" for the exception
+    the flow's Failed state carries. A user error's message is the whole story: its records lose the traceback,
+    and those of one :func:`fails_cleanly` has already reported are dropped. A logging filter, as Prefect's
+    logging config offers; other exceptions keep their tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, UserError):
+            return True
+        if getattr(exc, REPORTED, False):
+            return False
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+ONE_LINE = OneLineUserErrors()
+REPORTED = "fedmef_reported"  # set on a user error fails_cleanly has logged
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")  # what a flow run's logs in the UI come from
+
+
 def fails_cleanly(body: Callable[..., Any]) -> Callable[..., Any]:
     """A flow body whose config is checked first (rules across fields: parameters from the UI or the API
     reach a flow without them) and whose user errors end the run as Failed with their one-line message —
-    no traceback in the run's logs. Callers still get the exception: the Failed state carries it."""
+    no traceback in the run's logs (:class:`OneLineUserErrors`). Callers still get the exception: the Failed
+    state carries it."""
 
     @functools.wraps(body)
     def run(config: ExperimentConfig, *args: Any, **kwargs: Any) -> Any:
         from prefect.states import Failed
 
+        for name in RUN_LOGGERS:
+            logging.getLogger(name).addFilter(ONE_LINE)  # once: a filter already there is not added again
         try:
             return body(checked(config), *args, **kwargs)
         except UserError as exc:
             print(f"error: {exc}")
+            setattr(exc, REPORTED, True)
             return Failed(message=str(exc), data=exc)
 
     return run

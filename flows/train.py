@@ -27,6 +27,7 @@ from tasks.clients import client_updates
 from tasks.devices import DeviceReporter
 from tasks.memory import client_step_report, log_memory_report
 from tasks.outputs import RoundReporter
+from tasks.partitioning import partition_dataset, partition_missing
 from tasks.reporting import publish_summary
 
 METRICS_EVERY_S = 2.0  # per-round metrics go to MLflow in one batch at most this often (and at checkpoints)
@@ -84,6 +85,11 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
 @fails_cleanly
 def train_flow(config: ExperimentConfig = ExperimentConfig()) -> dict:
     """Run federated training and write checkpoints, per-round metrics and the MLflow run."""
+    if partition_missing(config):  # e.g. from the UI, where `dvc repro partition` is not at hand
+        preflight.for_partition(config)
+        made = partition_dataset(config)
+        print(f"{config.runtime.partitions_dir} held no partition: made it as the partition stage does "
+              f"({made['num_clients']} clients, {made['min_size']}-{made['max_size']} samples each)")
     summary = train(config)
     done = (f"trained rounds {summary['rounds'] - summary['rounds_run'] + 1}-{summary['rounds']} in "
             f"{summary['seconds']:.0f}s" if summary["rounds_run"] else

@@ -1,4 +1,5 @@
-"""The partition stage: split the training set among clients, save indices, stats and a heat map."""
+"""The partition stage: split the training set among clients, save indices, stats and a heat map (also run by
+the train flow when no partition was saved)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from prefect import task
 
 from fedmef_core.config import ExperimentConfig
 from fedmef_core.data import load_dataset, write_partition
+from fedmef_core.data.partition import CLIENTS_FILE
 from fedmef_core.plots import plot_partition_heatmap
 
 
@@ -33,3 +35,12 @@ def partition_dataset(config: ExperimentConfig) -> dict:
         "mean_label_entropy": stats["mean_label_entropy"],
         "partitions_dir": config.runtime.partitions_dir,
     }
+
+
+def partition_missing(config: ExperimentConfig) -> bool:
+    """`runtime.partitions_dir` holds no saved split (no `clients.json`): the train flow makes it with
+    :func:`partition_dataset`, the partition stage's own task (the same files, byte for byte). A split is a
+    function of what it records it was made from, checked before any round, so making it is safe; a saved one
+    is never replaced, even one made for other settings (training refuses that one)."""
+    return not (Path(config.runtime.partitions_dir) / CLIENTS_FILE).exists()
+

@@ -18,10 +18,7 @@ from fedmef_core.runs import run_paths
 from services.tracking.logged_models import find_model, trained_config
 from services.tracking.tracker import Tracker
 from tasks.checkpoints import load_final_model
-
-
-class MissingInput(UserError):
-    """An earlier stage's output is missing or does not match the config."""
+from tasks.partitioning import partition_missing
 
 
 class UnwritableFolder(UserError):
@@ -37,12 +34,13 @@ def check_device(config: ExperimentConfig) -> None:
 
 
 def check_partition(config: ExperimentConfig) -> None:
-    """The saved split is well formed and was made from this dataset, limit and partition settings."""
+    """The saved split is well formed and was made from this dataset, limit and partition settings; where
+    none is saved, that the train flow can make it (:func:`tasks.partitioning.partition_missing`)."""
+    if partition_missing(config):
+        for_partition(config)
+        return
     train, _ = load_dataset(config.data)
-    try:
-        load_partition(config.runtime.partitions_dir, expected=partition_origin(config, train.labels.numpy()))
-    except FileNotFoundError as exc:
-        raise MissingInput(str(exc)) from None
+    load_partition(config.runtime.partitions_dir, expected=partition_origin(config, train.labels.numpy()))
 
 
 def check_checkpoint(config: ExperimentConfig) -> None:

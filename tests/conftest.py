@@ -135,7 +135,8 @@ def uninterrupted_metrics(config) -> list[tuple]:
 
 # --- hand-edited partition files: each edit of clients.json and the message that must refuse it ------------
 
-RERUN_PARTITION = re.escape("re-run the partition stage (`dvc repro partition` or `python -m flows.partition`)")
+RERUN_PARTITION = re.escape("re-run the partition stage with this run's settings (`dvc repro partition`, "
+                            "`python -m flows.partition` or, in the Prefect UI, the partition deployment)")
 
 
 def _on_json(change):

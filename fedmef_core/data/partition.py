@@ -25,6 +25,10 @@ class PartitionError(UserError, ValueError):
     """The requested split is impossible or a saved partition is malformed; the message names the knob."""
 
 
+class PartitionMissing(UserError, FileNotFoundError):
+    """No partition was saved in the folder (the train flow makes it; see `tasks.partitioning`)."""
+
+
 DIRICHLET_TRIES = 1000
 SHARD_SWAPS_PER_SHARD = 20
 
@@ -146,7 +150,10 @@ def partition_stats(parts: list[np.ndarray], labels: np.ndarray, num_classes: in
 
 # --- persistence: clients.json records what the split was made from, and is checked before use ------------
 
-RERUN = "re-run the partition stage (`dvc repro partition` or `python -m flows.partition`)"
+# the three ways to run it: DVC, the command line, the Prefect UI (`flows.serve`'s deployments)
+STAGE = "`dvc repro partition`, `python -m flows.partition` or, in the Prefect UI, the partition deployment"
+CLIENTS_FILE = "clients.json"  # the saved split; stats.json and the heat map beside it
+RERUN = f"re-run the partition stage with this run's settings ({STAGE})"
 
 
 def partition_origin(config: ExperimentConfig, labels: np.ndarray) -> dict[str, Any]:
@@ -172,7 +179,7 @@ def save_partition(parts: list[np.ndarray], stats: dict, out_dir: str | Path, or
     """
     out_dir = Path(out_dir)
     clients = [np.asarray(p, dtype=np.int64).tolist() for p in parts]
-    write_json(out_dir / "clients.json", {"num_clients": len(clients), "clients": clients, "origin": origin})
+    write_json(out_dir / CLIENTS_FILE, {"num_clients": len(clients), "clients": clients, "origin": origin})
     write_json(out_dir / "stats.json", stats)
 
 
@@ -194,7 +201,7 @@ def load_partition(out_dir: str | Path, expected: dict[str, Any] | None = None) 
     partition settings and number of clients. Every failure is a :class:`PartitionError` saying to
     re-run the partition stage.
     """
-    path = Path(out_dir) / "clients.json"
+    path = Path(out_dir) / CLIENTS_FILE
     raw = _read_saved(path)
     origin = raw["origin"]
     if expected is not None:
@@ -233,8 +240,7 @@ _COUNTS_RECORDED = ("federation.num_clients", "training samples")  # what the ch
 
 def _read_saved(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run the partition stage first "
-                                "(`dvc repro partition` or `python -m flows.partition`)")
+        raise PartitionMissing(f"{path} does not exist: run the partition stage first ({STAGE})")
     try:
         raw = read_json(path)
     except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
