@@ -43,8 +43,9 @@ class ClientPlan:
     batch_size: int
     gamma: float | None  # None: the method runs no SAP
     bound: str  # "footprint" or "total"
-    predicted_mib: float  # the planner's figure for the bounded quantity at this batch and γ
+    predicted_mib: float  # the planner's figure for the bounded quantity at this batch (micro-batch) and γ
     enforce: bool = True
+    micro_batch: int | None = None  # policy accumulate: the batch trained in micro-batches of this size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,10 +55,11 @@ class ClientPlan:
         return cls(**d)
 
     def applied(self, config: ExperimentConfig) -> ExperimentConfig:
-        """``config`` as this client trains it: its batch size and (with SAP) its γ."""
+        """``config`` as this client trains it: its batch size (and micro-batch) and (with SAP) its γ."""
         update: dict[str, Any] = {}
-        if self.batch_size != config.federation.batch_size:
-            update["federation"] = config.federation.model_copy(update={"batch_size": self.batch_size})
+        fed = {"batch_size": self.batch_size, "micro_batch": self.micro_batch or config.federation.micro_batch}
+        if fed != {k: getattr(config.federation, k) for k in fed}:
+            update["federation"] = config.federation.model_copy(update=fed)
         if self.gamma is not None and self.gamma != config.sap.gamma:
             update["sap"] = config.sap.model_copy(update={"gamma": self.gamma})
         return config.model_copy(update=update) if update else config
@@ -109,6 +111,7 @@ class MemoryGuard:
             raise OverBudgetError(
                 f"client {self.client_id} ({self.plan.tier}) held {held / MIB:.2f} MiB at local step {self.steps} "
                 f"(batch {self.plan.batch_size}"
+                + (f" in micro-batches of {self.plan.micro_batch}" if self.plan.micro_batch else "")
                 + (f", SAP gamma {self.plan.gamma:g}" if self.plan.gamma is not None else "")
                 + f"), over its {self.plan.budget_mib:g} MiB budget ({self.plan.bound}; planned "
                 f"{self.plan.predicted_mib:.2f} MiB)"

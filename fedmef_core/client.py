@@ -82,8 +82,9 @@ def local_train(
     scaler = grad_scaler(device, fed.precision)
     total_steps = fed.local_epochs * math.ceil(len(indices) / fed.batch_size)
 
-    def fresh_batches():  # for hooks that need data of their own (no augmentation)
-        return iterate_batches(data, indices, fed.batch_size, generator=generator, shuffle=True, device=device)
+    def fresh_batches():  # for hooks that need data of their own (no augmentation), at most a micro-batch each
+        return iterate_batches(data, indices, min(fed.micro_batch or fed.batch_size, fed.batch_size),
+                               generator=generator, shuffle=True, device=device)
 
     step, loss_sum, seen = 0, 0.0, 0
     for _ in range(fed.local_epochs):
@@ -95,22 +96,25 @@ def local_train(
             for group in optimizer.param_groups:
                 group["lr"] = client.lr(lr, step, total_steps)
             optimizer.zero_grad(set_to_none=True)
-            with guard.step(device) if guard is not None else nullcontext(), autocast(device, fed.precision):
-                loss = F.cross_entropy(model(x), y)
-                extra = client.extra_loss()
-            objective = loss if extra is None else loss + extra
-            if not torch.isfinite(objective):
-                raise NonFiniteLossError(
-                    f"client {client_id}: loss became {objective.item()} at local step {step}; "
-                    "lower federation.lr or check the data"
-                )
-            scaler.scale(objective).backward()
+            split = fed.micro_batch is not None and len(y) > fed.micro_batch
+            for xs, ys in zip(x.split(fed.micro_batch), y.split(fed.micro_batch)) if split else ((x, y),):
+                with guard.step(device) if guard is not None else nullcontext(), autocast(device, fed.precision):
+                    loss = F.cross_entropy(model(xs), ys)
+                    extra = client.extra_loss()
+                objective = loss if extra is None else loss + extra
+                if not torch.isfinite(objective):
+                    raise NonFiniteLossError(
+                        f"client {client_id}: loss became {objective.item()} at local step {step}; "
+                        "lower federation.lr or check the data"
+                    )
+                # micro-batches: each adds its share of the batch's mean loss, so the step sees the batch's gradient
+                scaler.scale(objective * (len(ys) / len(y)) if split else objective).backward()
+                loss_sum += loss.item() * len(ys)
             scaler.unscale_(optimizer)  # hooks see true gradients
             client.before_step()
             scaler.step(optimizer)  # skipped (and the scale lowered) when an fp16 gradient overflowed
             scaler.update()
             client.after_step()
-            loss_sum += loss.item() * len(y)
             seen += len(y)
             step += 1
             client.step_end(step, total_steps, fresh_batches)

@@ -141,6 +141,13 @@ class FederationConfig(_Section):
     rounds: int = Field(16, ge=1, description="R: communication rounds.")
     local_epochs: int = Field(2, ge=1, description="E: local epochs per round.")
     batch_size: int = Field(32, ge=1, description="B: local mini-batch size.")
+    micro_batch: int | None = Field(
+        None, ge=1,
+        description="Split each local batch into micro-batches of at most this many samples and add up their "
+        "gradients before the one optimizer step: the same batch and steps with the activations of a micro-batch "
+        "(BatchNorm normalises each micro-batch on its own). null: no split. devices.policy accumulate sets it "
+        "per client.",
+    )
     optimizer: Literal["sgd"] = Field("sgd", description="Local optimizer.")
     lr: float = Field(0.1, gt=0, description="Learning rate in the first round (the authors start at 0.1).")
     lr_final: float = Field(0.02, gt=0, description="Learning rate in the last round (exponential decay).")
@@ -275,11 +282,13 @@ class DevicesConfig(_Section):
         description="labels: the smallest devices hold the clients whose data lean most on the first half of the "
         "classes (a label mix of their own, so leaving them out costs accuracy); none: budgets drawn at random.",
     )
-    policy: Literal["exclude", "fit_batch", "fit_gamma"] = Field(
+    policy: Literal["exclude", "fit_batch", "fit_gamma", "accumulate"] = Field(
         "exclude",
         description="A client whose step does not fit: exclude (not trained that round, counted); fit_batch (the "
         "largest batch <= federation.batch_size that fits, down to min_batch); fit_gamma (SAP methods: the "
-        "smallest SAP gamma >= sap.gamma that fits, up to max_gamma, then the batch).",
+        "smallest SAP gamma >= sap.gamma that fits, up to max_gamma, then the batch); accumulate (the batch stays "
+        "federation.batch_size, trained in micro-batches of the largest size that fits, down to min_batch, "
+        "whose gradients add up before each step).",
     )
     bound: Literal["footprint", "total"] = Field(
         "footprint",
@@ -573,6 +582,9 @@ def identity_of(dumped: dict[str, Any]) -> dict[str, Any]:
         identity["devices"]["trace_sha256"] = devices.get("trace_sha256")  # None: contents never read
     elif isinstance(devices, dict):
         identity["devices"] = {k: v for k, v in devices.items() if k != "trace_sha256"}  # tiers: as before it
+    federation = identity.get("federation")
+    if isinstance(federation, dict) and federation.get("micro_batch") is None:  # no split: as before it existed
+        identity["federation"] = {k: v for k, v in federation.items() if k != "micro_batch"}
     return identity
 
 

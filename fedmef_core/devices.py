@@ -195,9 +195,17 @@ class Fleet:
                 out.excluded.append(c)
                 continue
             out.plans[c] = ClientPlan(tier=self.assignment.tier_of[c], budget_mib=self.assignment.budgets_mib[c],
-                                      batch_size=f.batch_size, gamma=f.gamma, bound=f.bound,
-                                      predicted_mib=f.bound_mib, enforce=self.config.devices.enforce)
+                                      gamma=f.gamma, bound=f.bound, predicted_mib=f.bound_mib,
+                                      enforce=self.config.devices.enforce, **self._batches(f))
         return out
+
+    def _batches(self, f: Fit) -> dict[str, int | None]:
+        """The batch a fit trains with: under ``accumulate`` the configured batch, in micro-batches of the fitted
+        size when it is smaller."""
+        configured = self.config.federation.batch_size
+        if self.config.devices.policy == "accumulate" and f.batch_size < configured:
+            return {"batch_size": configured, "micro_batch": f.batch_size}
+        return {"batch_size": f.batch_size, "micro_batch": None}
 
     # ---- reporting ---------------------------------------------------------------------------
     def tier_table(self) -> list[dict]:
@@ -209,7 +217,7 @@ class Fleet:
             f = self.fits[budgets[0]]
             rows.append({"tier": t, "budget_mib": f"{budgets[0]:g}" if len(budgets) == 1 else
                          f"{budgets[0]:g}-{budgets[-1]:g}", "clients": len(clients), "fits": f.fits,
-                         "batch_size": f.batch_size, "gamma": f.gamma, "predicted_mib": round(f.bound_mib, 3),
+                         **self._batches(f), "gamma": f.gamma, "predicted_mib": round(f.bound_mib, 3),
                          "bound": f.bound})
         return rows
 
@@ -225,7 +233,8 @@ class Fleet:
             held = memory.get(c, {}).get("held_mib")
             rows.append({"round": rnd, "client_id": c, "tier": self.assignment.tier_of[c],
                          "budget_mib": self.assignment.budgets_mib[c], "status": status,
-                         "batch_size": p.batch_size if p else "", "gamma": "" if p is None or p.gamma is None
+                         "batch_size": p.batch_size if p else "", "micro_batch": p.micro_batch or "" if p else "",
+                         "gamma": "" if p is None or p.gamma is None
                          else p.gamma, "predicted_mib": round(p.predicted_mib, 4) if p else "",
                          "held_mib": "" if held is None else round(held, 4)})
         return rows

@@ -31,8 +31,10 @@ saved activations) by default, or with ``bound="total"`` everything (+ gradients
 policies: ``exclude`` (the client trains as configured, or not at all), ``fit_batch`` (the largest batch up to
 the configured one that fits, down to ``min_batch``), ``fit_gamma`` (SAP methods: the smallest γ from the
 configured one up to ``max_gamma``, in steps of 0.01, that fits at the configured batch, else ``max_gamma`` and
-the largest batch that fits; other methods: as ``fit_batch``). When nothing fits, the result says what the
-client would need: the step at ``min_batch`` (and ``max_gamma``).
+the largest batch that fits; other methods: as ``fit_batch``), ``accumulate`` (the largest micro-batch that
+fits, found as ``fit_batch`` finds a batch: the client keeps its batch and adds up the micro-batches' gradients, so
+what it holds is a micro-batch's activations beside the same weights, gradients and optimizer state). When
+nothing fits, the result says what the client would need: the step at ``min_batch`` (and ``max_gamma``).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ MIB = 2**20
 PROFILE_BATCH = 4  # samples of the one-off trace (and half of them: the fixed and per-sample bytes)
 PROFILE_SAMPLE = 1 << 15  # input magnitudes kept per SAP layer (evenly spaced quantiles)
 Bound = Literal["footprint", "total"]
-Policy = Literal["exclude", "fit_batch", "fit_gamma"]
+Policy = Literal["exclude", "fit_batch", "fit_gamma", "accumulate"]
 POLICIES: tuple[str, ...] = Policy.__args__
 BOUNDS: tuple[str, ...] = Bound.__args__
 

@@ -17,8 +17,8 @@ from fedmef_core.plots import plot_participation
 from fedmef_core.runs import RunPaths
 from services.tracking.tracker import Tracker
 
-ROW_COLUMNS = ("round", "client_id", "tier", "budget_mib", "status", "batch_size", "gamma", "predicted_mib",
-               "held_mib")
+ROW_COLUMNS = ("round", "client_id", "tier", "budget_mib", "status", "batch_size", "micro_batch", "gamma",
+               "predicted_mib", "held_mib")
 
 
 class DeviceReporter:
@@ -89,7 +89,8 @@ def describe_fleet(fleet: Fleet) -> str:
     """One line per tier: clients, budget and how they train."""
     lines = [f"devices: {fleet.config.devices.policy} under a {fleet.config.devices.bound} budget"]
     for t in fleet.tier_table():
-        how = (f"batch {t['batch_size']}" + (f", SAP gamma {t['gamma']:g}" if t["gamma"] is not None else "")
+        how = (f"batch {t['batch_size']}" + (f" in micro-batches of {t['micro_batch']}" if t["micro_batch"] else "")
+               + (f", SAP gamma {t['gamma']:g}" if t["gamma"] is not None else "")
                + f", {t['predicted_mib']:.2f} MiB") if t["fits"] else \
             f"cannot train (needs {t['predicted_mib']:.2f} MiB at batch {t['batch_size']})"
         lines.append(f"  {t['tier']}: {t['clients']} clients at {t['budget_mib']} MiB -> {how}")
@@ -104,7 +105,7 @@ def _table_artifact(tiers: list[dict]) -> None:
     if FlowRunContext.get() is None:
         return
     columns = ("tier", "budget_mib", "clients", "sampled", "trained", "excluded", "over_budget", "participation",
-               "batch_size", "gamma", "predicted_mib", "held_mib_max", "accuracy_on_its_data")
+               "batch_size", "micro_batch", "gamma", "predicted_mib", "held_mib_max", "accuracy_on_its_data")
     table = [{k: (round(t[k], 4) if isinstance(t[k], float) else t[k]) for k in columns} for t in tiers]
     create_table_artifact(table, key="device-participation",
                           description="Per device tier: who could train, at which batch and SAP gamma, and how "

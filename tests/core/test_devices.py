@@ -145,6 +145,26 @@ def test_fit_batch_trains_small_devices_at_the_batch_that_fits_within_their_budg
     assert fit.bound_mib <= result.memory["held_mib"] * 1.0001 and result.memory["held_mib"] <= 5.0
 
 
+def test_accumulate_keeps_the_batch_and_its_steps_in_micro_batches_within_the_budget():
+    """The small tier's configured batch does not fit its 5 MiB: `exclude` leaves it out, `accumulate` trains it
+    at the configured batch (the same optimizer steps) in micro-batches that fit, measured within the budget."""
+    excluded = _server("feddst", policy="exclude").plan_round(1)
+    assert excluded.excluded  # the small tier does not fit at batch 32
+    server = _server("feddst", policy="accumulate")
+    fit = server.fleet.fits[5.0]
+    assert fit.fits and server.config.devices.min_batch <= fit.batch_size < 32
+    plan = server.plan_round(1)
+    assert not plan.excluded and plan.trained == server.sample_clients(1)
+    small = next(c for c in plan.trained if plan.plans[c].tier == "small")
+    assert (plan.plans[small].batch_size, plan.plans[small].micro_batch) == (32, fit.batch_size)
+    result = run_client(server.config, server.broadcast(1, plan), small, server.train, server.parts[small], CPU)
+    n = len(server.parts[small])
+    assert result.steps == math.ceil(n / 32)  # one local epoch at the configured batch: its steps, not more
+    assert fit.bound_mib <= result.memory["held_mib"] * 1.0001 and result.memory["held_mib"] <= 5.0
+    big = next(c for c in plan.trained if plan.plans[c].tier == "big")
+    assert plan.plans[big].micro_batch is None  # a client whose batch fits trains it whole
+
+
 def test_enforcement_catches_a_wrong_plan_as_a_device_out_of_memory():
     server = _server("fedmef", policy="exclude")
     plan = server.plan_round(1)
