@@ -58,7 +58,8 @@ def plot_round_curves(history: Sequence[dict], path: str | Path, title: str = ""
     ax_acc.plot(rounds, [h["accuracy"] for h in rows], marker=".", color="tab:blue")
     ax_acc.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title="accuracy")
     ax_loss.plot(rounds, [h["loss"] for h in rows], marker=".", color="tab:red", label="test")
-    ax_loss.plot([h["round"] for h in history], [h["train_loss"] for h in history], color="tab:gray",
+    trained = [h for h in history if "train_loss" in h]  # a round in which no client trained has none
+    ax_loss.plot([h["round"] for h in trained], [h["train_loss"] for h in trained], color="tab:gray",
                  alpha=0.7, label="train (clients)")
     ax_loss.set(xlabel="round", ylabel="cross-entropy", title="loss")
     ax_loss.legend()

@@ -14,11 +14,13 @@ unless ``runtime.resume`` is false. If that checkpoint is the last round's and t
 runs, nothing is rewritten. If it ended (``final.pt``) but its results (``train.json``, ``rounds.csv``) are
 gone, it trains again from round 1: that is what ``dvc repro`` leaves when a change re-runs the stage (it
 removes the outputs, the checkpoints persist), and the change may be to the code, which the identity does not
-cover. A resumed training's MLflow run is the one ``run.json`` — the run facts written before every
-checkpoint — names for this experiment and split; none named (tracking was off, outputs from ``dvc pull``)
-means a new run. Without a checkpoint to resume the training starts at round 1, and whatever checkpoints the
-folder holds (another configuration's) are stale: they are removed once the new run has saved its first one,
-so a run that fails to start leaves the previous good ones in place.
+cover. So does one in which no client trained in any round (every sampled device excluded or over its budget): it
+has no model and never finished, whatever its folder holds (changed code may fit the devices). A resumed
+training's MLflow run is the one ``run.json`` — the run facts written before every checkpoint — names for this
+experiment and split; none named (tracking was off, outputs from ``dvc pull``) means a new run. Without a
+checkpoint to resume the training starts at round 1, and whatever checkpoints the folder holds (another
+configuration's) are stale: they are removed once the new run has saved its first one, so a run that fails to
+start leaves the previous good ones in place.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from fedmef_core.engine import Server
 from fedmef_core.errors import UserError
 from fedmef_core.io import InvalidFile
 from fedmef_core.registry import METHODS
+from fedmef_core.rounds import trained
 from fedmef_core.runs import RunPaths, read_run_facts, read_train_metrics
 
 
@@ -69,10 +72,8 @@ def resume(server: Server, paths: RunPaths) -> Resume:
     ckpt = resume_point(config, paths, partition, reference=server.checkpoint())
     if ckpt is None:
         return Resume(partition)
-    if int(ckpt["round"]) >= config.federation.rounds and (gone := outputs_gone(paths)):
-        print(f"the training in {paths.checkpoints} reached its last round, but its {' and '.join(gone)} "
-              "are gone (`dvc repro` removes a stage's outputs when a change, perhaps to the code, re-runs it): "
-              "training again from round 1", flush=True)
+    if int(ckpt["round"]) >= config.federation.rounds and (why := why_again(ckpt, paths)):
+        print(f"the training in {paths.checkpoints} {why}: training again from round 1", flush=True)
         return Resume(partition)
     server.restore(ckpt)
     print(f"resuming from round {server.round} (checkpoint in {paths.checkpoints})", flush=True)
@@ -103,6 +104,16 @@ def resume_point(config: ExperimentConfig, paths: RunPaths, partition: str, refe
     return latest_good_checkpoint(
         paths.checkpoints, accept=accept, on_skip=lambda msg: print(f"checkpoint skipped: {msg}", flush=True),
     )
+
+
+def why_again(last: dict, paths: RunPaths) -> str:
+    """Why a training whose `last` round's checkpoint is there trains again from round 1, or "" (it does not)."""
+    if not trained(last["history"]):
+        return "trained no client in any of its rounds (its model is the initial one)"
+    if gone := outputs_gone(paths):
+        return (f"reached its last round, but its {' and '.join(gone)} are gone (`dvc repro` removes a stage's "
+                "outputs when a change, perhaps to the code, re-runs it)")
+    return ""
 
 
 def outputs_gone(paths: RunPaths) -> list[str]:

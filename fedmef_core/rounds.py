@@ -4,6 +4,9 @@
 - :class:`RoundObserver`: the loop's three moments (the method's setup exchange, each finished round, the end);
   the pipeline's reports and outputs, and the bare loop's checkpoints and callback, are observers.
 - :class:`Checkpoints`: the one definition of what a training saves and when, used by both.
+- :func:`trained`: whether any client ever trained; a training in which none did (every sampled device excluded
+  or over its budget, round after round) has no trained model: :func:`no_client_trained`, one message for every
+  stage.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 from fedmef_core.checkpoint import FINAL_NAME, round_checkpoint_path, save_checkpoint
 from fedmef_core.config import ExperimentConfig
+from fedmef_core.errors import UserError
 
 
 @dataclass
@@ -30,6 +34,29 @@ class RoundOutcome:
     arrived: list[int] = field(default_factory=list)
     dropped: int = 0
     over_budget: list[int] = field(default_factory=list)
+
+
+class NoClientTrained(UserError):
+    """No client's update ever reached the model: it is the untrained initial one."""
+
+
+def trained(history: list[dict[str, Any]]) -> bool:
+    """Whether any round of `history` aggregated a client's update (a round whose sampled clients were all
+    excluded or over budget has ``clients`` 0 and leaves the model as it was)."""
+    return any(row["clients"] for row in history)
+
+
+def no_client_trained(config: ExperimentConfig, rounds: int, consequence: str) -> NoClientTrained:
+    """The error of a training of `config` in which no client trained in any of its `rounds`; `consequence`:
+    what that leaves undone (e.g. "no model is registered")."""
+    devices = config.devices
+    return NoClientTrained(
+        f"no client trained in any of the {rounds} rounds: every sampled client was excluded or over its memory "
+        f"budget (devices.profile: {devices.profile}, devices.policy: {devices.policy}), so the model is the "
+        f"untrained initial one and {consequence}; give the devices more memory (devices.tiers or devices.trace) "
+        "or a policy that fits them (devices.policy: fit_batch or fit_gamma, a smaller devices.min_batch), then "
+        "train again"
+    )
 
 
 class RoundObserver:

@@ -1,6 +1,7 @@
 """Round progress: a line per round on a terminal, a progress artifact in the Prefect UI.
 
-Off a terminal (CI, `dvc repro > log`) the per-round lines are left out; the flow's start and end
+Off a terminal (CI, `dvc repro > log`) the per-round lines are left out, but for a round in which no client
+trained (every sampled device excluded or over its budget), whose line says so; the flow's start and end
 messages and the Prefect UI's progress artifact still tell where a run is. The artifact is updated at most
 every `ARTIFACT_EVERY_S` seconds (and at the last round): each update is a call to the Prefect API.
 """
@@ -54,13 +55,15 @@ class RoundProgress:
         done = rnd - self.first_round + 1
         eta = (time.perf_counter() - self.started) / done * (self.total - rnd)
         acc = f"acc {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  " if "accuracy" in metrics else ""
+        trained = (f"train_loss {metrics['train_loss']:.4f}" if "train_loss" in metrics else
+                   "no client trained (all sampled excluded or over budget: the model is unchanged)")
         return (
             f"round {rnd:>4}/{self.total} [{100 * rnd / self.total:5.1f}%]  {acc}"
-            f"train_loss {metrics['train_loss']:.4f}  {metrics['round_seconds']:.1f}s  ETA {_eta(eta)}"
+            f"{trained}  {metrics['round_seconds']:.1f}s  ETA {_eta(eta)}"
         )
 
     def update(self, rnd: int, metrics: dict[str, float]) -> None:
-        if self.on_terminal:
+        if self.on_terminal or "train_loss" not in metrics:  # a round in which no client trained: said anywhere
             print(self.line(rnd, metrics), file=self.stream, flush=True)
         now = self.clock()
         if self._artifact is not None and (now - self._artifact_at >= ARTIFACT_EVERY_S or rnd == self.total):

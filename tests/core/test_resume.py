@@ -6,6 +6,7 @@ import torch
 from fedmef_core.checkpoint import load_checkpoint, round_checkpoints, save_checkpoint
 from fedmef_core.config import parse_config
 from fedmef_core.engine import TIMING_KEYS, run_rounds
+from fedmef_core.io import write_json
 from fedmef_core.resume import resume, split_of
 from fedmef_core.rounds import Checkpoints
 from fedmef_core.runs import run_facts, run_paths, write_run_facts
@@ -66,3 +67,23 @@ def test_a_checkpoint_whose_server_state_lies_is_skipped_and_the_previous_one_re
     skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoint skipped")]
     assert len(skipped) == 1 and newest.name in skipped[0] and says in skipped[0]
     assert run_rounds(server)[-1]["round"] == config.federation.rounds
+
+
+def test_a_training_in_which_no_client_ever_trained_is_not_finished_and_trains_again(tmp_path, capsys):
+    raw = tiny_raw(tmp_path)
+    raw["devices"] = {"profile": "tiers", "policy": "exclude", "tiers": [{"name": "tiny", "memory_mib": 0.5,
+                                                                         "share": 1.0}]}
+    config = parse_config(raw)
+    data = data_of(config)
+    paths, untrained = _trained(config, split_of(server_of(config, data)))
+    assert [row["clients"] for row in untrained.history] == [0, 0, 0]
+    # its end written as if it had finished (what an earlier version left): results, run facts, a registered model
+    (paths.metrics / "rounds.csv").write_text("round,accuracy,loss,train_loss,lr\n")
+    write_json(paths.metrics / "train.json", {"accuracy": 0.1, "loss": 2.3, "rounds": 3, "method": "fedavg"})
+    write_run_facts(paths, {**run_facts(config, split_of(untrained), "run-1"), "rounds_run": 3, "seconds": 1.0,
+                            "seconds_per_round": 0.3, "model_uri": "models:/fedmef-cnn/1"})
+    server = server_of(config, data)
+    start = resume(server, paths)
+    assert start.fresh and start.finished is None and server.round == 0
+    assert "trained no client in any of its rounds (its model is the initial one): training again from round 1" in \
+        capsys.readouterr().out

@@ -152,3 +152,68 @@ def test_a_run_without_devices_does_not_inherit_the_devices_files_of_the_folder(
     train_cli(params)  # another experiment in the same run folder, without devices
     assert (tmp_path / "metrics" / "train.json").is_file()
     assert not any(p.exists() for p in devices_files)
+
+TINY_AND_BIG = "devices.tiers=[{name: tiny, memory_mib: 0.5, share: 0.8}, {name: big, memory_mib: 64, share: 0.2}]"
+ONLY_TINY = "devices.tiers=[{name: tiny, memory_mib: 0.5, share: 1.0}]"
+NO_CLIENT = "no client trained in any of the 3 rounds: every sampled client was excluded or over its memory budget"
+
+
+def _mlflow_run(config):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(config.tracking.mlflow_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return client, runs
+
+
+def test_a_round_in_which_no_client_trained_says_so_and_the_training_goes_on(prefect_harness, tmp_path, capfd):
+    # rounds 2 and 4 sample only devices too small to train (excluded); rounds 1 and 3 train the one big device
+    params, config = prepare_run(tmp_path, rounds=4)
+    summary = train_cli(params, "devices.profile=tiers", "devices.policy=exclude", TINY_AND_BIG)
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "no client trained" in line]
+    assert [line.split("round")[1].split()[0] for line in lines] == ["2/4", "4/4"]  # off a terminal too
+    assert "Traceback" not in err and summary["rounds_run"] == 4 and summary["model_uri"]
+
+    client, [run] = _mlflow_run(config)
+    assert run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "clients")] == [
+        (1, 1), (2, 0), (3, 1), (4, 0)]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 3]
+    assert [r["train_loss"] for r in csv.DictReader(open(tmp_path / "metrics" / "rounds.csv"))][1::2] == ["", ""]
+
+
+def test_a_training_in_which_no_client_ever_trained_registers_nothing_and_fails_cleanly(prefect_harness, tmp_path,
+                                                                                        capsys):
+    from flows.evaluate import main as evaluate_cli
+
+    params, config = prepare_run(tmp_path, rounds=3)
+    only_tiny = ("devices.profile=tiers", "devices.policy=exclude", ONLY_TINY)
+    with pytest.raises(SystemExit) as exit_:
+        train_cli(params, *only_tiny)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and f"error: {NO_CLIENT}" in err and "no model is registered" in err
+    assert "Traceback" not in out + err
+
+    client, [run] = _mlflow_run(config)
+    assert run.info.status == "FAILED" and NO_CLIENT in run.data.tags["mlflow.note.content"]
+    clients = client.get_metric_history(run.info.run_id, "clients")
+    assert [(m.step, m.value) for m in clients] == [(1, 0), (2, 0), (3, 0)]
+    assert client.search_registered_models() == [] and client.search_model_versions() == []
+    assert not (tmp_path / "metrics" / "train.json").exists()
+
+    # a re-run does not take the untrained model for a finished training: it trains again, and fails the same way
+    with pytest.raises(SystemExit) as again:
+        train_cli(params, *only_tiny)
+    out, err = capsys.readouterr()
+    assert again.value.code == 2 and f"error: {NO_CLIENT}" in err and "already trained" not in out + err
+
+    # nor does evaluate report its accuracy as a result
+    argv = ["--params", str(params)] + [a for o in only_tiny for a in ("--set", o)]
+    with pytest.raises(SystemExit) as evaluated:
+        evaluate_cli(argv)
+    err = capsys.readouterr().err
+    assert evaluated.value.code == 2 and f"error: {NO_CLIENT}" in err and "there is nothing to evaluate" in err
+    assert not (tmp_path / "metrics" / "eval.json").exists()
+    client, runs = _mlflow_run(config)
+    assert [r.info.status for r in runs] == ["FAILED", "FAILED"] and client.search_model_versions() == []
