@@ -54,8 +54,8 @@ def no_client_trained(config: ExperimentConfig, rounds: int, consequence: str) -
         f"no client trained in any of the {rounds} rounds: every sampled client was excluded or over its memory "
         f"budget (devices.profile: {devices.profile}, devices.policy: {devices.policy}), so the model is the "
         f"untrained initial one and {consequence}; give the devices more memory (devices.tiers or devices.trace) "
-        "or a policy that fits them (devices.policy: fit_batch or fit_gamma, a smaller devices.min_batch), then "
-        "train again"
+        "or a policy that fits them (devices.policy: fit_batch, fit_gamma or accumulate, a smaller "
+        "devices.min_batch), then train again"
     )
 
 

@@ -153,6 +153,7 @@ def test_a_run_without_devices_does_not_inherit_the_devices_files_of_the_folder(
     assert (tmp_path / "metrics" / "train.json").is_file()
     assert not any(p.exists() for p in devices_files)
 
+
 TINY_AND_BIG = "devices.tiers=[{name: tiny, memory_mib: 0.5, share: 0.8}, {name: big, memory_mib: 64, share: 0.2}]"
 ONLY_TINY = "devices.tiers=[{name: tiny, memory_mib: 0.5, share: 1.0}]"
 NO_CLIENT = "no client trained in any of the 3 rounds: every sampled client was excluded or over its memory budget"
