@@ -86,15 +86,17 @@ def local_train(
         return iterate_batches(data, indices, min(fed.micro_batch or fed.batch_size, fed.batch_size),
                                generator=generator, shuffle=True, device=device)
 
-    step, loss_sum, seen = 0, 0.0, 0
+    step, loss_sum, seen, lr_sum = 0, 0.0, 0, 0.0
     for _ in range(fed.local_epochs):
         batches = iterate_batches(
             data, indices, fed.batch_size, generator=generator, shuffle=True,
             augment=config.data.augment, device=device,
         )
         for x, y in batches:
+            step_lr = client.lr(lr, step, total_steps)  # the round's lr, or the method's own (FedMef's BaE)
+            lr_sum += step_lr
             for group in optimizer.param_groups:
-                group["lr"] = client.lr(lr, step, total_steps)
+                group["lr"] = step_lr
             optimizer.zero_grad(set_to_none=True)
             split = fed.micro_batch is not None and len(y) > fed.micro_batch
             for xs, ys in zip(x.split(fed.micro_batch), y.split(fed.micro_batch)) if split else ((x, y),):
@@ -126,6 +128,7 @@ def local_train(
         state=state,
         train_loss=loss_sum / max(seen, 1),
         steps=step,
+        lr_mean=lr_sum / max(step, 1),
         upload=upload,
         memory=guard.report() if guard is not None else {},
     )

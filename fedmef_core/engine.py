@@ -115,10 +115,11 @@ class Server:
         if not isinstance(results, RoundResults):
             results = RoundResults.of(results)
         aggregator = Aggregator(self.algorithm, rnd, self.model, self.state)
-        losses = []
+        losses, lr_steps, steps = [], 0.0, 0
         for r in results:
             aggregator.add(r)
             losses.append(r.train_loss * r.num_samples)
+            lr_steps, steps = lr_steps + r.lr_mean * r.steps, steps + r.steps
             del r  # released before the next one is fetched
         nobody = plan is not None and self.fleet is not None and not aggregator.clients
         if not aggregator.clients and not nobody:
@@ -131,6 +132,7 @@ class Server:
             "round": rnd,
             "lr": self.lr_for_round(rnd),
             **({} if nobody else {"train_loss": sum(losses) / aggregator.samples}),
+            **({"lr_local": lr_steps / steps} if steps else {}),  # the mean lr of the clients' local steps
             "clients": aggregator.clients,
             "round_seconds": seconds + results.fetch_seconds,
             **method_metrics,

@@ -50,6 +50,7 @@ class ClientResult(Record):
     steps: int
     upload: Record | None = None  # the method's own data (e.g. top-k gradients); None: nothing beyond the state
     memory: dict[str, float] = field(default_factory=dict)  # what a client with a budget held (budget.MemoryGuard)
+    lr_mean: float = 0.0  # the mean learning rate of its local steps
 
     def to_dict(self) -> dict[str, Any]:
         return self.to_wire()
