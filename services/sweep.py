@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedmef_core.checkpoint import FINAL_NAME, CheckpointError, load_checkpoint
 from fedmef_core.config import (
@@ -42,9 +42,10 @@ from fedmef_core.config import (
 )
 from fedmef_core.evaluation import mean_of_last
 from fedmef_core.io import read_record
+from fedmef_core.names import folder_name
 from fedmef_core.runs import read_eval_metrics, read_run_facts, run_name, run_paths
 from services.comparison import CellResult
-from services.tracking.tracker import Tracker, ended, git_commit, prefect_flow_run_id
+from services.tracking.tracker import Tracker, ended, filter_value, git_commit, prefect_flow_run_id, store_failures
 
 Density = Annotated[float, Field(gt=0, le=1)]
 
@@ -75,6 +76,14 @@ class SweepSpec(BaseModel):
     name: str | None = Field(None, description="Name of the MLflow parent run (default: sweep-<grid digest>).")
     jobs: int = Field(1, ge=1, description="Cells trained at the same time (threads of this process).")
     root: str = Field("runs", description="Folder of the cells' run folders and of the shared partitions.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder_mlflow_finds(cls, name: str | None) -> str | None:
+        """The name is a folder, `<root>/sweeps/<name>`, and what a re-run finds its parent run by."""
+        if name is not None:
+            filter_value(folder_name(name, "the sweep's name"))
+        return name
 
     @model_validator(mode="after")
     def _reference_is_swept(self) -> SweepSpec:
@@ -266,7 +275,8 @@ def parent_run(tracking: TrackingConfig, name: str, digest: str, params: dict[st
     if tracker.enabled:
         tracker.check_reachable()
         tags = {"sweep": name, "sweep_digest": digest, "git_commit": git_commit()}
-        tracker.run_id = tracker.continue_or_start(name, {"sweep_digest": digest}, tags, params)
+        with store_failures(tracker.uri):
+            tracker.run_id = tracker.continue_or_start(name, {"sweep_digest": digest}, tags, params)
         tracker.set_tags({"prefect_flow_run_id": prefect_flow_run_id()})
     with ended(tracker):
         yield tracker
