@@ -64,9 +64,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         os.replace(tmp_path, path)
     except Exception as exc:
-        if (failure := write_failure(path, exc)) is None:
+        code = exc.errno if isinstance(exc, OSError) else None
+        if not (code in NOT_PERMITTED or code in DISK_FULL or _full(path.parent)):
             raise
-        raise failure from None
+        raise write_failure(path, exc) from None
     finally:
         if tmp_path is not None:
             try:
