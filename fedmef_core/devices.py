@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ import numpy as np
 from fedmef_core.budget import ClientPlan
 from fedmef_core.config import DevicesConfig, ExperimentConfig
 from fedmef_core.errors import UserError
+from fedmef_core.io import read_text
+from fedmef_core.names import metric_key, number_name
 from fedmef_core.planner import ClientStep, Fit, StepProfile, fit
 
 TRACE_COLUMNS = ("client_id", "memory_mib")
@@ -97,8 +100,7 @@ def read_trace(path: Path, num_clients: int) -> list[float]:
     """Budgets by client from a CSV ``client_id,memory_mib`` naming each client 0..num_clients-1 once."""
     fix = f"give one row per client 0..{num_clients - 1} with a positive memory_mib"
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
+        rows = list(csv.reader(io.StringIO(read_text(path, "devices.trace"), newline="")))
     except OSError as exc:
         raise DeviceTraceError(f"devices.trace: cannot read {path} ({exc.strerror or exc}); set devices.trace "
                                "to a CSV with header client_id,memory_mib") from None
@@ -137,7 +139,7 @@ def _from_budgets(budgets: list[float]) -> Assignment:
     """Tiers of a trace: one per distinct budget, or budget quartiles when there are many."""
     distinct = sorted(set(budgets))
     if len(distinct) <= MAX_TRACE_TIERS:
-        names = {b: f"{b:g}mib".replace(".", "_") for b in distinct}
+        names = {b: f"{number_name(b)}mib" for b in distinct}  # exact: two budgets never share a tier
         tier_of = tuple(names[b] for b in budgets)
         return Assignment(tuple(budgets), tier_of, tuple(names[b] for b in distinct))
     edges = np.quantile(budgets, [0.25, 0.5, 0.75])
@@ -245,23 +247,23 @@ class Fleet:
         out: dict[str, float] = {}
         for tier in (None, *self.assignment.tiers):
             mine = [r for r in rows if tier is None or r["tier"] == tier]
-            prefix = "devices/" if tier is None else f"devices/{tier}/"
-            out[prefix + "sampled"] = len(mine)
+            where = ("devices",) if tier is None else ("devices", tier)
+            out[metric_key(*where, "sampled")] = len(mine)
             for status in ("trained", "excluded", "over_budget"):
-                out[prefix + status] = sum(r["status"] == status for r in mine)
+                out[metric_key(*where, status)] = sum(r["status"] == status for r in mine)
             if tier is None:
                 continue
             trained = [r for r in mine if r["status"] == "trained"]
             if trained:
-                out[prefix + "batch_size"] = float(np.mean([r["batch_size"] for r in trained]))
+                out[metric_key(*where, "batch_size")] = float(np.mean([r["batch_size"] for r in trained]))
                 gammas = [r["gamma"] for r in trained if r["gamma"] != ""]
                 if gammas:
-                    out[prefix + "gamma"] = float(np.mean(gammas))
+                    out[metric_key(*where, "gamma")] = float(np.mean(gammas))
             held = [r["held_mib"] for r in mine if r["held_mib"] != ""]
             if held:
-                out[prefix + "held_mib"] = max(held)
-                out[prefix + "held_share"] = max(r["held_mib"] / r["budget_mib"] for r in mine
-                                                 if r["held_mib"] != "")  # of the budget
+                out[metric_key(*where, "held_mib")] = max(held)
+                out[metric_key(*where, "held_share")] = max(r["held_mib"] / r["budget_mib"] for r in mine
+                                                            if r["held_mib"] != "")  # of the budget
         return out
 
     def tier_accuracy(self, per_class_accuracy: Sequence[float]) -> dict[str, float]:

@@ -18,18 +18,44 @@ from typing import Any
 from fedmef_core.errors import UserError
 
 
-class DiskFull(UserError):
+class WriteFailed(UserError):
+    """A write the file system refused: the message names the file and the fix; what was there is kept."""
+
+
+class DiskFull(WriteFailed):
     """A write found no space left on its device (or the user's quota spent)."""
 
 
+class NotPermitted(WriteFailed):
+    """A write refused for its permissions: a folder or file made read-only (chmod, chattr +i, a read-only
+    mount), or owned by another user."""
+
+
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_PERMITTED = (errno.EACCES, errno.EPERM, errno.EROFS)
+KEPT = "What was written before is kept whole: a training resumes from its last checkpoint"
+
+
+def write_failure(path: Path, exc: BaseException) -> WriteFailed | None:
+    """The one-line error of a failed write of `path` the user can fix (module doc), or None for any other
+    failure. A library that does not pass ENOSPC on (torch.save: ``RuntimeError: ... unexpected pos``) is
+    recognised by the file system it wrote to being full."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code in NOT_PERMITTED:
+        return NotPermitted(f"cannot write {path}: {os.strerror(code).lower()}; make {path.parent} writable for "
+                            f"this user (chmod, chattr -i, a read-write mount) or write elsewhere (e.g. "
+                            f"runtime.run_dir), and run again. {KEPT}")
+    if code in DISK_FULL or _full(path.parent):
+        return DiskFull(f"cannot write {path}: {os.strerror(code if code in DISK_FULL else errno.ENOSPC).lower()}; "
+                        f"free some space there (or write elsewhere, e.g. runtime.run_dir) and run again. {KEPT}")
+    return None
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path in the target's folder; on success it replaces `path` atomically. A full disk, at any
-    step (ENOSPC, or any failure while the file system has no space left), leaves `path` as it was and no temp
-    file, and is one :class:`DiskFull` message."""
+    """Yield a temp path in the target's folder; on success it replaces `path` atomically. A write the user can
+    fix, at any step — a full disk, a folder made read-only — leaves `path` as it was and no temp file, and is
+    one :class:`WriteFailed` message (:func:`write_failure`)."""
     path = Path(path)
     tmp_path = None
     try:
@@ -38,15 +64,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         os.replace(tmp_path, path)
     except Exception as exc:
-        code = exc.errno if isinstance(exc, OSError) and exc.errno in DISK_FULL else errno.ENOSPC
-        if not (isinstance(exc, OSError) and exc.errno in DISK_FULL or _full(path.parent)):
+        code = exc.errno if isinstance(exc, OSError) else None
+        if not (code in NOT_PERMITTED or code in DISK_FULL or _full(path.parent)):
             raise
-        raise DiskFull(f"cannot write {path}: {os.strerror(code).lower()}; free some space there "
-                       "(or write elsewhere, e.g. runtime.run_dir) and run again. What was written before is kept "
-                       "whole: a training resumes from its last checkpoint") from None
+        raise write_failure(path, exc) from None
     finally:
         if tmp_path is not None:
-            tmp_path.unlink(missing_ok=True)
+            try:
+                tmp_path.unlink(missing_ok=True)
+            except OSError:  # a folder made read-only after the temp file was made: it keeps it
+                pass
 
 
 FULL_BELOW = 1 << 20  # bytes free: a write that failed there failed for want of space
@@ -95,6 +122,23 @@ def read_json(path: str | Path) -> Any:
 
 class InvalidFile(UserError, ValueError):
     """A file the tool wrote earlier no longer holds what it wrote (truncated, edited, another tool's)."""
+
+
+class NotUtf8(InvalidFile):
+    """A text file a user handed over is not UTF-8 (saved in another encoding, or not text at all)."""
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """The text of a file a user hands over (`what` names its setting, e.g. ``devices.trace``), decoded as UTF-8;
+    a file that is not is one :class:`NotUtf8` line naming the file, the line and the byte. `OSError` passes."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise NotUtf8(f"{what} {path}: byte 0x{data[exc.start]:02x} on line {line} is not UTF-8; save the file as "
+                      "UTF-8 (e.g. `iconv -f latin1 -t utf-8`) and run again") from None
 
 
 NUMBER = (int, float)

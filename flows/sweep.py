@@ -66,6 +66,7 @@ from services.tracking.logged_models import point_aliases
 from services.tracking.tracker import Tracker, TrackingUnavailable
 from tasks.evaluation import evaluate_model
 from tasks.partitioning import partition_dataset
+from tasks.preflight import check_folder
 
 
 @task(name="sweep-cell", cache_policy=NO_CACHE, task_run_name="{name}")
@@ -192,8 +193,10 @@ def spec_from_args(argv: list[str] | None, prog: str | None = None) -> SweepSpec
 
 
 def preflight(spec: SweepSpec) -> None:
-    """Every cell's config validates, the data loads and MLflow answers — before anything runs."""
+    """Every cell's config validates, the root can be written, the data loads and MLflow answers — before
+    anything runs."""
     cells = plan_cells(spec)
+    check_folder(Path(spec.root), "--root")
     for config in {c.config.data.model_dump_json(): c.config for c in cells}.values():
         load_dataset(config.data)
     Tracker(cells[0].config.tracking).check_reachable()

@@ -24,6 +24,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from scipy import stats
 
+from fedmef_core.names import metric_key
 from fedmef_core.plots import save_png
 
 DENSE = 1.0  # the density a dense method runs at, whatever the grid says
@@ -235,16 +236,17 @@ def summary_metrics(rows: Sequence[SummaryRow], paired: Sequence[PairedRow]) -> 
     """Flat metrics for the sweep's parent run, e.g. `acc_mean/fedmef/d0.1`, `diff_mean/fedmef-fedtiny/d0.1`."""
     out: dict[str, float] = {}
     for r in rows:
-        out[f"acc_mean/{r.method}/d{r.density:g}"] = r.mean
-        out[f"acc_std/{r.method}/d{r.density:g}"] = r.std
+        cell = (r.method, f"d{r.density:g}")
+        out[metric_key("acc_mean", *cell)] = r.mean
+        out[metric_key("acc_std", *cell)] = r.std
         if r.last_round_mean is not None:
-            out[f"acc_last_round/{r.method}/d{r.density:g}"] = r.last_round_mean
+            out[metric_key("acc_last_round", *cell)] = r.last_round_mean
     for p in paired:
-        name = f"{p.method}-{p.reference}/d{p.density:g}"
-        out[f"diff_mean/{name}"] = p.interval.mean
+        pair = (f"{p.method}-{p.reference}", f"d{p.density:g}")
+        out[metric_key("diff_mean", *pair)] = p.interval.mean
         if p.interval.n > 1:
-            out[f"diff_ci_low/{name}"] = p.interval.low
-            out[f"diff_ci_high/{name}"] = p.interval.high
+            out[metric_key("diff_ci_low", *pair)] = p.interval.low
+            out[metric_key("diff_ci_high", *pair)] = p.interval.high
     return out
 
 

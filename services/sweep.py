@@ -44,9 +44,10 @@ from fedmef_core.config import (
 )
 from fedmef_core.evaluation import mean_of_last
 from fedmef_core.io import read_record
+from fedmef_core.names import folder_name
 from fedmef_core.runs import read_eval_metrics, read_run_facts, run_name, run_paths
 from services.comparison import CellResult
-from services.tracking.tracker import Tracker, ended, git_commit, prefect_flow_run_id
+from services.tracking.tracker import Tracker, ended, filter_value, git_commit, prefect_flow_run_id, store_failures
 
 Density = Annotated[float, Field(gt=0, le=1)]
 
@@ -82,6 +83,14 @@ class SweepSpec(BaseModel):
     @classmethod
     def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         return no_booleans_for_numbers(cls, value, info)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder_mlflow_finds(cls, name: str | None) -> str | None:
+        """The name is a folder, `<root>/sweeps/<name>`, and what a re-run finds its parent run by."""
+        if name is not None:
+            filter_value(folder_name(name, "the sweep's name"))
+        return name
 
     @model_validator(mode="after")
     def _reference_is_swept(self) -> SweepSpec:
@@ -273,7 +282,8 @@ def parent_run(tracking: TrackingConfig, name: str, digest: str, params: dict[st
     if tracker.enabled:
         tracker.check_reachable()
         tags = {"sweep": name, "sweep_digest": digest, "git_commit": git_commit()}
-        tracker.run_id = tracker.continue_or_start(name, {"sweep_digest": digest}, tags, params)
+        with store_failures(tracker.uri):
+            tracker.run_id = tracker.continue_or_start(name, {"sweep_digest": digest}, tags, params)
         tracker.set_tags({"prefect_flow_run_id": prefect_flow_run_id()})
     with ended(tracker):
         yield tracker

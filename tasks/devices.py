@@ -13,6 +13,7 @@ from fedmef_core.config import ExperimentConfig
 from fedmef_core.devices import Fleet
 from fedmef_core.engine import Server
 from fedmef_core.io import write_json, write_text
+from fedmef_core.names import metric_key
 from fedmef_core.plots import plot_participation
 from fedmef_core.runs import RunPaths
 from services.tracking.tracker import Tracker
@@ -73,11 +74,11 @@ class DeviceReporter:
         write_json(summary_json, {**summary, **fleet.assignment.to_dict()})
         plot_participation(self.rows, fleet.assignment.tiers, plot,
                            title=f"{self.config.pruning.method}: who trained ({self.config.devices.policy})")
-        metrics = {"devices/participation": summary["participation"]}
+        metrics = {metric_key("devices", "participation"): summary["participation"]}
         for t in tiers:
-            metrics[f"devices/{t['tier']}/participation"] = t["participation"]
+            metrics[metric_key("devices", t["tier"], "participation")] = t["participation"]
             if t["accuracy_on_its_data"] is not None:
-                metrics[f"devices/{t['tier']}/accuracy"] = t["accuracy_on_its_data"]
+                metrics[metric_key("devices", t["tier"], "accuracy")] = t["accuracy_on_its_data"]
         self.tracker.log_metrics(metrics, step=rounds)
         for path, where in [(self.csv, "devices"), (summary_json, "devices"), (plot, "plots")]:
             self.tracker.log_artifact(path, where)

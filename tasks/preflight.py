@@ -60,25 +60,31 @@ def output_folders(config: ExperimentConfig, *settings: str) -> dict[str, Path]:
     return {s: where[s] for s in settings if where[s] is not None}
 
 
+def check_folder(folder: Path, setting: str) -> None:
+    """`folder` can be created and written (a probe file, removed again), else one :class:`UnwritableFolder`
+    line naming `setting` (``runtime.run_dir``, ``--root``) as the fix: before any work, instead of a failure
+    after training has started."""
+    probe = folder / f".fedmef-probe-{uuid.uuid4().hex}"
+    made = [f for f in (folder, *folder.parents) if not f.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UnwritableFolder(
+            f"{setting}: cannot write to {folder} ({exc.strerror or type(exc).__name__}); "
+            f"set {setting} to a folder you can write"
+        ) from None
+    finally:  # and the folders the probe made with it: a run refused later leaves no folder
+        for f in made:
+            with contextlib.suppress(OSError):
+                f.rmdir()
+
+
 def check_writable(config: ExperimentConfig, *settings: str) -> None:
-    """Each folder can be created and written (a probe file, removed again, and the folders the probe made with
-    it): before any work, instead of a failure after training has started; a run refused later leaves no folder."""
+    """Each of the config's output folders `settings` can be created and written (:func:`check_folder`)."""
     for setting, folder in output_folders(config, *settings).items():
-        probe = folder / f".fedmef-probe-{uuid.uuid4().hex}"
-        made = [f for f in (folder, *folder.parents) if not f.exists()]  # deepest first
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise UnwritableFolder(
-                f"runtime.{setting}: cannot write to {folder} ({exc.strerror or type(exc).__name__}); "
-                f"set runtime.{setting} to a folder you can write"
-            ) from None
-        finally:
-            for f in made:
-                with contextlib.suppress(OSError):
-                    f.rmdir()
+        check_folder(folder, f"runtime.{setting}")
 
 
 def check_devices(config: ExperimentConfig) -> None:

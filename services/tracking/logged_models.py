@@ -41,7 +41,7 @@ from fedmef_core.models import prunable_weights
 from fedmef_core.models.nsconv import attach_masks
 from fedmef_core.sparse import apply_masks
 from services.comparison import CellResult, best_aliases
-from services.tracking.tracker import Tracker, store_failures, store_uri
+from services.tracking.tracker import Tracker, filter_value, store_failures, store_uri
 
 MODEL_NAME = "model"  # the run's logged model: runs:/<run id>/model
 EXAMPLE_SIZE = 2  # test images in the input example
@@ -256,7 +256,7 @@ def point_aliases(tracking: TrackingConfig, results: Sequence[CellResult]) -> li
         client = MlflowClient(tracking_uri=store, registry_uri=store)
         versions: dict[str, tuple[str, str]] = {}  # run id -> (registered model, newest version it logged)
         for run_id in dict.fromkeys(r.mlflow_run_id for r in results if r.mlflow_run_id):
-            found = client.search_model_versions(f"run_id = '{run_id}'")
+            found = client.search_model_versions(f"run_id = {filter_value(run_id)}")
             if found:
                 newest = max(found, key=lambda v: int(v.version))
                 versions[run_id] = (newest.name, newest.version)

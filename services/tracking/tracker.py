@@ -56,6 +56,51 @@ class TrackingUnavailable(UserError):
     """The MLflow tracking store cannot be reached."""
 
 
+class TrackingRefused(UserError):
+    """The store answered and refused a request (a bad name or value): a bug, reported at once, never retried."""
+
+
+class FilterValueError(UserError, ValueError):
+    """Text that no MLflow search filter can hold (both quote characters)."""
+
+
+def filter_value(text: str) -> str:
+    """`text` as a string literal of an MLflow search filter (``tags.sweep = {filter_value(name)}``) — the one
+    place user text enters a filter. MLflow has no escape inside a literal: it takes what lies between the
+    quotes as it is, and a literal may be quoted with ``'`` or ``"``. So text without ``'`` is single-quoted,
+    text with ``'`` double-quoted, and text holding both cannot be searched for: a :class:`FilterValueError`."""
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    raise FilterValueError(f"{text!r} holds both quote characters (' and \"), which no MLflow search can match; "
+                           "leave one of them out")
+
+
+# what MLflow says when it refuses a request (HTTP 4xx) and trying again cannot help; too many requests (429)
+# and a timeout (408) are an outage like a 5xx
+NOT_REFUSALS = {408, 429}
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether `exc` is the store refusing a request — a bad name or value, an unknown or deleted run — rather
+    than a store that is away (a connection error, a 5xx, a locked sqlite file)."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    status = exc.get_http_status_code()
+    return 400 <= status < 500 and status not in NOT_REFUSALS
+
+
+def refusal(uri: str, exc: BaseException, what: str = "a request", mid_run: bool = False) -> str:
+    """One line for a request the store at `uri` refused (`mid_run`: the run's own logging)."""
+    kept = (" The run folder keeps its last checkpoint and metrics, and the MLflow run is marked FAILED"
+            if mid_run else "")
+    return f"MLflow tracking store {uri} refused {what} ({short(exc, 300)}); this is a bug: please report this line." \
+        + kept
+
+
 def repository_root(cwd: Path | None = None) -> Path:
     """The repository a command runs for: the working directory, or — inside one of DVC's experiment
     workspaces (``<repo>/.dvc/tmp/exps/...``, where queued experiments run) — the repository itself."""
@@ -134,6 +179,7 @@ class Tracker:
         self._held: list[Any] = []  # metrics (mlflow Metric) not yet handed to `pending`
         self._last_send = self._last_try = float("-inf")
         self.offline = False
+        self.refused: list[tuple[str, str]] = []  # what the store refused at the end (already said once)
         self._logged_through, self._logged_keys = -1, frozenset()  # what a resumed run already holds
         self._monitor = None  # MLflow's system metrics thread, while one runs
         self.model_logged: Any = None  # what :meth:`log_model` returned, once sent
@@ -215,7 +261,8 @@ class Tracker:
         from mlflow.entities import Param
 
         exp_id = self.experiment_id(create=True)
-        wanted = " and ".join([f"tags.{k} = '{v}'" for k, v in match.items()] + [f"attributes.run_name = '{run_name}'"])
+        wanted = " and ".join([f"tags.`{k}` = {filter_value(v)}" for k, v in match.items()]
+                              + [f"attributes.run_name = {filter_value(run_name)}"])
         found = self._client.search_runs([exp_id], wanted, max_results=1, order_by=["attributes.start_time DESC"])
         if found:
             self._client.update_run(found[0].info.run_id, status="RUNNING")
@@ -243,7 +290,7 @@ class Tracker:
         exp_id = self.experiment_id(create=False)
         if exp_id is None:
             return []
-        running = self._client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'")
+        running = self._client.search_runs([exp_id], filter_string=f"attributes.status = {filter_value('RUNNING')}")
         orphans = [r.info.run_id for r in running if r.data.tags.get("run_dir") == run_dir]
         for orphan in orphans:
             self._client.set_terminated(orphan, status="KILLED")
@@ -365,6 +412,9 @@ class Tracker:
             self._monitor.finish()
             self._monitor = None
         self._send(("status", status), functools.partial(self._client.set_terminated, self.run_id, status=status))
+        if self.refused:
+            print(f"warning: MLflow tracking store {self.uri} refused, and run {self.run_id} lacks: "
+                  f"{describe_lost(self.refused)}", flush=True)
         if self.pending:
             print(f"warning: MLflow tracking store {self.uri} is still unreachable; not logged to run "
                   f"{self.run_id}: {describe_lost([what for what, _ in self.pending])} (the run folder's "
@@ -398,9 +448,15 @@ class Tracker:
             try:
                 with quiet_retries():
                     self.pending[0][1]()
-            except Exception as exc:  # whatever the store or the network raised: tracking never stops training
-                self._went_offline(exc)
-                return
+            except Exception as exc:  # noqa: BLE001 - a refusal is a bug; anything else an outage, retried
+                if not refused(exc):  # whatever the store or the network raised: tracking never stops training
+                    self._went_offline(exc)
+                    return
+                what = self.pending.pop(0)[0]
+                if force:  # the run's end: send the rest, say what was refused
+                    self.refused.append(what)
+                    continue
+                raise TrackingRefused(refusal(self.uri, exc, describe_lost([what]), mid_run=True)) from None
             self.pending.pop(0)
         if self.offline:
             print(f"MLflow tracking store {self.uri} is back: run {self.run_id} caught up", flush=True)
@@ -463,6 +519,8 @@ def store_failures(uri: str) -> Iterator[None]:
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure of an outside store is one message
+        if refused(exc):
+            raise TrackingRefused(refusal(uri, exc)) from None
         raise TrackingUnavailable(store_problem(uri, exc)) from None
 
 

@@ -147,3 +147,37 @@ def test_summary_of_a_metrics_file_that_lies_is_one_message(tmp_path, capsys, na
     err = capsys.readouterr().err
     assert ended.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"error: {metrics / name}") and says in err and "to write it again" in err
+
+
+def _trace_run(tmp_path: Path, trace: bytes):
+    from tests.conftest import prepare_run, train_cli
+
+    params, config = prepare_run(tmp_path, rounds=2)
+    (tmp_path / "trace.csv").write_bytes(trace)
+    return config, lambda: train_cli(params, "devices.profile=trace", f"devices.trace={tmp_path / 'trace.csv'}")
+
+
+def test_a_trace_that_is_not_utf8_is_one_message_naming_the_file_and_line(prefect_harness, tmp_path, capsys):
+    config, train = _trace_run(tmp_path, b"client_id,memory_mib\n0,64\n1,64 # caf\xe9\n")
+    with pytest.raises(SystemExit) as ended:
+        train()
+    out, err = capsys.readouterr()
+    assert ended.value.code == 2 and "Traceback" not in out + err, err
+    [line] = [line for line in err.splitlines() if line.startswith("error")]
+    assert line == (f"error: devices.trace {tmp_path / 'trace.csv'}: byte 0xe9 on line 3 is not UTF-8; save the file "
+                    "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) and run again")
+
+
+def test_a_budget_of_any_size_is_a_tier_and_metric_name_mlflow_accepts(prefect_harness, tmp_path):
+    """1048576 MiB was the tier `1_04858e+06mib` (a name MLflow refuses, and 1048577 MiB the same tier)."""
+    from mlflow.tracking import MlflowClient
+
+    budgets = [1048576, 1048577, 2048, 64.5, 1048576, 2048]
+    config, train = _trace_run(tmp_path, ("client_id,memory_mib\n" + "".join(
+        f"{c},{b}\n" for c, b in enumerate(budgets))).encode())
+    summary = train()
+    devices = json.loads((tmp_path / "metrics" / "devices.json").read_text())
+    assert devices["tiers"] == ["64_5mib", "2048mib", "1048576mib", "1048577mib"]  # one per budget
+    run = MlflowClient(config.tracking.mlflow_uri).get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert {"devices/1048576mib/participation", "devices/1048577mib/sampled"} <= set(run.data.metrics)

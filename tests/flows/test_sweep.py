@@ -202,3 +202,41 @@ def test_cells_built_in_parallel_threads_start_from_their_own_seed(tmp_path):
             t.join()
         for i, reference in enumerate(alone[:-1]):
             assert all(torch.equal(reference[k], built[i][k]) for k in reference), f"seed {i}"
+
+
+def _sweep_cli(tmp_path: Path, *args: str):
+    from flows.sweep import main
+
+    return main(["--methods", "fedavg", "--params", str(write_params(tmp_path)), "--root", str(tmp_path / "runs"),
+                 *args])
+
+
+def test_a_sweep_named_with_a_quote_runs_and_a_re_run_finds_its_parent_run(prefect_harness, tmp_path):
+    """`o'brien` ended in MLflow's filter-syntax traceback when the sweep looked for its parent run."""
+    first = _sweep_cli(tmp_path, "--name", "o'brien")
+    again = _sweep_cli(tmp_path, "--name", "o'brien")
+    assert again["parent_run_id"] == first["parent_run_id"] and not any(again["steps"].values())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parents = client.search_runs([client.get_experiment_by_name("sweep").experiment_id],
+                                 "tags.sweep_digest != ''")
+    assert [p.info.run_name for p in parents] == ["o'brien"]
+    assert (tmp_path / "runs" / "sweeps" / "o'brien" / "comparison.md").is_file()
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "..", "/tmp/x", "both'\"quotes"])
+def test_a_sweep_name_that_would_leave_its_root_or_break_a_search_is_refused(tmp_path, capsys, name):
+    with pytest.raises(SystemExit) as ended:
+        _sweep_cli(tmp_path, "--name", name)
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and err.startswith("error: the sweep is invalid:\n- name: ") and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written, no store made
+
+
+def test_an_unwritable_sweep_root_is_one_message_before_any_work(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as ended:
+        _sweep_cli(tmp_path, "--root", str(tmp_path / "a-file" / "runs"))  # the last --root wins
+    err = capsys.readouterr().err
+    assert ended.value.code == 2
+    assert err == f"error: --root: cannot write to {tmp_path / 'a-file' / 'runs'} (Not a directory); set --root to a " \
+        "folder you can write\n"

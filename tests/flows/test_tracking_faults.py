@@ -358,3 +358,71 @@ def test_evaluate_checks_the_store_before_any_work(tmp_path, capfd):
     assert ended.value.code == 2
     assert _one_error_line(capfd).startswith(f"error: MLflow tracking store {config.tracking.mlflow_uri} is damaged")
     assert not (tmp_path / "metrics" / "eval.json").exists()
+
+
+def _runs(config) -> list:
+    client = MlflowClient(config.tracking.mlflow_uri)
+    return client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id])
+
+
+def test_a_folder_made_read_only_mid_run_is_one_message_and_keeps_the_last_good_checkpoint(
+        prefect_harness, tmp_path, capsys, monkeypatch):
+    """After round 1's checkpoint the checkpoints folder is made immutable for real (`chattr +i`: root ignores
+    permission bits, not this); round 2's checkpoint then fails with EPERM."""
+    from fedmef_core.checkpoint import load_checkpoint
+    from tasks.checkpoints import RoundSaver
+
+    params, config = prepare_run(tmp_path, rounds=3)
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not allowed here")
+    subprocess.run(["chattr", "-i", str(folder)], check=True)
+    save_round = RoundSaver.save_round
+
+    def then_freeze(self, server, rnd):
+        saved = save_round(self, server, rnd)
+        if rnd == 1:
+            subprocess.run(["chattr", "+i", str(folder)], check=True)
+        return saved
+
+    monkeypatch.setattr(RoundSaver, "save_round", then_freeze)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            train_cli(params)
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    out, err = capsys.readouterr()
+    assert ended.value.code == 2 and "Traceback" not in out + err, err
+    [line] = [line for line in err.splitlines() if line.startswith("error")]
+    assert line.startswith(f"error: cannot write {folder / 'round_0002.pt'}: operation not permitted; make {folder} "
+                           "writable")
+    assert load_checkpoint(folder / "round_0001.pt")["round"] == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["round_0001.pt", "round_0001.pt.sha256"]
+    assert [r.info.status for r in _runs(config)] == ["FAILED"]
+
+
+def test_a_request_mlflow_refuses_ends_the_training_at_once_and_the_run_failed(prefect_harness, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A metric name MLflow refuses (a bug, as the tier name ``1_04858e+06mib`` of a 1048576 MiB budget was) is
+    reported at once in one line — not retried as an outage, the run left RUNNING and the exit status 0."""
+    params, config = prepare_run(tmp_path, rounds=3)
+    report = RoundReporter.__call__
+
+    def report_a_name_mlflow_refuses(self, server, rnd, metrics):
+        report(self, server, rnd, metrics)
+        self.tracker.log_metrics({"devices/1_04858e+06mib/sampled": 3.0}, step=rnd)
+        self.tracker.flush()
+
+    monkeypatch.setattr(RoundReporter, "__call__", report_a_name_mlflow_refuses)
+    with pytest.raises(SystemExit) as ended:
+        train_cli(params)
+    out, err = capsys.readouterr()
+    assert ended.value.code == 2 and "Traceback" not in out + err, err
+    assert "unreachable" not in out + err and "training goes on" not in out + err
+    [line] = [line for line in err.splitlines() if line.startswith("error")]
+    assert line.startswith(f"error: MLflow tracking store {config.tracking.mlflow_uri} refused metrics of steps 1 (")
+    assert "devices/1_04858e+06mib/sampled" in line and "this is a bug" in line
+    assert not (tmp_path / "checkpoints" / "round_0002.pt").exists()  # stopped at once, in round 1
+    [run] = _runs(config)
+    assert run.info.status == "FAILED" and "memory/footprint_mib" in run.data.metrics  # what came before, sent

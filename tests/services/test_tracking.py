@@ -332,3 +332,31 @@ def test_the_partition_is_the_runs_dataset_input_once_also_after_a_resume(tmp_pa
     assert json.loads(logged.dataset.profile) == {"clients": 3, "samples": 100, "partition_sha256": digest,
                                                   "scheme": "dirichlet", "seed": 1}
     assert json.loads(logged.dataset.source)["uri"].endswith("/partitions/clients.json")
+
+
+@pytest.mark.parametrize("name", ["o'brien", 'say "hi"', "back\\slash", "100%_x", "plain"])
+def test_a_filter_value_matches_exactly_the_text_it_quotes(tmp_path, name):
+    from services.tracking.tracker import filter_value
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("x")
+    for other in ("o", "brien", "say", name + "x"):
+        client.create_run(exp, run_name=other, tags={"t": other})
+    run = client.create_run(exp, run_name=name, tags={"t": name})
+    for where in (f"attributes.run_name = {filter_value(name)}", f"tags.`t` = {filter_value(name)}"):
+        assert [r.info.run_id for r in client.search_runs([exp], where)] == [run.info.run_id]
+
+
+def test_a_refused_request_is_told_from_a_store_that_is_away():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2 as codes
+
+    from services.tracking.tracker import refused
+
+    def error(code):
+        return MlflowException("...", error_code=getattr(codes, code))
+
+    assert all(refused(error(c)) for c in ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST"))
+    assert not refused(MlflowException("API request failed with exception ConnectionError"))  # INTERNAL_ERROR
+    assert not any(refused(error(c)) for c in ("REQUEST_LIMIT_EXCEEDED", "TEMPORARILY_UNAVAILABLE"))  # 429, 503
+    assert not refused(ConnectionError("refused"))
