@@ -35,7 +35,7 @@ from fedmef_core.engine import Server
 from fedmef_core.errors import UserError
 from fedmef_core.io import InvalidFile
 from fedmef_core.registry import METHODS
-from fedmef_core.rounds import trained
+from fedmef_core.rounds import untrained
 from fedmef_core.runs import RunPaths, read_run_facts, read_train_metrics
 
 
@@ -108,7 +108,7 @@ def resume_point(config: ExperimentConfig, paths: RunPaths, partition: str, refe
 
 def why_again(last: dict, paths: RunPaths) -> str:
     """Why a training whose `last` round's checkpoint is there trains again from round 1, or "" (it does not)."""
-    if not trained(last["history"]):
+    if untrained(last["history"]):
         return "trained no client in any of its rounds (its model is the initial one)"
     if gone := outputs_gone(paths):
         return (f"reached its last round, but its {' and '.join(gone)} are gone (`dvc repro` removes a stage's "

@@ -40,10 +40,10 @@ class NoClientTrained(UserError):
     """No client's update ever reached the model: it is the untrained initial one."""
 
 
-def trained(history: list[dict[str, Any]]) -> bool:
-    """Whether any round of `history` aggregated a client's update (a round whose sampled clients were all
-    excluded or over budget has ``clients`` 0 and leaves the model as it was)."""
-    return any(row["clients"] for row in history)
+def untrained(history: list[dict[str, Any]]) -> bool:
+    """Whether `history` has rounds and none of them aggregated a client's update (a round whose sampled clients
+    were all excluded or over budget has ``clients`` 0 and leaves the model as it was)."""
+    return bool(history) and not any(row["clients"] for row in history)
 
 
 def no_client_trained(config: ExperimentConfig, rounds: int, consequence: str) -> NoClientTrained:

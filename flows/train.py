@@ -14,7 +14,7 @@ from fedmef_core.config import ExperimentConfig
 from fedmef_core.engine import Server, run_rounds
 from fedmef_core.evaluation import mean_last_key
 from fedmef_core.resume import resume
-from fedmef_core.rounds import RoundObserver, RoundOutcome, no_client_trained, trained
+from fedmef_core.rounds import RoundObserver, RoundOutcome, no_client_trained, untrained
 from fedmef_core.runs import run_facts, run_lock, run_name, run_paths
 from flows import cli
 from flows.cli import fails_cleanly
@@ -74,7 +74,7 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
             outputs = RoundOutputs(report, devices, RoundSaver(config, paths, facts, fresh=start.fresh), tracker)
             # Ctrl-C / SIGTERM: at once while clients train or the server aggregates, else after the round's writes
             run_rounds(server, updates, observers=[outputs], stops=safe_points)
-            if not trained(server.history):  # every sampled client excluded or over budget, every round
+            if untrained(server.history):  # every sampled client excluded or over budget, every round
                 error = no_client_trained(config, len(server.history), "no model is registered")
                 tracker.describe(f"{run_description(config)}\n\n**failed**: {error}")
                 raise error  # the run ends FAILED; no results are written

@@ -17,7 +17,7 @@ from fedmef_core.data import load_dataset, load_partition, partition_origin
 from fedmef_core.device import resolve_device
 from fedmef_core.engine import Server
 from fedmef_core.models import build_model
-from fedmef_core.rounds import Checkpoints, RoundOutcome, no_client_trained, trained
+from fedmef_core.rounds import Checkpoints, RoundOutcome, no_client_trained, untrained
 from fedmef_core.runs import RunPaths, write_run_facts
 from tasks.masks import save_adjusted_masks
 
@@ -58,7 +58,7 @@ def load_final_model(config: ExperimentConfig, paths: RunPaths) -> tuple[torch.n
             f"{paths.checkpoints / FINAL_NAME} was written by a different configuration (e.g. another model.arch "
             "or pruning.method); evaluate with the config that trained it, or re-run the train stage"
         )
-    if not trained(ckpt["history"]):  # a training that failed so: its untrained model is no result
+    if untrained(ckpt["history"]):  # a training that failed so: its untrained model is no result
         raise no_client_trained(config, int(ckpt["round"]), "there is nothing to evaluate")
     train, _ = load_dataset(config.data)
     model = build_model(config.model, train.images.shape[1], train.num_classes, train.images.shape[-1])
