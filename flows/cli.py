@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,17 @@ from fedmef_core.errors import UserError
 from flows.lifecycle import detach_temporary_server, exit_code, signals_interrupt
 
 Options = dict[str, dict[str, Any]]  # a flow's own flags: "--flag" -> argparse keywords, `dest` its parameter
+
+
+def finite_number(text: str) -> float:
+    """A command-line number that is finite: `nan` and `inf` mean no setting."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def config_parser(description: str, prog: str | None = None, options: Options | None = None

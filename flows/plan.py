@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from typing import Any
 
@@ -24,23 +23,13 @@ from fedmef_core.data import DatasetUnavailable, load_dataset
 from fedmef_core.errors import UserError
 from fedmef_core.planner import BOUNDS, MIB, POLICIES, ClientStep, Fit, fit, profile_config
 from fedmef_core.registry import ARCHITECTURES, METHODS
+from flows.cli import finite_number
 
 PARTS = ("weights", "activations", "gradients", "optimizer")
 
 
 class PlanError(UserError, ValueError):
     """A mistake on the command line."""
-
-
-def finite_number(text: str) -> float:
-    """A command-line number that is finite: `nan` and `inf` would plan nothing meaningful."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):

@@ -33,7 +33,9 @@ from fedmef_core.config import ConfigError, ExperimentConfig, TrackingConfig, pa
 from fedmef_core.data import load_dataset
 from fedmef_core.errors import UserError
 from fedmef_core.io import write_json, write_text
+from fedmef_core.planner import POLICIES
 from fedmef_core.registry import METHODS
+from flows.cli import finite_number
 from flows.lifecycle import detach_temporary_server, exit_code, signals_interrupt
 from flows.train import train
 from services.comparison import (
@@ -126,7 +128,8 @@ def publish_comparison(results: list[CellResult], reference: str, title: str, ou
 
 @flow(name="sweep", log_prints=True)
 def sweep_flow(spec: SweepSpec = SweepSpec()) -> dict:
-    """Train and evaluate every (method, density, seed) of the grid and compare them in one MLflow parent run."""
+    """Train and evaluate every (method, density, budget, seed) of the grid and compare them in one MLflow parent
+    run."""
     cells = plan_cells(spec)
     todo = experiments(cells)
     name = sweep_name(spec, cells)
@@ -178,6 +181,12 @@ def spec_from_args(argv: list[str] | None, prog: str | None = None) -> SweepSpec
     parser.add_argument("--methods", nargs="+", required=True, metavar="METHOD", help=f"of {', '.join(methods)}")
     parser.add_argument("--densities", nargs="+", type=float, default=[0.1])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--budgets", nargs="+", type=finite_number, default=None, metavar="FRACTION",
+                        help="memory budgets as fractions of the dense model's footprint (e.g. 0.1 0.2 0.5 1); "
+                             "every client of a cell has that budget")
+    parser.add_argument("--policy", choices=POLICIES, default="accumulate",
+                        help="how a client fits its budget (devices.policy), the same for every method (default "
+                             "accumulate: every method keeps its batch and steps)")
     parser.add_argument("--params", default="params.yaml", help="experiment config (default: params.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="[METHOD:]SECTION.KEY=VALUE",
                         help="override one value for every cell, or with METHOD: for that method's cells")
@@ -188,6 +197,7 @@ def spec_from_args(argv: list[str] | None, prog: str | None = None) -> SweepSpec
     args = parser.parse_args(argv)
     shared, per_method = _overrides(args.set)
     return parse_spec({"methods": args.methods, "densities": args.densities, "seeds": args.seeds,
+                       "budgets": args.budgets, "policy": args.policy,
                        "reference": args.reference, "overrides": shared, "method_overrides": per_method,
                        "params": args.params, "name": args.name, "jobs": args.jobs, "root": args.root})
 

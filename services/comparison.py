@@ -50,6 +50,7 @@ class CellResult:
     mlflow_run_id: str = ""
     participation: float | None = None  # with device budgets: trained / sampled clients over the run
     tier_accuracy: tuple[tuple[str, float], ...] = ()  # the final model on each device tier's data
+    budget: float | None = None  # a sweep's budget fraction of the dense footprint (None: no budget axis)
 
     @property
     def score(self) -> float:
@@ -80,6 +81,7 @@ class SummaryRow:
     post_adjust_drop: float | None = None
     participation: float | None = None
     tier_accuracy: tuple[tuple[str, float], ...] = ()  # means over seeds
+    budget: float | None = None  # the budget fraction of the dense footprint (None: no budget axis)
     mean: float = field(init=False)
     std: float = field(init=False)
 
@@ -94,13 +96,14 @@ class SummaryRow:
 
 @dataclass(frozen=True)
 class PairedRow:
-    """method − reference at one density, paired by seed."""
+    """method − reference at one density (and budget), paired by seed."""
 
     method: str
     reference: str
     density: float
     differences: tuple[float, ...]
     interval: Interval
+    budget: float | None = None
 
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
@@ -121,13 +124,14 @@ def _mean_or_none(values: Iterable[float | None]) -> float | None:
 
 
 def summary_rows(results: Sequence[CellResult]) -> list[SummaryRow]:
-    """One row per (method, density), seeds in order; a dense method's shared runs count once."""
-    groups: dict[tuple[str, float], dict[int, CellResult]] = {}
+    """One row per (method, density, budget), seeds in order; a dense method's shared runs count once."""
+    groups: dict[tuple[str, float, float | None], dict[int, CellResult]] = {}
     for r in results:
-        key = (r.method, DENSE if r.dense else r.density)
+        key = (r.method, DENSE if r.dense else r.density, r.budget)
         groups.setdefault(key, {})[r.seed] = r
     rows = []
-    for (method, density), by_seed in sorted(groups.items(), key=lambda kv: (_order(results, kv[0][0]), kv[0][1])):
+    for (method, density, budget), by_seed in sorted(
+            groups.items(), key=lambda kv: (_order(results, kv[0][0]), kv[0][1], _budget_order(kv[0][2]))):
         cells = [by_seed[s] for s in sorted(by_seed)]
         footprint = _mean_or_none(c.footprint_bytes for c in cells)
         rows.append(SummaryRow(
@@ -139,23 +143,30 @@ def summary_rows(results: Sequence[CellResult]) -> list[SummaryRow]:
             participation=_mean_or_none(c.participation for c in cells),
             tier_accuracy=tuple((t, statistics.fmean(dict(c.tier_accuracy)[t] for c in cells))
                                 for t, _ in cells[0].tier_accuracy if all(t in dict(c.tier_accuracy) for c in cells)),
+            budget=budget,
         ))
     return rows
 
 
+def _budget_order(budget: float | None) -> float:
+    return math.inf if budget is None else budget
+
+
 def paired_differences(results: Sequence[CellResult], reference: str, confidence: float = 0.95) -> list[PairedRow]:
-    """For every grid density and every other method: score − reference's score, per seed both ran."""
-    acc = {(r.method, r.density, r.seed): r.score for r in results}
+    """For every grid density (and budget) and every other method: score − reference's score, per seed both ran."""
+    acc = {(r.method, r.density, r.budget, r.seed): r.score for r in results}
     rows = []
     for density in sorted({r.density for r in results}):
-        for method in _methods(results):
-            if method == reference:
-                continue
-            seeds = sorted(s for (m, d, s) in acc if m == method and d == density and (reference, d, s) in acc)
-            if not seeds:
-                continue
-            diffs = tuple(acc[method, density, s] - acc[reference, density, s] for s in seeds)
-            rows.append(PairedRow(method, reference, density, diffs, t_interval(diffs, confidence)))
+        for budget in sorted({r.budget for r in results}, key=_budget_order):
+            for method in _methods(results):
+                if method == reference:
+                    continue
+                seeds = sorted(s for (m, d, b, s) in acc
+                               if (m, d, b) == (method, density, budget) and (reference, d, b, s) in acc)
+                if not seeds:
+                    continue
+                diffs = tuple(acc[method, density, budget, s] - acc[reference, density, budget, s] for s in seeds)
+                rows.append(PairedRow(method, reference, density, diffs, t_interval(diffs, confidence), budget))
     return rows
 
 
@@ -175,24 +186,31 @@ def _fmt(value: float | None, spec: str) -> str:
 def comparison_markdown(rows: Sequence[SummaryRow], paired: Sequence[PairedRow], title: str = "") -> str:
     """The Markdown table: accuracy mean ± std per method and density, then the paired differences."""
     last = max((r.mean_rounds for r in rows), default=1)
+    budgets = any(r.budget is not None for r in rows)
+
+    def where(density: float, budget: float | None) -> str:  # the density cell, and the budget's with a budget axis
+        return f"{density:g} | {_fmt(budget, 'g')}" if budgets else f"{density:g}"
+
+    head = "density | budget (× dense footprint)" if budgets else "density"
     lines = [f"# {title or 'sweep comparison'}", "",
-             f"| method | density | seeds | accuracy, last {last} rounds (mean ± std) | last round | footprint MiB "
+             f"| method | {head} | seeds | accuracy, last {last} rounds (mean ± std) | last round | footprint MiB "
              "| prune drop | post-adjust drop |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|" + ("---|" if budgets else "")]
     for r in rows:
-        lines.append(f"| {r.method} | {r.density:g} | {len(r.accuracies)} | {r.mean:.4f} ± {r.std:.4f} | "
-                     f"{_fmt(r.last_round_mean, '.4f')} | {_fmt(r.footprint_mib, '.3f')} | "
-                     f"{_fmt(r.prune_drop, '+.4f')} | {_fmt(r.post_adjust_drop, '+.4f')} |")
+        lines.append(f"| {r.method} | {where(r.density, r.budget)} | {len(r.accuracies)} | "
+                     f"{r.mean:.4f} ± {r.std:.4f} | {_fmt(r.last_round_mean, '.4f')} | "
+                     f"{_fmt(r.footprint_mib, '.3f')} | {_fmt(r.prune_drop, '+.4f')} | "
+                     f"{_fmt(r.post_adjust_drop, '+.4f')} |")
     lines += _devices_markdown(rows)
     if paired:
         ref = paired[0].reference
         lines += ["", f"## Paired difference against {ref} (same seed: same partition, sampling and init seed)", "",
-                  f"| method − {ref} (last {last} rounds) | density | seeds | mean difference | 95% t-interval |",
-                  "|---|---|---|---|---|"]
+                  f"| method − {ref} (last {last} rounds) | {head} | seeds | mean difference | 95% t-interval |",
+                  "|---|---|---|---|---|" + ("---|" if budgets else "")]
         for p in paired:
             iv = p.interval
             ci = "-" if iv.n < 2 else f"[{iv.low:+.4f}, {iv.high:+.4f}]"
-            lines.append(f"| {p.method} | {p.density:g} | {iv.n} | {iv.mean:+.4f} | {ci} |")
+            lines.append(f"| {p.method} | {where(p.density, p.budget)} | {iv.n} | {iv.mean:+.4f} | {ci} |")
     return "\n".join(lines) + "\n"
 
 
@@ -216,38 +234,44 @@ def comparison_csv(rows: Sequence[SummaryRow], paired: Sequence[PairedRow]) -> s
     """Both tables as one CSV: `kind` is `accuracy` (value = mean) or `paired` (value = mean difference)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["kind", "method", "reference", "density", "n", "value", "std", "ci_low", "ci_high",
+    w.writerow(["kind", "method", "reference", "density", "budget", "n", "value", "std", "ci_low", "ci_high",
                 "footprint_mib", "prune_drop", "post_adjust_drop", "last_round"])
     for r in rows:
-        w.writerow(["accuracy", r.method, "", r.density, len(r.accuracies), r.mean, r.std, "", "",
-                    _csv(r.footprint_mib), _csv(r.prune_drop), _csv(r.post_adjust_drop), _csv(r.last_round_mean)])
+        w.writerow(["accuracy", r.method, "", _csv(r.density), _csv(r.budget), len(r.accuracies), _csv(r.mean),
+                    _csv(r.std), "", "", _csv(r.footprint_mib), _csv(r.prune_drop), _csv(r.post_adjust_drop),
+                    _csv(r.last_round_mean)])
     for p in paired:
         iv = p.interval
-        w.writerow(["paired", p.method, p.reference, p.density, iv.n, iv.mean, "", _csv(iv.low), _csv(iv.high),
-                    "", "", "", ""])
+        w.writerow(["paired", p.method, p.reference, _csv(p.density), _csv(p.budget), iv.n, _csv(iv.mean), "",
+                    _csv(iv.low), _csv(iv.high), "", "", "", ""])
     return buf.getvalue()
 
 
 def _csv(value: float | None) -> str:
-    return "" if value is None or math.isnan(value) else repr(value)
+    """A number as Python's shortest round-trip text (a numpy float's repr would write `np.float64(…)`)."""
+    return "" if value is None or math.isnan(value) else repr(float(value))
 
 
 def summary_metrics(rows: Sequence[SummaryRow], paired: Sequence[PairedRow]) -> dict[str, float]:
     """Flat metrics for the sweep's parent run, e.g. `acc_mean/fedmef/d0.1`, `diff_mean/fedmef-fedtiny/d0.1`."""
     out: dict[str, float] = {}
     for r in rows:
-        cell = (r.method, f"d{r.density:g}")
+        cell = (r.method, f"d{r.density:g}", *_budget_key(r.budget))
         out[metric_key("acc_mean", *cell)] = r.mean
         out[metric_key("acc_std", *cell)] = r.std
         if r.last_round_mean is not None:
             out[metric_key("acc_last_round", *cell)] = r.last_round_mean
     for p in paired:
-        pair = (f"{p.method}-{p.reference}", f"d{p.density:g}")
+        pair = (f"{p.method}-{p.reference}", f"d{p.density:g}", *_budget_key(p.budget))
         out[metric_key("diff_mean", *pair)] = p.interval.mean
         if p.interval.n > 1:
             out[metric_key("diff_ci_low", *pair)] = p.interval.low
             out[metric_key("diff_ci_high", *pair)] = p.interval.high
     return out
+
+
+def _budget_key(budget: float | None) -> tuple[str, ...]:
+    return () if budget is None else (f"b{budget:g}",)
 
 
 CHAMPION = "champion"

@@ -45,11 +45,13 @@ from fedmef_core.config import (
 from fedmef_core.evaluation import mean_of_last
 from fedmef_core.io import read_record
 from fedmef_core.names import folder_name
+from fedmef_core.planner import MIB, ClientStep, Policy, predict, profile_config
 from fedmef_core.runs import read_eval_metrics, read_run_facts, run_name, run_paths
 from services.comparison import CellResult
 from services.tracking.tracker import Tracker, ended, filter_value, git_commit, prefect_flow_run_id, store_failures
 
 Density = Annotated[float, Field(gt=0, le=1)]
+BudgetFraction = Annotated[float, Field(gt=0, le=1)]  # of the dense model's footprint
 
 
 class SweepSpec(BaseModel):
@@ -73,6 +75,17 @@ class SweepSpec(BaseModel):
     method_overrides: dict[PruningMethod, dict[str, Any]] = Field(
         {}, description="method -> {section.key: value} for that method's cells only, e.g. "
         "{\"fedmef\": {\"pruning.bae_lambda\": 1.0}}."
+    )
+    budgets: list[BudgetFraction] | None = Field(
+        None, min_length=1,
+        description="Memory budgets as fractions of the dense model's footprint (dense FedAvg's client step at the "
+        "configured batch, weights + saved activations: the same MiB for every method of a cell): every client of "
+        "a cell has that budget. null: no budget axis (devices as params says).",
+    )
+    policy: Policy = Field(
+        "accumulate",
+        description="How a client fits a cell's budget (devices.policy), one rule for every method stated before "
+        "any run: accumulate keeps every method's batch and steps (method_overrides may set another per method).",
     )
     params: UserPath = Field("params.yaml", description="The experiment config every cell starts from.")
     name: str | None = Field(None, description="Name of the MLflow parent run (default: sweep-<grid digest>).")
@@ -118,12 +131,14 @@ def parse_spec(raw: dict[str, Any]) -> SweepSpec:
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid point: `density` is the grid's; `config` is what runs (a dense method's says 1.0)."""
+    """One grid point: `density` is the grid's; `config` is what runs (a dense method's says 1.0); `budget`: the
+    budget fraction of the dense footprint every client has (None: no budget axis)."""
 
     method: str
     density: float
     seed: int
     config: ExperimentConfig
+    budget: float | None = None
 
     @property
     def name(self) -> str:
@@ -161,19 +176,43 @@ def _placed(config: ExperimentConfig, root: str, jobs: int) -> ExperimentConfig:
 FOLLOW_SEED = {f"{name}.seed": None for name in SEEDED_SECTIONS}  # whatever params.yaml says: the cell's seed
 
 
+BUDGET_TIER = "budget"  # the one device tier of a cell with a budget
+
+
+def dense_footprint_mib(spec: SweepSpec, seed: int) -> float:
+    """What a client of dense FedAvg holds for one step at the configured batch (weights + saved activations, the
+    planner's figure on standard normal images: dense, without SAP, it does not depend on the data): the MiB a
+    cell's budget fraction is a fraction of, the same for every method."""
+    dense = load_config(spec.params, {**spec.overrides, "pruning.method": "fedavg", "seed": seed, **FOLLOW_SEED,
+                                      "devices.profile": "none"})
+    return predict(profile_config(dense), ClientStep.of(dense)).footprint_bytes / MIB
+
+
+def _budget_overrides(spec: SweepSpec, budget: float | None, dense_mib: float) -> dict[str, Any]:
+    if budget is None:
+        return {}
+    tier = {"name": BUDGET_TIER, "memory_mib": budget * dense_mib, "share": 1.0}
+    return {"devices.profile": "tiers", "devices.tiers": [tier], "devices.policy": spec.policy,
+            "devices.correlate": "none"}
+
+
 def plan_cells(spec: SweepSpec) -> list[Cell]:
-    """Every (method, density, seed) with its validated config, in grid order."""
+    """Every (method, density, budget, seed) with its validated config, in grid order."""
     cells = []
+    dense_mib = dense_footprint_mib(spec, spec.seeds[0]) if spec.budgets else 0.0
     for method in spec.methods:
         for density in spec.densities:
-            for seed in spec.seeds:
-                overrides = {**spec.overrides, **spec.method_overrides.get(method, {}), "pruning.method": method,
-                             "pruning.density": density, "seed": seed, **FOLLOW_SEED}
-                try:
-                    config = load_config(spec.params, overrides)
-                except ConfigError as exc:
-                    raise ConfigError(f"sweep cell {method} d={density:g} seed {seed}: {exc}") from None
-                cells.append(Cell(method, density, seed, _placed(config, spec.root, spec.jobs)))
+            for budget in spec.budgets or [None]:
+                for seed in spec.seeds:
+                    overrides = {**spec.overrides, **_budget_overrides(spec, budget, dense_mib),
+                                 **spec.method_overrides.get(method, {}), "pruning.method": method,
+                                 "pruning.density": density, "seed": seed, **FOLLOW_SEED}
+                    where = f"{method} d={density:g}" + (f" budget {budget:g}" if budget else "") + f" seed {seed}"
+                    try:
+                        config = load_config(spec.params, overrides)
+                    except ConfigError as exc:
+                        raise ConfigError(f"sweep cell {where}: {exc}") from None
+                    cells.append(Cell(method, density, seed, _placed(config, spec.root, spec.jobs), budget))
     return cells
 
 
@@ -253,6 +292,7 @@ def cell_result(cell: Cell) -> CellResult:
         devices = read_record(devices_json, {"participation": (int, float), "tiers": list}, RERUN_CELL)
     return CellResult(
         method=cell.method, density=cell.density, seed=cell.seed, accuracy=float(evaluated["accuracy"]),
+        budget=cell.budget,
         dense=cell.dense, mean_last=mean_of_last(history, cell.config.runtime.eval_mean_last),
         mean_rounds=cell.config.runtime.eval_mean_last,
         footprint_bytes=read_record(memory, {}, RERUN_CELL).get("footprint_bytes") if memory.is_file() else None,
@@ -269,6 +309,8 @@ def parent_params(spec: SweepSpec) -> dict[str, str]:
     """The grid and the shared overrides, as the parent run's MLflow params."""
     params = {"methods": ",".join(spec.methods), "densities": ",".join(f"{d:g}" for d in spec.densities),
               "seeds": ",".join(map(str, spec.seeds)), "reference": spec.reference_method, "params": spec.params}
+    if spec.budgets:
+        params.update(budgets=",".join(f"{b:g}" for b in spec.budgets), policy=spec.policy)
     params.update({f"set.{k}": json.dumps(v) for k, v in spec.overrides.items()})
     for method, overrides in spec.method_overrides.items():
         params.update({f"set.{method}:{k}": json.dumps(v) for k, v in overrides.items()})

@@ -71,7 +71,7 @@ class DeviceReporter:
                    "participation": sum(t["trained"] for t in tiers) / sampled if sampled else 0.0,
                    "over_budget": sum(t["over_budget"] for t in tiers), "tiers": tiers}
         _, summary_json, plot = self.outputs
-        write_json(summary_json, {**summary, **fleet.assignment.to_dict()})
+        write_json(summary_json, {**summary, "clients": fleet.assignment.to_dict()["clients"]})  # tiers: the summary's
         plot_participation(self.rows, fleet.assignment.tiers, plot,
                            title=f"{self.config.pruning.method}: who trained ({self.config.devices.policy})")
         metrics = {metric_key("devices", "participation"): summary["participation"]}

@@ -177,7 +177,7 @@ def test_a_budget_of_any_size_is_a_tier_and_metric_name_mlflow_accepts(prefect_h
         f"{c},{b}\n" for c, b in enumerate(budgets))).encode())
     summary = train()
     devices = json.loads((tmp_path / "metrics" / "devices.json").read_text())
-    assert devices["tiers"] == ["64_5mib", "2048mib", "1048576mib", "1048577mib"]  # one per budget
+    assert [t["tier"] for t in devices["tiers"]] == ["64_5mib", "2048mib", "1048576mib", "1048577mib"]  # one per budget
     run = MlflowClient(config.tracking.mlflow_uri).get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert {"devices/1048576mib/participation", "devices/1048577mib/sampled"} <= set(run.data.metrics)

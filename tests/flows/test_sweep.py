@@ -240,3 +240,33 @@ def test_an_unwritable_sweep_root_is_one_message_before_any_work(tmp_path, capsy
     assert ended.value.code == 2
     assert err == f"error: --root: cannot write to {tmp_path / 'a-file' / 'runs'} (Not a directory); set --root to a " \
         "folder you can write\n"
+
+
+def test_budgets_are_fractions_of_the_dense_footprint_the_same_for_every_method(tmp_path):
+    from services.sweep import dense_footprint_mib
+
+    s = spec(tmp_path, methods=["fedavg", "fedmef"], densities=[0.2], seeds=[0], budgets=[0.25, 1.0])
+    dense = dense_footprint_mib(s, 0)
+    cells = plan_cells(s)
+    assert [(c.method, c.budget) for c in cells] == [("fedavg", 0.25), ("fedavg", 1.0), ("fedmef", 0.25),
+                                                      ("fedmef", 1.0)]
+    for c in cells:
+        d = c.config.devices
+        assert (d.profile, d.policy, len(d.tiers)) == ("tiers", "accumulate", 1)
+        assert d.tiers[0].memory_mib == c.budget * dense and d.tiers[0].share == 1.0
+    assert len({str(run_paths(c.config).root) for c in cells}) == 4  # a budget is part of the experiment
+
+
+def test_a_budget_sweep_trains_every_method_under_each_budget_and_compares_per_budget(prefect_harness, tmp_path):
+    s = spec(tmp_path, methods=["fedavg", "fedmef"], densities=[0.2], seeds=[0], budgets=[0.25, 1.0])
+    out = sweep_flow(s)
+    cells = {(c["method"], c["budget"]): c for c in out["cells"]}
+    assert set(cells) == {("fedavg", 0.25), ("fedavg", 1.0), ("fedmef", 0.25), ("fedmef", 1.0)}
+    # a quarter of dense FedAvg's footprint: dense FedAvg trains in micro-batches (accumulate), nobody is left out
+    assert all(c["participation"] == 1.0 for c in cells.values())
+    csv_text = (tmp_path / "runs" / "sweeps" / "tiny" / "comparison.csv").read_text()
+    assert csv_text.splitlines()[0].startswith("kind,method,reference,density,budget,")
+    assert {p["budget"] for p in out["paired"]} == {0.25, 1.0}
+    devices = (run_paths(plan_cells(s)[0].config).metrics / "devices.csv").read_text().splitlines()
+    assert devices[0].split(",")[5:7] == ["batch_size", "micro_batch"]
+    assert all(line.split(",")[5] == "32" and int(line.split(",")[6]) < 32 for line in devices[1:])

@@ -145,3 +145,27 @@ def test_with_device_budgets_the_comparison_shows_participation_and_accuracy_on_
     assert "## Devices: participation and accuracy on each tier's data" in text
     assert "| fedmef | 0.1 | 85% | 0.7550 | 0.8000 |" in text and "| feddst | 0.1 | 55% | 0.6050 | 0.8000 |" in text
     assert "Devices" not in comparison_markdown(summary_rows(_grid()), [])  # unlimited devices: no such table
+
+
+def test_the_csv_parses_as_numbers_and_pairs_by_budget():
+    """comparison.csv wrote `np.float64(-0.06...)` (a numpy repr) into its interval columns; with a budget axis each
+    (density, budget) is its own row and pair."""
+    import csv
+    import io
+
+    import numpy as np
+
+    cells = [CellResult(m, 0.1, s, float(np.float64(a + (0.1 if b == 0.5 else 0.0))), budget=b)
+             for b in (0.1, 0.5) for s in range(3) for m, a in (("fedtiny", 0.6 + 0.01 * s), ("fedmef", 0.62 + s / 50))]
+    rows, paired = summary_rows(cells), paired_differences(cells, "fedtiny")
+    assert [(r.method, r.budget) for r in rows] == [("fedtiny", 0.1), ("fedtiny", 0.5), ("fedmef", 0.1),
+                                                    ("fedmef", 0.5)]
+    assert [(p.method, p.budget, p.interval.n) for p in paired] == [("fedmef", 0.1, 3), ("fedmef", 0.5, 3)]
+    table = list(csv.DictReader(io.StringIO(comparison_csv(rows, paired))))
+    for row in table:
+        for key in ("density", "budget", "value", "ci_low", "ci_high"):
+            if row[key]:
+                float(row[key])
+    assert {row["budget"] for row in table} == {"0.1", "0.5"}
+    assert "| fedmef | 0.1 | 0.5 | 3 |" in comparison_markdown(rows, paired)
+    assert "acc_mean/fedmef/d0.1/b0.5" in summary_metrics(rows, paired)
