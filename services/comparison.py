@@ -18,7 +18,7 @@ import io
 import math
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -104,6 +104,8 @@ class PairedRow:
     differences: tuple[float, ...]
     interval: Interval
     budget: float | None = None
+    p_value: float = math.nan  # two-sided paired t-test of a mean difference of 0 (nan: fewer than 2 seeds)
+    p_holm: float = math.nan  # Holm-adjusted over every row of the table: the family its claims are made in
 
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
@@ -116,6 +118,31 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
         return Interval(mean, math.nan, math.nan, 1)
     half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, n)
+
+
+def paired_p_value(differences: Sequence[float]) -> float:
+    """Two-sided p of a paired t-test that the mean difference is 0 (nan with fewer than 2 values; 0 or 1 when every
+    difference is the same)."""
+    n = len(differences)
+    if n < 2:
+        return math.nan
+    sd = statistics.stdev(differences)
+    if sd == 0:
+        return 1.0 if statistics.fmean(differences) == 0 else 0.0
+    t = statistics.fmean(differences) / (sd / math.sqrt(n))
+    return float(2 * stats.t.sf(abs(t), n - 1))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (nan ones stay nan and do not count): the smallest is
+    multiplied by the family's size m, the next by m - 1, ..., each kept at least its predecessor's, at most 1."""
+    order = sorted((i for i, p in enumerate(p_values) if not math.isnan(p)), key=lambda i: p_values[i])
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def _mean_or_none(values: Iterable[float | None]) -> float | None:
@@ -166,8 +193,10 @@ def paired_differences(results: Sequence[CellResult], reference: str, confidence
                 if not seeds:
                     continue
                 diffs = tuple(acc[method, density, budget, s] - acc[reference, density, budget, s] for s in seeds)
-                rows.append(PairedRow(method, reference, density, diffs, t_interval(diffs, confidence), budget))
-    return rows
+                rows.append(PairedRow(method, reference, density, diffs, t_interval(diffs, confidence), budget,
+                                      paired_p_value(diffs)))
+    adjusted = holm([r.p_value for r in rows])
+    return [replace(r, p_holm=p) for r, p in zip(rows, adjusted)]
 
 
 def _methods(results: Sequence[CellResult]) -> list[str]:
@@ -205,12 +234,14 @@ def comparison_markdown(rows: Sequence[SummaryRow], paired: Sequence[PairedRow],
     if paired:
         ref = paired[0].reference
         lines += ["", f"## Paired difference against {ref} (same seed: same partition, sampling and init seed)", "",
-                  f"| method − {ref} (last {last} rounds) | {head} | seeds | mean difference | 95% t-interval |",
-                  "|---|---|---|---|---|" + ("---|" if budgets else "")]
+                  f"| method − {ref} (last {last} rounds) | {head} | seeds | mean difference | 95% t-interval "
+                  f"| p | p, Holm over the {len(paired)} rows |",
+                  "|---|---|---|---|---|---|---|" + ("---|" if budgets else "")]
         for p in paired:
             iv = p.interval
             ci = "-" if iv.n < 2 else f"[{iv.low:+.4f}, {iv.high:+.4f}]"
-            lines.append(f"| {p.method} | {where(p.density, p.budget)} | {iv.n} | {iv.mean:+.4f} | {ci} |")
+            lines.append(f"| {p.method} | {where(p.density, p.budget)} | {iv.n} | {iv.mean:+.4f} | {ci} | "
+                         f"{_fmt(p.p_value, '.3g')} | {_fmt(p.p_holm, '.3g')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -235,15 +266,15 @@ def comparison_csv(rows: Sequence[SummaryRow], paired: Sequence[PairedRow]) -> s
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["kind", "method", "reference", "density", "budget", "n", "value", "std", "ci_low", "ci_high",
-                "footprint_mib", "prune_drop", "post_adjust_drop", "last_round"])
+                "footprint_mib", "prune_drop", "post_adjust_drop", "last_round", "p", "p_holm"])
     for r in rows:
         w.writerow(["accuracy", r.method, "", _csv(r.density), _csv(r.budget), len(r.accuracies), _csv(r.mean),
                     _csv(r.std), "", "", _csv(r.footprint_mib), _csv(r.prune_drop), _csv(r.post_adjust_drop),
-                    _csv(r.last_round_mean)])
+                    _csv(r.last_round_mean), "", ""])
     for p in paired:
         iv = p.interval
         w.writerow(["paired", p.method, p.reference, _csv(p.density), _csv(p.budget), iv.n, _csv(iv.mean), "",
-                    _csv(iv.low), _csv(iv.high), "", "", "", ""])
+                    _csv(iv.low), _csv(iv.high), "", "", "", "", _csv(p.p_value), _csv(p.p_holm)])
     return buf.getvalue()
 
 

@@ -169,3 +169,18 @@ def test_the_csv_parses_as_numbers_and_pairs_by_budget():
     assert {row["budget"] for row in table} == {"0.1", "0.5"}
     assert "| fedmef | 0.1 | 0.5 | 3 |" in comparison_markdown(rows, paired)
     assert "acc_mean/fedmef/d0.1/b0.5" in summary_metrics(rows, paired)
+
+
+def test_paired_rows_carry_a_t_test_p_and_its_holm_adjustment_over_the_table():
+    from scipy import stats
+
+    from services.comparison import holm, paired_p_value
+
+    diffs = (0.02, 0.03, 0.01, 0.025)
+    assert math.isclose(paired_p_value(diffs), stats.ttest_1samp(diffs, 0.0).pvalue)
+    assert math.isnan(paired_p_value((0.1,)))
+    # Holm: sorted 0.01, 0.02, 0.04 times 3, 2, 1 -> 0.03, 0.04, 0.04 (kept non-decreasing); nan is left out
+    assert holm([0.04, 0.01, math.nan, 0.02]) == pytest.approx([0.04, 0.03, math.nan, 0.04], nan_ok=True)
+    paired = paired_differences(_grid(), "fedtiny")
+    assert [p.p_holm for p in paired] == pytest.approx(holm([p.p_value for p in paired]))
+    assert all(p.p_holm >= p.p_value for p in paired)
