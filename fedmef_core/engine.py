@@ -115,11 +115,12 @@ class Server:
         if not isinstance(results, RoundResults):
             results = RoundResults.of(results)
         aggregator = Aggregator(self.algorithm, rnd, self.model, self.state)
-        losses, lr_steps, steps = [], 0.0, 0
+        losses, lr_steps, steps, samples = [], 0.0, 0, 0
         for r in results:
             aggregator.add(r)
             losses.append(r.train_loss * r.num_samples)
             lr_steps, steps = lr_steps + r.lr_mean * r.steps, steps + r.steps
+            samples += r.num_samples * self.config.federation.local_epochs if r.steps else 0
             del r  # released before the next one is fetched
         nobody = plan is not None and self.fleet is not None and not aggregator.clients
         if not aggregator.clients and not nobody:
@@ -133,6 +134,8 @@ class Server:
             "lr": self.lr_for_round(rnd),
             **({} if nobody else {"train_loss": sum(losses) / aggregator.samples}),
             **({"lr_local": lr_steps / steps} if steps else {}),  # the mean lr of the clients' local steps
+            "local_steps": steps,  # what the round cost the clients: optimizer steps, samples seen
+            "local_samples": samples,
             "clients": aggregator.clients,
             "round_seconds": seconds + results.fetch_seconds,
             **method_metrics,
