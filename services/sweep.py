@@ -180,11 +180,12 @@ BUDGET_TIER = "budget"  # the one device tier of a cell with a budget
 
 
 def dense_footprint_mib(spec: SweepSpec, seed: int) -> float:
-    """What a client of dense FedAvg holds for one step at the configured batch (weights + saved activations, the
-    planner's figure on standard normal images: dense, without SAP, it does not depend on the data): the MiB a
-    cell's budget fraction is a fraction of, the same for every method."""
-    dense = load_config(spec.params, {**spec.overrides, "pruning.method": "fedavg", "seed": seed, **FOLLOW_SEED,
-                                      "devices.profile": "none"})
+    """What a client of dense FedAvg with its own normalisation (BatchNorm) holds for one step at the configured
+    batch (weights + saved activations, the planner's figure on standard normal images: dense, without SAP, it does
+    not depend on the data): the MiB a cell's budget fraction is a fraction of, the same for every method and for
+    a sweep that gives every method another normalisation."""
+    dense = load_config(spec.params, {**spec.overrides, "pruning.method": "fedavg", "model.norm": "auto",
+                                      "seed": seed, **FOLLOW_SEED, "devices.profile": "none"})
     return predict(profile_config(dense), ClientStep.of(dense)).footprint_bytes / MIB
 
 
