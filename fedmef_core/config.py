@@ -67,6 +67,11 @@ _UNSET_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
 def expand_path(path: str) -> str:
     """`~` and environment variables expanded as a shell does (`~/runs`, `$SCRATCH/runs`); a variable that is not
     set is an error, not a folder named after it."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{path!r} holds a byte that is not UTF-8 (a file name in another encoding); rename it "
+                         "or give another path") from None
     expanded = os.path.expandvars(os.path.expanduser(path))
     if unset := _UNSET_VARIABLE.search(expanded):
         raise ValueError(f"{path!r} names the environment variable {unset.group(1).strip('{}')}, which is not set; "
@@ -246,9 +251,13 @@ class SapConfig(_Section):
     )
 
 
+MAX_BUDGET_MIB = float(2**40)  # 1 EiB: far above any device, and its bytes stay finite in every computation
+
+
 class DeviceTier(_Section):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$", description="Tier name (metrics: devices/<name>/...).")
-    memory_mib: float = Field(gt=0, description="Memory budget of a device of this tier, MiB.")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
+                      description="Tier name (metrics: devices/<name>/...).")
+    memory_mib: float = Field(gt=0, le=MAX_BUDGET_MIB, description="Memory budget of a device of this tier, MiB.")
     share: float = Field(gt=0, le=1, description="Fraction of the clients in this tier.")
 
 
@@ -356,7 +365,7 @@ class TrackingConfig(_Section):
         "Credentials in it (http://user:password@host) move to MLFLOW_TRACKING_USERNAME/PASSWORD and are never "
         "logged or stored.",
     )
-    experiment: str = Field("fedmef", min_length=1, description="MLflow experiment name.")
+    experiment: str = Field("fedmef", min_length=1, max_length=500, description="MLflow experiment name.")
     system_metrics: bool = Field(
         False,
         description="Also log MLflow system metrics (system/*: CPU, memory, disk, network; GPU with pynvml) every "
@@ -482,8 +491,8 @@ class ExperimentConfig(_Section):
             data["model"] = _replaced(data.get("model"), norm=traits.norm)
         if _value(data.get("sap"), "enabled", None) is None:
             data["sap"] = _replaced(data.get("sap"), enabled=traits.sap)
-        if not traits.sparse:
-            data["pruning"] = _replaced(data.get("pruning"), density=1.0)
+        if not traits.sparse and _is_density(_value(data.get("pruning"), "density", 1.0)):
+            data["pruning"] = _replaced(data.get("pruning"), density=1.0)  # else its validation names the value
         return data
 
     @model_validator(mode="before")
@@ -566,6 +575,11 @@ def _replaced(section: Any, **values: Any) -> Any:
     if section is not None and not isinstance(section, dict):
         return section  # not a mapping: the section's own validation names it
     return {**(section or {}), **values}
+
+
+def _is_density(value: Any) -> bool:
+    """Whether `value` is a density a config accepts (a dense method's is then replaced by 1.0)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1
 
 
 def identity_of(dumped: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmef_core.budget import ClientPlan
-from fedmef_core.config import DevicesConfig, ExperimentConfig
+from fedmef_core.config import MAX_BUDGET_MIB, DevicesConfig, ExperimentConfig
 from fedmef_core.errors import UserError
 from fedmef_core.io import read_text
 from fedmef_core.names import metric_key, number_name
@@ -121,8 +121,9 @@ def read_trace(path: Path, num_clients: int) -> list[float]:
             problems.append(f"line {line}: client {client} does not exist (federation.num_clients is {num_clients})")
         elif client in budgets:
             problems.append(f"line {line}: client {client} is listed twice")
-        elif not (math.isfinite(mib) and mib > 0):
-            problems.append(f"line {line}: client {client} has budget {row[1].strip()} (must be a positive MiB)")
+        elif not (math.isfinite(mib) and 0 < mib <= MAX_BUDGET_MIB):
+            problems.append(f"line {line}: client {client} has budget {row[1].strip()} (must be a positive MiB, "
+                            f"at most {MAX_BUDGET_MIB:.0f})")
         else:
             budgets[client] = mib
     missing = [c for c in range(num_clients) if c not in budgets]

@@ -43,11 +43,12 @@ def write_failure(path: Path, exc: BaseException) -> WriteFailed | None:
     code = exc.errno if isinstance(exc, OSError) else None
     if code in NOT_PERMITTED:
         return NotPermitted(f"cannot write {path}: {os.strerror(code).lower()}; make {path.parent} writable for "
-                            f"this user (chmod, chattr -i, a read-write mount) or write elsewhere (e.g. "
-                            f"runtime.run_dir), and run again. {KEPT}")
+                            f"this user (chmod, chattr -i, a read-write mount) or write elsewhere (a run's "
+                            f"runtime.run_dir, a sweep's --root), and run again. {KEPT}")
     if code in DISK_FULL or _full(path.parent):
         return DiskFull(f"cannot write {path}: {os.strerror(code if code in DISK_FULL else errno.ENOSPC).lower()}; "
-                        f"free some space there (or write elsewhere, e.g. runtime.run_dir) and run again. {KEPT}")
+                        f"free some space there (or write elsewhere: a run's runtime.run_dir, a sweep's --root) and "
+                        f"run again. {KEPT}")
     return None
 
 
@@ -134,7 +135,7 @@ def read_text(path: str | Path, what: str) -> str:
     path = Path(path)
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a leading byte-order mark (as Excel saves CSV) is not part of the text
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise NotUtf8(f"{what} {path}: byte 0x{data[exc.start]:02x} on line {line} is not UTF-8; save the file as "

@@ -15,11 +15,13 @@ Values inside MLflow search filters have their own single point, in :mod:`servic
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import numpy as np
 
 MAX_FOLDER_NAME = 200  # bytes most file systems allow in one name are 255
+MAX_METRIC_NAME = 250  # MLflow's limit on a metric name
 _UNSAFE_IN_METRIC = re.compile(r"[^A-Za-z0-9_.\- ]")
 
 
@@ -34,6 +36,8 @@ def folder_name(text: str, what: str) -> str:
         why = "holds a path separator (/ or \\), which would put it in another folder"
     elif any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
         why = "holds a control character"
+    elif not _utf8(text):
+        why = "holds a byte that is not UTF-8 (from the shell or a file name in another encoding)"
     elif len(text.encode()) > MAX_FOLDER_NAME:
         why = f"is longer than {MAX_FOLDER_NAME} bytes"
     if why:
@@ -47,13 +51,27 @@ def _example(text: str) -> str:
     return plain or "my-sweep"
 
 
+def _utf8(text: str) -> bool:
+    """Whether `text` can be written as UTF-8 (a byte the OS could not decode arrives as a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def metric_key(*parts: str) -> str:
-    """The metric name ``part/part/...`` with each part made safe for MLflow (module doc)."""
+    """The metric name ``part/part/...`` with each part made safe for MLflow (module doc); a name past MLflow's 250
+    characters keeps its first ones and ends in a digest of the whole, so two long names stay apart."""
     safe = []
     for part in parts:
         part = _UNSAFE_IN_METRIC.sub("_", str(part)).strip(" ")
         safe.append("_" if part in ("", ".", "..") else part)
-    return "/".join(safe)
+    key = "/".join(safe)
+    if len(key) <= MAX_METRIC_NAME:
+        return key
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return f"{key[:MAX_METRIC_NAME - len(digest) - 1]}-{digest}"
 
 
 def number_name(value: float) -> str:

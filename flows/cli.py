@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import logging
 import math
 import sys
@@ -116,22 +117,24 @@ RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")  # what a flow run's lo
 
 
 def fails_cleanly(body: Callable[..., Any]) -> Callable[..., Any]:
-    """A flow body whose config is checked first (rules across fields: parameters from the UI or the API
-    reach a flow without them) and whose user errors end the run as Failed with their one-line message —
-    no traceback in the run's logs (:class:`OneLineUserErrors`). Callers still get the exception: the Failed
-    state carries it."""
+    """A flow body whose config (an experiment's; a sweep's request is validated whole where it is built) is
+    checked first (rules across fields: parameters from the UI or the API reach a flow without them) and whose
+    user errors end the run as Failed with their one-line message — no traceback in the run's logs
+    (:class:`OneLineUserErrors`), its tasks' included. Callers still get the exception: the Failed state carries
+    it."""
 
     @functools.wraps(body)
-    def run(config: ExperimentConfig, *args: Any, **kwargs: Any) -> Any:
+    def run(config: Any, *args: Any, **kwargs: Any) -> Any:
         from prefect.states import Failed
 
         for name in RUN_LOGGERS:
             logging.getLogger(name).addFilter(ONE_LINE)  # once: a filter already there is not added again
         try:
-            return body(checked(config), *args, **kwargs)
+            return body(checked(config) if isinstance(config, ExperimentConfig) else config, *args, **kwargs)
         except UserError as exc:
             print(f"error: {exc}")
             setattr(exc, REPORTED, True)
             return Failed(message=str(exc), data=exc)
 
+    run.__signature__ = inspect.signature(body, eval_str=True)  # types resolved where the body is written
     return run

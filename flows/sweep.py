@@ -35,7 +35,7 @@ from fedmef_core.errors import UserError
 from fedmef_core.io import write_json, write_text
 from fedmef_core.planner import POLICIES
 from fedmef_core.registry import METHODS
-from flows.cli import finite_number
+from flows.cli import fails_cleanly, finite_number
 from flows.lifecycle import detach_temporary_server, exit_code, signals_interrupt
 from flows.train import train
 from services.comparison import (
@@ -127,6 +127,7 @@ def publish_comparison(results: list[CellResult], reference: str, title: str, ou
 
 
 @flow(name="sweep", log_prints=True)
+@fails_cleanly
 def sweep_flow(spec: SweepSpec = SweepSpec()) -> dict:
     """Train and evaluate every (method, density, budget, seed) of the grid and compare them in one MLflow parent
     run."""

@@ -251,3 +251,29 @@ def test_the_sqlite_store_path_expands_and_an_unset_variable_is_an_error(tmp_pat
     for raw in ({"runtime": {"run_dir": "$FEDMEF_TEST_UNSET/x"}}, {"tracking": {"mlflow_uri": "sqlite:///$FEDMEF_TEST_UNSET/m.db"}}):
         with pytest.raises(ConfigError, match="environment variable FEDMEF_TEST_UNSET, which is not set"):
             parse_config(raw)
+
+
+@pytest.mark.parametrize("raw, says", [
+    ({"devices": {"tiers": [{"name": "big", "memory_mib": 1.7e308, "share": 1.0}]}}, "devices.tiers.0.memory_mib"),
+    ({"devices": {"tiers": [{"name": "x" * 65, "memory_mib": 64, "share": 1.0}]}}, "devices.tiers.0.name"),
+    ({"tracking": {"experiment": "E" * 501}}, "tracking.experiment"),
+    ({"runtime": {"run_dir": "s\udcff"}}, "holds a byte that is not UTF-8"),
+    ({"pruning": {"method": "fedavg", "density": True}}, "pruning.density"),
+    ({"pruning": {"method": "fedavg", "density": -5}}, "pruning.density"),
+], ids=["budget-overflows", "tier-name-long", "experiment-long", "path-not-utf8", "dense-density-bool",
+        "dense-density-negative"])
+def test_values_that_failed_late_or_passed_silently_are_refused_at_validation(raw, says):
+    """A hostile probe's finds: a budget whose bytes overflow (every client failed), names MLflow refuses after
+    training, a path that crashed Prefect, and a dense method's density accepted whatever it was."""
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        parse_config(raw)
+    assert parse_config({"pruning": {"method": "fedavg", "density": 0.3}}).pruning.density == 1.0
+
+
+def test_a_sweep_path_with_a_byte_that_is_not_utf8_is_one_message():
+    """`--root $'s\\xff'` crashed the sweep with a UnicodeEncodeError traceback when Prefect stored the request."""
+    from services.sweep import parse_spec
+
+    for key in ("root", "params"):
+        with pytest.raises(ConfigError, match=f"{key}: .*holds a byte that is not UTF-8"):
+            parse_spec({"methods": ["fedavg"], key: "s\udcff"})

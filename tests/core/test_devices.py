@@ -206,3 +206,14 @@ def test_budgets_that_bind_no_client_change_nothing_bit_for_bit():
     keys = ("accuracy", "loss", "train_loss")
     assert [[h[k] for k in keys] for h in bound] == [[h[k] for k in keys] for h in free]
     assert all(h["devices/trained"] == h["devices/sampled"] for h in bound)
+
+
+def test_a_trace_saved_with_a_byte_order_mark_reads_and_a_huge_budget_is_refused(tmp_path):
+    from fedmef_core.devices import DeviceTraceError, read_trace
+
+    trace = tmp_path / "t.csv"
+    trace.write_bytes(b"\xef\xbb\xbfclient_id,memory_mib\r\n0,64\r\n1,128\r\n")  # as Excel saves a CSV
+    assert read_trace(trace, 2) == [64.0, 128.0]
+    trace.write_text("client_id,memory_mib\n0,64\n1,1.7e308\n")
+    with pytest.raises(DeviceTraceError, match="client 1 has budget 1.7e308"):
+        read_trace(trace, 2)

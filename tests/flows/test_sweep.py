@@ -270,3 +270,34 @@ def test_a_budget_sweep_trains_every_method_under_each_budget_and_compares_per_b
     devices = (run_paths(plan_cells(s)[0].config).metrics / "devices.csv").read_text().splitlines()
     assert devices[0].split(",")[5:7] == ["batch_size", "micro_batch"]
     assert all(line.split(",")[5] == "32" and int(line.split(",")[6]) < 32 for line in devices[1:])
+
+
+def test_a_cell_in_which_no_client_trained_ends_the_sweep_with_one_line_and_no_traceback(prefect_harness, tmp_path,
+                                                                                       capfd):
+    """The sweep flow let Prefect log a task traceback and a flow traceback (71 lines) before the one line."""
+    import logging
+
+    from flows.cli import RUN_LOGGERS
+
+    class Kept(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    kept = Kept()
+    for name in RUN_LOGGERS:
+        logging.getLogger(name).addHandler(kept)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            _sweep_cli(tmp_path, "--name", "empty", "--set", "devices.profile=tiers",
+                       "--set", "devices.tiers=[{name: t, memory_mib: 0.5, share: 1.0}]")
+    finally:
+        for name in RUN_LOGGERS:
+            logging.getLogger(name).removeHandler(kept)
+    assert ended.value.code == 2
+    out = capfd.readouterr()
+    assert "no client trained in any of the 2 rounds" in out.err and "Traceback" not in out.out + out.err
+    assert kept.records and not [r for r in kept.records if r.exc_info or r.exc_text]  # no traceback in the logs
