@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from fedmef_core.errors import UserError
+from fedmef_core.names import is_utf8
 from fedmef_core.registry import ARCHITECTURES, DATASETS, METHODS, OneOf, method_traits
 
 
@@ -67,11 +68,9 @@ _UNSET_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
 def expand_path(path: str) -> str:
     """`~` and environment variables expanded as a shell does (`~/runs`, `$SCRATCH/runs`); a variable that is not
     set is an error, not a folder named after it."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
+    if not is_utf8(path):
         raise ValueError(f"{path!r} holds a byte that is not UTF-8 (a file name in another encoding); rename it "
-                         "or give another path") from None
+                         "or give another path")
     expanded = os.path.expandvars(os.path.expanduser(path))
     if unset := _UNSET_VARIABLE.search(expanded):
         raise ValueError(f"{path!r} names the environment variable {unset.group(1).strip('{}')}, which is not set; "

@@ -36,7 +36,7 @@ def folder_name(text: str, what: str) -> str:
         why = "holds a path separator (/ or \\), which would put it in another folder"
     elif any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
         why = "holds a control character"
-    elif not _utf8(text):
+    elif not is_utf8(text):
         why = "holds a byte that is not UTF-8 (from the shell or a file name in another encoding)"
     elif len(text.encode()) > MAX_FOLDER_NAME:
         why = f"is longer than {MAX_FOLDER_NAME} bytes"
@@ -51,7 +51,7 @@ def _example(text: str) -> str:
     return plain or "my-sweep"
 
 
-def _utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
     """Whether `text` can be written as UTF-8 (a byte the OS could not decode arrives as a lone surrogate)."""
     try:
         text.encode("utf-8")

@@ -4,7 +4,7 @@
 - :class:`RoundObserver`: the loop's three moments (the method's setup exchange, each finished round, the end);
   the pipeline's reports and outputs, and the bare loop's checkpoints and callback, are observers.
 - :class:`Checkpoints`: the one definition of what a training saves and when, used by both.
-- :func:`trained`: whether any client ever trained; a training in which none did (every sampled device excluded
+- :func:`untrained`: whether no client ever trained; a training in which none did (every sampled device excluded
   or over its budget, round after round) has no trained model: :func:`no_client_trained`, one message for every
   stage.
 """

@@ -290,7 +290,7 @@ class Tracker:
         exp_id = self.experiment_id(create=False)
         if exp_id is None:
             return []
-        running = self._client.search_runs([exp_id], filter_string=f"attributes.status = {filter_value('RUNNING')}")
+        running = self._client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'")
         orphans = [r.info.run_id for r in running if r.data.tags.get("run_dir") == run_dir]
         for orphan in orphans:
             self._client.set_terminated(orphan, status="KILLED")
