@@ -39,7 +39,7 @@ from fedmef_core.checkpoint import FINAL_NAME, load_checkpoint
 from fedmef_core.config import parse_override
 from fedmef_core.runs import read_run_facts, run_paths
 from flows.sweep import run as run_sweep
-from services.comparison import holm, paired_p_value, t_interval
+from services.comparison import CellResult, paired_differences, t_interval
 from services.sweep import Cell, parse_spec, plan_cells
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -91,24 +91,18 @@ def frontier_cell(cell: Cell, arm: str) -> dict:
 
 def differences(cells: list[dict], target: str = TARGET) -> list[dict]:
     """`target` (its paper arm: FedMef as the paper runs it) minus every other (method, arm), per budget, paired by
-    seed; Holm over all of them."""
-    score = {(c["method"], c["arm"], c["budget_fraction"], c["seed"]): c["accuracy_mean_last5"] for c in cells}
+    seed, Holm over all of them: the sweep's own paired comparison (method − reference, per density and budget),
+    with each (method, arm) as one method and the sign turned so the target comes first."""
+    arm_of = {f"{c['method']}/{c['arm']}": (c["method"], c["arm"]) for c in cells}
+    results = [CellResult(f"{c['method']}/{c['arm']}", 0.0, c["seed"], c["accuracy_last"],
+                          mean_last=c["accuracy_mean_last5"], budget=c["budget_fraction"]) for c in cells]
     rows = []
-    for budget in sorted({c["budget_fraction"] for c in cells}):
-        for method, arm in dict.fromkeys((c["method"], c["arm"]) for c in cells):
-            if (method, arm) == (target, "paper"):
-                continue
-            seeds = sorted(s for (m, a, b, s) in score
-                           if (m, a, b) == (method, arm, budget) and (target, "paper", budget, s) in score)
-            if not seeds:
-                continue
-            diffs = [score[target, "paper", budget, s] - score[method, arm, budget, s] for s in seeds]
-            iv = t_interval(diffs)
-            rows.append({"target": target, "method": method, "arm": arm, "budget_fraction": budget, "n": len(seeds),
-                         "mean": iv.mean, "low": iv.low, "high": iv.high, "p": paired_p_value(diffs),
-                         "differences": diffs})
-    for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
-        row["p_holm"] = adjusted
+    for row in paired_differences(results, reference=f"{target}/paper"):
+        method, arm = arm_of[row.method]
+        iv = row.interval
+        rows.append({"target": target, "method": method, "arm": arm, "budget_fraction": row.budget, "n": iv.n,
+                     "mean": -iv.mean, "low": -iv.high, "high": -iv.low, "p": row.p_value, "p_holm": row.p_holm,
+                     "differences": [-d for d in row.differences]})
     return rows
 
 
